@@ -1,0 +1,17 @@
+"""One place that mounts every CLI area on the `station` app."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+# Each module exposes `register(app: typer.Typer) -> None`.
+MODULES = [
+    "station.cli.ca_cmds",
+]
+
+
+def register_all(app: typer.Typer) -> None:
+    for name in MODULES:
+        importlib.import_module(name).register(app)
