@@ -1,0 +1,7 @@
+"""Fixtures start real components; each area keeps its own fixtures module."""
+
+pytest_plugins = [
+    "tests.fixtures.hsm",
+    "tests.fixtures.pg",
+    "tests.fixtures.aws",
+]
