@@ -1,0 +1,1 @@
+"""The AWS IoT Just-In-Time Registration Lambda (standard library and boto3 only)."""
