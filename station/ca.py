@@ -1,16 +1,384 @@
-"""CONTRACT STUB, being implemented by the lead engineer right now.
+"""The station's CA: a key in a PKCS#11 token, its certificate, and the device profile.
 
-class DeviceProfile (frozen dataclass): days: int = 3650, backdate_seconds: int = 300
+This module decides what a device certificate contains, and nothing else does:
+the subject the caller vetted, the CSR's public key, and the station's own
+extensions. No extension is ever copied from a CSR.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from hsm import HsmPrivateKey, KeyNotFound, KeyStore, KeyType, Pkcs11Uri, reset_module
+from hsm.softhsm import ensure_dev_token, use_config
+from station.errors import ConfigurationError, ConflictError, StationError
+from station.policy import format_subject, parse_subject
+from station.settings import Settings
+
+DEV_TOKEN_LABEL = "station-ca"  # noqa: S105 - a token label, not a secret
+DEV_KEY_LABEL = "station-ca-key"
+MAX_SERIAL_BITS = 159
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Validity of device certificates; the rest of the profile is fixed by this module."""
+
+    days: int = 3650
+    backdate_seconds: int = 300
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.days <= 36500:
+            raise ValueError("device validity must be 1 to 36500 days")
+        if not 0 <= self.backdate_seconds <= 86400:
+            raise ValueError("backdate must be 0 to 86400 seconds")
+
+
+def new_serial() -> int:
+    """A random positive serial of at most 159 bits (RFC 5280 allows 20 octets, positive)."""
+    while True:
+        serial = secrets.randbits(MAX_SERIAL_BITS)
+        if serial > 0:
+            return serial
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _hash_for(
+    key: HsmPrivateKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+) -> hashes.HashAlgorithm:
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        if key.curve.key_size >= 384:
+            return hashes.SHA384()
+    return hashes.SHA256()
+
 
 class CertificateAuthority:
-    certificate: x509.Certificate           # the CA certificate
-    chain_pem: bytes                        # CA certificate(s), PEM
-    def issue(self, csr: x509.CertificateSigningRequest, *, subject: x509.Name,
-              serial: int, profile: DeviceProfile, now: datetime | None = None) -> x509.Certificate
-        # signs through the HSM; does NOT check policy (station.policy does)
-    def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate
-    def health(self) -> None   # raises hsm.errors.HsmError if token/key unusable
+    """The CA key (in the token) with its certificate; signs what the station vetted."""
 
-def open_ca(settings: Settings) -> CertificateAuthority   # raises ConfigurationError if no CA yet
-def new_serial() -> int  # random positive, < 2**159
-"""
+    def __init__(
+        self,
+        keystore: KeyStore,
+        key: HsmPrivateKey,
+        certificate: x509.Certificate,
+        parents: list[x509.Certificate] | None = None,
+    ) -> None:
+        self.keystore = keystore
+        self.key = key
+        self.certificate = certificate
+        self.parents = parents or []
+        self.hash_algorithm = _hash_for(key)
+        self.is_rsa = isinstance(key, rsa.RSAPrivateKey)
+        ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        self.chain_pem = b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in [certificate, *self.parents]
+        )
+        self.fingerprint = certificate.fingerprint(hashes.SHA256()).hex()
+
+    @property
+    def key_uri(self) -> str:
+        """The key's URI without any PIN."""
+        return str(self.keystore.uri)
+
+    def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate:
+        return builder.sign(self.key, self.hash_algorithm)
+
+    def issue(
+        self,
+        csr: x509.CertificateSigningRequest,
+        *,
+        subject: x509.Name,
+        serial: int,
+        profile: DeviceProfile,
+        now: dt.datetime | None = None,
+    ) -> x509.Certificate:
+        """Sign a device certificate for csr's key. Policy is the caller's job (station.policy)."""
+        if not 0 < serial < 2**MAX_SERIAL_BITS:
+            raise ValueError("serial out of range")
+        now = now or _utcnow()
+        not_before = now - dt.timedelta(seconds=profile.backdate_seconds)
+        not_after = min(now + dt.timedelta(days=profile.days), self.certificate.not_valid_after_utc)
+        public = csr.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+            raise StationError("only EC and RSA device keys are issued", code="unsupported-key")
+        is_rsa_device = isinstance(public, rsa.RSAPublicKey)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.certificate.subject)
+            .public_key(public)
+            .serial_number(serial)
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=is_rsa_device,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+            .add_extension(self._aki, critical=False)
+        )
+        return self.sign_certificate(builder)
+
+    def chain_for(self, certificate: x509.Certificate) -> bytes:
+        """What a board installs and presents: its certificate, then the CA's."""
+        return certificate.public_bytes(serialization.Encoding.PEM) + self.chain_pem
+
+    def health(self) -> None:
+        """Raise an HsmError naming the cause unless the token answers and the key is there."""
+        self.keystore.health()
+
+    def describe(self) -> dict[str, str]:
+        key = self.key
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            key_desc = f"EC {key.curve.name}"
+        else:
+            key_desc = f"RSA-{key.key_size}"
+        return {
+            "subject": format_subject(self.certificate.subject),
+            "key": key_desc,
+            "sha256_fingerprint": self.fingerprint,
+            "serial": format(self.certificate.serial_number, "x"),
+            "not_before": self.certificate.not_valid_before_utc.isoformat(),
+            "not_after": self.certificate.not_valid_after_utc.isoformat(),
+            "key_uri": self.key_uri,
+        }
+
+
+# -- opening and creating the CA ------------------------------------------------
+
+
+def _activate_dev_token_config(settings: Settings) -> None:
+    conf = settings.token_dir / "softhsm2.conf"
+    if "SOFTHSM2_CONF" not in os.environ and conf.exists():
+        use_config(conf)
+
+
+def open_keystore(settings: Settings) -> KeyStore:
+    uri = settings.resolved_ca_key_uri()
+    if uri is None:
+        raise ConfigurationError(
+            "no CA key configured: run `station init`, or set STATION_CA_KEY_URI to the "
+            "pkcs11: URI of the CA key"
+        )
+    _activate_dev_token_config(settings)
+    return KeyStore(uri, default_module=settings.pkcs11_module)
+
+
+def _load_certs(path: Path) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except ValueError as exc:
+        raise ConfigurationError(f"{path} is not a PEM certificate chain: {exc}") from None
+
+
+def open_ca(settings: Settings) -> CertificateAuthority:
+    """The configured CA, ready to sign. Raises ConfigurationError or an HsmError."""
+    keystore = open_keystore(settings)
+    if not settings.ca_cert_path.exists():
+        raise ConfigurationError(
+            f"no CA certificate at {settings.ca_cert_path}: run `station init` "
+            "(or `station ca import-cert` after an external root signed the station's CSR)"
+        )
+    certs = _load_certs(settings.ca_cert_path)
+    key = keystore.private_key()
+    _check_matches(key, certs[0])
+    return CertificateAuthority(keystore, key, certs[0], certs[1:])
+
+
+def _spki(obj: HsmPrivateKey | x509.Certificate | x509.CertificateSigningRequest) -> bytes:
+    public = obj.public_key()
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _check_matches(key: HsmPrivateKey, cert: x509.Certificate) -> None:
+    if _spki(key) != _spki(cert):
+        raise ConfigurationError(
+            "the CA certificate does not belong to the key in the token; "
+            "re-run `station ca import-cert` with the right certificate"
+        )
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class InitOutcome:
+    status: str  # "created", "kept", "replaced", "csr-written"
+    message: str
+    ca: CertificateAuthority | None = None
+    csr_pem: bytes | None = None
+
+
+def _ca_extensions(builder: x509.CertificateBuilder, public: object) -> x509.CertificateBuilder:
+    return (
+        builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(public),  # type: ignore[arg-type]
+            critical=False,
+        )
+    )
+
+
+def default_ca_subject(settings: Settings) -> str:
+    return f"/O=Provisioning Station/CN={settings.station_id[:40]} Device CA"
+
+
+def init_ca(
+    settings: Settings,
+    *,
+    key_type: KeyType = KeyType.EC_P256,
+    subject: str | None = None,
+    days: int = 7300,
+    force: bool = False,
+    csr_out: Path | None = None,
+) -> InitOutcome:
+    """Create the CA key in the token and a self-signed CA certificate (or a CSR for a root).
+
+    Idempotent: with a CA in place it keeps it and says so; ``force`` replaces it.
+    """
+    if not 1 <= days <= 36500:
+        raise StationError("--days must be 1 to 36500", code="bad-argument")
+    name = parse_subject(subject or default_ca_subject(settings))
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.resolved_ca_key_uri() is None:
+        _conf, pin_file, created = ensure_dev_token(settings.token_dir, DEV_TOKEN_LABEL)
+        if created:
+            reset_module(settings.pkcs11_module)
+        uri = Pkcs11Uri(
+            token=DEV_TOKEN_LABEL,
+            object=DEV_KEY_LABEL,
+            module_path=settings.pkcs11_module,
+            pin_source=str(pin_file.resolve()),
+        )
+        settings.ca_key_uri_path.write_text(uri.to_string() + "\n")
+    keystore = open_keystore(settings)
+    have_cert = settings.ca_cert_path.exists()
+    have_key = keystore.has_key()
+    if have_cert and have_key and not force and csr_out is None:
+        ca = open_ca(settings)
+        return InitOutcome("kept", "a CA already exists; kept it (use --force to replace)", ca)
+    if have_key and force:
+        keystore.delete_key()
+        have_key = False
+    replaced = have_cert and force
+    if have_key:
+        key = keystore.private_key()
+        if have_cert and csr_out is None:  # pragma: no cover - handled above
+            raise ConflictError("a CA already exists")
+    else:
+        key = keystore.generate_key(key_type)
+    hash_alg = _hash_for(key)
+    if csr_out is not None:
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(name)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(key, hash_alg)
+        )
+        pem = csr.public_bytes(serialization.Encoding.PEM)
+        _write_private(csr_out, pem)
+        return InitOutcome(
+            "csr-written",
+            f"wrote the station CA's CSR to {csr_out}; have the root sign it, then run "
+            "`station ca import-cert CERT.pem`",
+            csr_pem=pem,
+        )
+    now = _utcnow()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(new_serial())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+    )
+    cert = _ca_extensions(builder, key.public_key()).sign(key, hash_alg)
+    _write_private(settings.ca_cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    ca = CertificateAuthority(keystore, key, cert)
+    if replaced:
+        return InitOutcome("replaced", "replaced the CA key and certificate (--force)", ca)
+    return InitOutcome("created", "created the CA key in the token and its certificate", ca)
+
+
+def import_ca_certificate(settings: Settings, pem: bytes) -> CertificateAuthority:
+    """Install the CA certificate an external root issued for the station's key.
+
+    The PEM may carry the issuing chain after the station's certificate.
+    """
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise StationError("not a PEM certificate", code="bad-certificate") from None
+    cert = certs[0]
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        bc = None
+    if bc is None or not bc.ca:
+        raise StationError("the certificate is not a CA certificate", code="bad-certificate")
+    try:
+        cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    except x509.ExtensionNotFound:
+        raise StationError(
+            "the CA certificate lacks a subjectKeyIdentifier", code="bad-certificate"
+        ) from None
+    keystore = open_keystore(settings)
+    try:
+        key = keystore.private_key()
+    except KeyNotFound:
+        raise ConfigurationError("no CA key in the token: run `station init --csr-out`") from None
+    if _spki(key) != _spki(cert):
+        raise StationError(
+            "the certificate's public key is not the key in the token", code="key-mismatch"
+        )
+    _write_private(settings.ca_cert_path, pem)
+    return CertificateAuthority(keystore, key, cert, certs[1:])

@@ -1,10 +1,255 @@
-"""CONTRACT STUB, being implemented by the lead engineer right now.
+"""The CSR policy: what a board may ask for, one rule at a time.
 
-def load_csr(data: bytes) -> x509.CertificateSigningRequest
-    # PEM or DER; raises PolicyError(code="malformed-csr") on anything else
-def check_csr(csr) -> None
-    # raises PolicyError with codes: bad-signature, weak-key, unsupported-key, forbidden-extension...
-def public_key_sha256(csr_or_cert) -> str  # hex SHA-256 of SubjectPublicKeyInfo DER
-def parse_subject_template(template: str, **values: str) -> x509.Name
-    # "/O=company/OU=team/CN={device_id}/C=US" -> x509.Name (order preserved)
+Every rule raises a PolicyError with its own stable reason code. Nothing from a
+CSR reaches a certificate except its public key and, after check_subject(), a
+subject equal to the one the station built itself.
 """
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtensionOID, NameOID
+
+from station.errors import PolicyError
+
+MAX_CSR_BYTES = 16 * 1024
+MAX_CSR_EXTENSIONS = 16
+MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 4096
+ALLOWED_CURVES = {"secp256r1", "secp384r1"}
+WEAK_CURVES = {"secp192r1", "secp224r1", "sect163k1", "sect163r2", "sect233k1", "sect233r1"}
+ALLOWED_CSR_HASHES = {"sha256", "sha384", "sha512"}
+MAX_ATTRIBUTE_CHARS = 64
+
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+
+_PEM_CSR = re.compile(
+    rb"-----BEGIN (NEW )?CERTIFICATE REQUEST-----.*?-----END (NEW )?CERTIFICATE REQUEST-----",
+    re.S,
+)
+
+SUBJECT_ATTRS = {
+    "C": NameOID.COUNTRY_NAME,
+    "ST": NameOID.STATE_OR_PROVINCE_NAME,
+    "L": NameOID.LOCALITY_NAME,
+    "O": NameOID.ORGANIZATION_NAME,
+    "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
+    "CN": NameOID.COMMON_NAME,
+    "serialNumber": NameOID.SERIAL_NUMBER,
+    "emailAddress": NameOID.EMAIL_ADDRESS,
+}
+_ATTR_NAMES = {oid: name for name, oid in SUBJECT_ATTRS.items()}
+
+
+def load_csr(data: bytes) -> x509.CertificateSigningRequest:
+    """Parse one CSR, PEM or DER. Several PEM blocks or trailing garbage are refused."""
+    if not data or not data.strip():
+        raise PolicyError("the CSR is empty", code="malformed-csr")
+    if len(data) > MAX_CSR_BYTES:
+        raise PolicyError(
+            f"the CSR is {len(data)} bytes; at most {MAX_CSR_BYTES} are accepted",
+            code="csr-too-large",
+        )
+    stripped = data.strip()
+    if stripped.startswith(b"-----BEGIN"):
+        blocks = _PEM_CSR.findall(stripped)
+        if stripped.count(b"-----BEGIN") != 1 or len(blocks) != 1:
+            raise PolicyError(
+                "the PEM must hold exactly one CERTIFICATE REQUEST block", code="malformed-csr"
+            )
+        try:
+            csr = x509.load_pem_x509_csr(stripped)
+        except ValueError:
+            raise PolicyError("the PEM CSR cannot be parsed", code="malformed-csr") from None
+    else:
+        try:
+            csr = x509.load_der_x509_csr(data)
+        except ValueError:
+            raise PolicyError(
+                "the CSR is neither PEM nor valid DER (or has trailing bytes)",
+                code="malformed-csr",
+            ) from None
+        if csr.public_bytes(serialization.Encoding.DER) != data:
+            raise PolicyError(
+                "the DER CSR has trailing or non-canonical bytes", code="malformed-csr"
+            )
+    return csr
+
+
+def check_csr(csr: x509.CertificateSigningRequest) -> None:
+    """Signature, signature hash, key type and size, extensions, subject characters."""
+    try:
+        key = csr.public_key()
+    except (ValueError, TypeError, NotImplementedError):
+        raise PolicyError("the CSR's public key cannot be read", code="unsupported-key") from None
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name in WEAK_CURVES:
+            raise PolicyError(
+                f"EC curve {key.curve.name} is too weak; use P-256 or P-384", code="weak-key"
+            )
+        if key.curve.name not in ALLOWED_CURVES:
+            raise PolicyError(
+                f"EC curve {key.curve.name} is not accepted; use P-256 or P-384",
+                code="unsupported-key",
+            )
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise PolicyError(
+                f"RSA-{key.key_size} is too weak; at least RSA-{MIN_RSA_BITS} is required",
+                code="weak-key",
+            )
+        if key.key_size > MAX_RSA_BITS:
+            raise PolicyError(
+                f"RSA-{key.key_size} is larger than the {MAX_RSA_BITS} bits accepted",
+                code="unsupported-key",
+            )
+    else:
+        raise PolicyError(
+            f"{type(key).__name__.removeprefix('_')} keys are not accepted; "
+            "use EC P-256, EC P-384 or RSA >= 2048",
+            code="unsupported-key",
+        )
+    try:
+        hash_alg = csr.signature_hash_algorithm
+    except (UnsupportedAlgorithm, ValueError):
+        hash_alg = None
+    if hash_alg is None or hash_alg.name not in ALLOWED_CSR_HASHES:
+        name = hash_alg.name if hash_alg is not None else "an unknown algorithm"
+        raise PolicyError(
+            f"the CSR is signed with {name}; SHA-256 or stronger is required",
+            code="weak-signature",
+        )
+    if not csr.is_signature_valid:
+        raise PolicyError("the CSR's signature does not verify", code="bad-signature")
+    try:
+        extensions = csr.extensions
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        raise PolicyError("the CSR's extensions cannot be parsed", code="malformed-csr") from None
+    if len(extensions) > MAX_CSR_EXTENSIONS:
+        raise PolicyError(
+            f"the CSR requests {len(extensions)} extensions; at most {MAX_CSR_EXTENSIONS}",
+            code="malformed-csr",
+        )
+    for ext in extensions:
+        if ext.oid == ExtensionOID.BASIC_CONSTRAINTS and getattr(ext.value, "ca", False):
+            raise PolicyError("the CSR asks to be a CA (CA:TRUE)", code="ca-requested")
+    check_name_characters(csr.subject)
+
+
+def check_name_characters(name: x509.Name) -> None:
+    for rdn in name.rdns:
+        if len(rdn) != 1:
+            raise PolicyError("multi-valued subject RDNs are not accepted", code="bad-subject")
+    for attr in name:
+        value = attr.value
+        if not isinstance(value, str):
+            raise PolicyError("subject attributes must be text", code="bad-subject")
+        if len(value) == 0 or len(value) > MAX_ATTRIBUTE_CHARS:
+            raise PolicyError(
+                f"subject attribute {attr.oid._name} must be 1 to {MAX_ATTRIBUTE_CHARS} chars",
+                code="bad-subject",
+            )
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise PolicyError(
+                f"subject attribute {attr.oid._name} contains control characters",
+                code="bad-subject",
+            )
+
+
+def public_key_sha256(obj: x509.CertificateSigningRequest | x509.Certificate) -> str:
+    """Hex SHA-256 of the SubjectPublicKeyInfo DER: the identity of a key across the ledger."""
+    spki = obj.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
+
+
+def certificate_fingerprint(cert: x509.Certificate) -> str:
+    """Hex SHA-256 of the certificate DER (AWS IoT's certificateId)."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def check_device_id(device_id: str) -> None:
+    if not DEVICE_ID_RE.match(device_id or ""):
+        raise PolicyError(
+            "a device id is 1-64 characters of letters, digits and . _ : - "
+            "and starts with a letter or digit",
+            code="bad-device-id",
+        )
+
+
+def parse_subject(text: str) -> x509.Name:
+    """Parse an OpenSSL-style subject, "/O=company/OU=team/CN=dev-1/C=US", order preserved."""
+    if not text.startswith("/"):
+        raise PolicyError(
+            "a subject starts with '/', as in /O=company/CN=name", code="bad-template"
+        )
+    attributes = []
+    for part in text[1:].split("/"):
+        key, eq, value = part.partition("=")
+        if not eq or not value:
+            raise PolicyError(f"subject part {part!r} is not KEY=value", code="bad-template")
+        oid = SUBJECT_ATTRS.get(key)
+        if oid is None:
+            raise PolicyError(
+                f"subject attribute {key!r} is not one of {', '.join(SUBJECT_ATTRS)}",
+                code="bad-template",
+            )
+        if oid == NameOID.COUNTRY_NAME and len(value) != 2:
+            raise PolicyError("C= takes a two-letter country code", code="bad-template")
+        attributes.append(x509.RelativeDistinguishedName([x509.NameAttribute(oid, value)]))
+    name = x509.Name(attributes)
+    check_name_characters(name)
+    return name
+
+
+def format_subject(name: x509.Name) -> str:
+    """The inverse of parse_subject, for names it can spell."""
+    parts = []
+    for attr in name:
+        key = _ATTR_NAMES.get(attr.oid, attr.oid.dotted_string)
+        value = attr.value if isinstance(attr.value, str) else attr.value.hex()
+        parts.append(f"/{key}={value}")
+    return "".join(parts)
+
+
+def validate_template(template: str) -> None:
+    """A subject template must parse and must name the device exactly once."""
+    if template.count("{device_id}") != 1:
+        raise PolicyError("a subject template must contain {device_id} once", code="bad-template")
+    subject_from_template(template, "device-0")
+
+
+def subject_from_template(template: str, device_id: str) -> x509.Name:
+    """The subject a device of a batch must have: the template with its device id filled in."""
+    check_device_id(device_id)
+    if "/" in device_id:  # pragma: no cover - excluded by DEVICE_ID_RE, kept as a guard
+        raise PolicyError("a device id may not contain '/'", code="bad-device-id")
+    try:
+        text = template.replace("{device_id}", device_id)
+    except (ValueError, KeyError, IndexError):  # pragma: no cover
+        raise PolicyError("the subject template is malformed", code="bad-template") from None
+    return parse_subject(text)
+
+
+def check_subject(csr: x509.CertificateSigningRequest, expected: x509.Name) -> None:
+    if csr.subject != expected:
+        raise PolicyError(
+            f"CSR subject {format_subject(csr.subject)!r} does not match "
+            f"the batch's {format_subject(expected)!r}",
+            code="subject-mismatch",
+        )
+
+
+def common_name(name: x509.Name) -> str | None:
+    values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(values) != 1:
+        return None
+    value = values[0].value
+    return value if isinstance(value, str) else None

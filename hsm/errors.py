@@ -1,0 +1,55 @@
+"""Typed key-store errors, each with a message that tells an operator what to do.
+
+No message ever contains a PIN: PINs are held only in the key store and passed
+straight to the PKCS#11 module.
+"""
+
+from __future__ import annotations
+
+
+class HsmError(Exception):
+    """Base of every key-store failure. `code` is a stable reason code."""
+
+    code = "hsm-error"
+
+
+class UriError(HsmError):
+    code = "hsm-bad-uri"
+
+
+class ModuleLoadError(HsmError):
+    code = "hsm-module-not-loadable"
+
+
+class TokenNotFound(HsmError):
+    code = "hsm-token-not-found"
+
+
+class WrongPin(HsmError):
+    code = "hsm-wrong-pin"
+
+
+class PinLocked(HsmError):
+    code = "hsm-pin-locked"
+
+
+class PinUnavailable(HsmError):
+    code = "hsm-pin-unavailable"
+
+
+class KeyNotFound(HsmError):
+    code = "hsm-key-not-found"
+
+
+class KeyExists(HsmError):
+    code = "hsm-key-exists"
+
+
+class MechanismNotSupported(HsmError):
+    code = "hsm-mechanism-not-supported"
+
+
+class TokenUnavailable(HsmError):
+    """The token went away or the session broke while running; retried on next use."""
+
+    code = "hsm-token-unavailable"

@@ -1,0 +1,54 @@
+"""What every CLI command shares: settings, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+
+from hsm.errors import HsmError
+from station.errors import StationError
+from station.settings import Settings
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+# Exit codes: 1 a refusal by policy or ledger, 2 usage (typer's own), 3 not
+# configured or the HSM unusable.
+EXIT_REFUSED = 1
+EXIT_UNAVAILABLE = 3
+
+
+def settings() -> Settings:
+    return Settings()
+
+
+def fail(code: str, message: str, exit_code: int = EXIT_REFUSED) -> typer.Exit:
+    err_console.print(f"[bold red]error[/] [{code}] {message}", markup=True, highlight=False)
+    return typer.Exit(exit_code)
+
+
+def cli_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn the station's typed errors into one clear line on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except StationError as exc:
+            code = EXIT_UNAVAILABLE if exc.http_status >= 500 else EXIT_REFUSED
+            raise fail(exc.code, exc.message, code) from None
+        except HsmError as exc:
+            raise fail(exc.code, str(exc), EXIT_UNAVAILABLE) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            sys.exit(130)
+
+    return wrapper
