@@ -55,12 +55,9 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _hash_for(
-    key: HsmPrivateKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
-) -> hashes.HashAlgorithm:
-    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
-        if key.curve.key_size >= 384:
-            return hashes.SHA384()
+def _hash_for(key: HsmPrivateKey) -> hashes.SHA256 | hashes.SHA384:
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
+        return hashes.SHA384()
     return hashes.SHA256()
 
 
