@@ -10,6 +10,8 @@ The CA is a throwaway software CA (the HSM-backed CA is written elsewhere).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -356,3 +358,23 @@ def test_unparsable_pem_is_revoked(line: Line, monkeypatch: Any) -> None:
     assert result["decision"] == "revoke"
     assert result["reason"].startswith("unparsable")
     assert line.status(event) == "REVOKED"
+
+
+# --------------------------------------------------------------------------- the template
+
+
+def test_cloudformation_template_lints_clean_and_matches_the_handler() -> None:
+    root = Path(__file__).resolve().parent.parent
+    template = root / "deploy" / "jitr.yaml"
+    cfn_lint = Path(sys.executable).parent / "cfn-lint"
+    if not cfn_lint.exists():
+        pytest.skip("cfn-lint is not installed")
+    done = subprocess.run(
+        [str(cfn_lint), str(template)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = template.read_text()
+    assert "Handler: jitr.handler.lambda_handler" in text
+    assert "Runtime: python3.12" in text
+    assert "$aws/events/certificates/registered/${CaCertificateId}" in text
+    assert "iot:*" not in text and "dynamodb:*" not in text
