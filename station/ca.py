@@ -24,7 +24,6 @@ from station.errors import ConfigurationError, ConflictError, StationError
 from station.policy import format_subject, parse_subject
 from station.settings import Settings
 
-DEV_TOKEN_LABEL = "station-ca"  # noqa: S105 - a token label, not a secret
 DEV_KEY_LABEL = "station-ca-key"
 MAX_SERIAL_BITS = 159
 
@@ -286,11 +285,11 @@ def init_ca(
     name = parse_subject(subject or default_ca_subject(settings))
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.resolved_ca_key_uri() is None:
-        _conf, pin_file, created = ensure_dev_token(settings.token_dir, DEV_TOKEN_LABEL)
+        _conf, pin_file, created = ensure_dev_token(settings.token_dir, settings.dev_token_label)
         if created:
             reset_module(settings.pkcs11_module)
         uri = Pkcs11Uri(
-            token=DEV_TOKEN_LABEL,
+            token=settings.dev_token_label,
             object=DEV_KEY_LABEL,
             module_path=settings.pkcs11_module,
             pin_source=str(pin_file.resolve()),

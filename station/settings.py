@@ -38,6 +38,10 @@ class Settings(BaseSettings):
         default="/usr/lib/softhsm/libsofthsm2.so",
         description="PKCS#11 module used when the key URI names none.",
     )
+    dev_token_label: str = Field(
+        default="station-ca",
+        description="Label of the development SoftHSM2 token `station init` makes.",
+    )
     device_days: int = Field(default=3650, ge=1, le=36500, description="Device validity.")
     backdate_seconds: int = Field(
         default=300, ge=0, le=86400, description="Device not-before backdate for clock drift."
