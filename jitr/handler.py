@@ -304,9 +304,14 @@ def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         return _revoke(iot, certificate_id, status, {**base, "reason": "certificate-id-mismatch"})
     _log(step="certificate", **base)
 
-    item = dynamodb.get_item(
-        TableName=table, Key={"serial": {"S": serial}}, ConsistentRead=True
-    ).get("Item")
+    try:
+        item = dynamodb.get_item(
+            TableName=table, Key={"serial": {"S": serial}}, ConsistentRead=True
+        ).get("Item")
+    except ClientError as exc:
+        # Never revoke because the whitelist could not be read: fail, Lambda retries.
+        _log(step="error", reason="whitelist-unreadable", code=_error_code(exc), **base)
+        raise
     if not item:
         return _revoke(iot, certificate_id, status, {**base, "reason": "not-whitelisted"})
     fingerprint = (_attr(item, "fingerprint") or "").lower()

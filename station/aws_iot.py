@@ -369,13 +369,9 @@ def update_ca(
     description = _describe_ca(iot, certificate_id)
     if description is None:
         raise StationError(f"CA {certificate_id} vanished", code="ca-not-found", http_status=404)
+    # AWS reports autoRegistrationStatus; moto ignores and omits it: keep what was asked for.
     fallback = auto_registration or state.get("autoRegistrationStatus")
-    registration = _registration_from(
-        {**description, "autoRegistrationStatus": auto_registration}
-        if auto_registration
-        else description,
-        fallback,
-    )
+    registration = _registration_from(description, fallback)
     extra = {k: v for k, v in state.items() if k == "caSubject"}
     _write_state(state_path, registration, **extra)
     return registration
