@@ -1,0 +1,507 @@
+"""The board agent: answers the station over the serial line.
+
+Run on the board (standard library, pyserial and the OpenSSL CLI only)::
+
+    python3 -m firmware_hooks.agent --port /dev/ttyGS0 [--key-dir DIR] [--hardware-id ID]
+        [--baud 115200] [--see-test CMD] [--se-sign TEMPLATE]
+
+- board-ecc: ``openssl ecparam -genkey -name prime256v1`` makes the key (mode
+  0600 in the key directory, it never leaves the board) and
+  ``openssl req -new -key ... -subj SUBJ -outform DER`` the CSR.
+- see-rsa: the station's RSA-2048 key (DER) goes to a 0600 temporary file,
+  ``see_test -K set-key -a 4097 -k NAME -I FILE`` loads it into the Secure
+  Element, and the file is deleted whatever happens.
+- the chain is stored as ``deviceCertAndCACert.crt`` in the key directory.
+- proof of possession: ``openssl dgst -sha256 -sign KEYFILE`` for board-ecc;
+  for see-rsa the ``--se-sign`` command template, by default the ``artiksee``
+  OpenSSL engine with key ``rsa2048://NAME``. Off the board, point it at the
+  stand-in: ``--se-sign "python3 -m firmware_hooks.see_test -K sign -k {key} -I {in} -O {out}"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from firmware_hooks import AGENT_VERSION
+from firmware_hooks.link import Link, SerialLike
+from firmware_hooks.protocol import (
+    PROTOCOL_VERSION,
+    SIG_ECDSA_SHA256,
+    SIG_RSA_PKCS1V15_SHA256,
+    BadPayload,
+    Disconnected,
+    ErrorCode,
+    Fields,
+    FieldValue,
+    Message,
+    MsgType,
+    Tag,
+    UnsupportedVersion,
+    encode_tlv,
+    error_payload,
+    response_type,
+)
+
+log = logging.getLogger("firmware_hooks.agent")
+
+CHAIN_FILE = "deviceCertAndCACert.crt"
+STATE_FILE = "agent-state.json"
+DEFAULT_KEY_NAME = "deviceCert"
+SE_KEY_NAME_MAX = 20
+SE_RSA_2048 = 4097
+MIN_NONCE = 16
+MAX_NONCE = 1024
+DEFAULT_SE_SIGN = (
+    "openssl dgst -sha256 -engine artiksee -keyform engine -sign rsa2048://{key} -out {out} {in}"
+)
+HARDWARE_ID_SOURCES = (
+    "/sys/firmware/devicetree/base/serial-number",
+    "/proc/device-tree/serial-number",
+    "/etc/machine-id",
+)
+OPENSSL_ECPARAM = ("ecparam", "-genkey", "-name", "prime256v1", "-noout")
+OPENSSL_REQ = ("-utf8", "-sha256", "-outform", "DER")
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class Refusal(Exception):
+    """A request the agent refuses; becomes an ERROR message with this code."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def default_hardware_id() -> str:
+    for source in HARDWARE_ID_SOURCES:
+        try:
+            value = Path(source).read_bytes().replace(b"\x00", b"").decode().strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if value:
+            return value
+    raise RuntimeError("no hardware id found; pass --hardware-id")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    key_dir: Path
+    hardware_id: str
+    see_test: tuple[str, ...] = ("see_test",)
+    se_sign: tuple[str, ...] = tuple(shlex.split(DEFAULT_SE_SIGN))
+    openssl: str = "openssl"
+    env: Mapping[str, str] | None = None  # environment of the tools (None: inherit)
+    tool_timeout: float = 60.0
+
+
+@dataclass
+class Session:
+    """What the agent remembers between requests (persisted in the key directory)."""
+
+    key_mode: str = "none"  # none | board-ecc | see-rsa
+    key_name: str = ""
+    key_new: bool = False  # board-ecc key generated in this session, not yet chained
+    chain_sha256: str = ""
+
+    @property
+    def state(self) -> str:
+        if self.key_mode == "none":
+            return "idle"
+        return "chain-stored" if self.chain_sha256 else "key-ready"
+
+
+@dataclass
+class _Replay:
+    key: tuple[int, int, int] | None = None
+    wire: bytes = b""
+    hits: int = field(default=0)
+
+
+class Agent:
+    """Dispatches requests to handlers; ``serve()`` runs the loop on a port."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        config.key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.session = self._load_session()
+        self._replay = _Replay()
+
+    # ------------------------------------------------------------------ loop
+
+    def serve(self, port: SerialLike, stop: threading.Event | None = None) -> None:
+        """Answer requests until ``stop`` is set; raises Disconnected when the port goes away."""
+        link = Link(port)
+        while stop is None or not stop.is_set():
+            try:
+                request = link.receive(0.2)
+            except UnsupportedVersion as exc:
+                log.warning("request in protocol version %d refused", exc.version)
+                link.send(
+                    Message(
+                        MsgType.ERROR,
+                        exc.seq,
+                        error_payload(
+                            ErrorCode.UNSUPPORTED_VERSION,
+                            f"protocol version {exc.version} not supported; "
+                            f"supported: {PROTOCOL_VERSION}",
+                        ),
+                    )
+                )
+                continue
+            if request is None:
+                continue
+            key = (request.seq, request.type, zlib.crc32(request.payload))
+            if key == self._replay.key:
+                # A retry of the request just answered: replay, never run it twice.
+                self._replay.hits += 1
+                log.info("replaying the reply to seq %d", request.seq)
+                link.write(self._replay.wire)
+                continue
+            reply = self.handle(request)
+            self._replay.key, self._replay.wire = key, link.send(reply)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def handle(self, request: Message) -> Message:
+        """The reply to one request. Never raises: failures become ERROR messages."""
+        handlers = {
+            MsgType.HELLO: self._hello,
+            MsgType.GEN_KEY_CSR: self._gen_key_csr,
+            MsgType.PUT_SECURE_KEY: self._put_secure_key,
+            MsgType.PUT_CHAIN: self._put_chain,
+            MsgType.PROVE: self._prove,
+            MsgType.STATUS: self._status,
+            MsgType.ABORT: self._abort,
+        }
+        handler = handlers.get(request.type)  # type: ignore[call-overload]
+        try:
+            if handler is None:
+                raise Refusal(ErrorCode.UNKNOWN_COMMAND, f"unknown command {request.type:#04x}")
+            fields = Fields.decode(request.payload)
+            payload = encode_tlv(handler(fields))
+        except Refusal as exc:
+            log.warning("refused %#04x: %s", request.type, exc.message)
+            return Message(MsgType.ERROR, request.seq, error_payload(exc.code, exc.message))
+        except BadPayload as exc:
+            return Message(
+                MsgType.ERROR, request.seq, error_payload(ErrorCode.BAD_REQUEST, str(exc))
+            )
+        except Exception as exc:  # the agent must answer, whatever went wrong
+            log.exception("internal error")
+            return Message(MsgType.ERROR, request.seq, error_payload(ErrorCode.INTERNAL, repr(exc)))
+        return Message(response_type(request.type), request.seq, payload)
+
+    # ------------------------------------------------------------------ handlers
+
+    def capabilities(self) -> list[str]:
+        caps = ["board-ecc", "put-chain", "prove", "replay"]
+        if shutil.which(self.config.see_test[0], path=self._path()):
+            caps.append("see-rsa")
+        return caps
+
+    def _hello(self, fields: Fields) -> list[tuple[int, FieldValue]]:
+        return [
+            (Tag.HARDWARE_ID, self.config.hardware_id),
+            (Tag.AGENT_VERSION, AGENT_VERSION),
+            *((Tag.CAPABILITY, cap) for cap in self.capabilities()),
+        ]
+
+    def _gen_key_csr(self, fields: Fields) -> list[tuple[int, FieldValue]]:
+        subject = fields.get_str(Tag.SUBJECT)
+        if (
+            not subject.startswith("/")
+            or len(subject) > 1024
+            or any(c in subject for c in "\0\n\r")
+        ):
+            raise Refusal(ErrorCode.INVALID_ARGUMENT, f"bad subject {subject!r}")
+        name = fields.get_str(Tag.KEY_NAME, DEFAULT_KEY_NAME)
+        self._check_name(name)
+        key_path = self.config.key_dir / f"{name}.key"
+        fd, tmp = tempfile.mkstemp(dir=self.config.key_dir, prefix=".key-", suffix=".tmp")
+        os.close(fd)  # mkstemp made it 0600; openssl writes into it and keeps the mode
+        try:
+            self._run(
+                [self.config.openssl, *OPENSSL_ECPARAM, "-out", tmp],
+                ErrorCode.KEYGEN_FAILED,
+            )
+            csr = self._run(
+                [self.config.openssl, "req", "-new", "-key", tmp, "-subj", subject, *OPENSSL_REQ],
+                ErrorCode.KEYGEN_FAILED,
+            )
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, key_path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self.session = Session(key_mode="board-ecc", key_name=name, key_new=True)
+        self._save_session()
+        log.info("generated P-256 key %s and a CSR for %s", key_path, subject)
+        return [(Tag.CSR, csr), (Tag.KEY_NAME, name)]
+
+    def _put_secure_key(self, fields: Fields) -> list[tuple[int, FieldValue]]:
+        name = fields.get_str(Tag.KEY_NAME)
+        key_der = fields.get_bytes(Tag.KEY_DER)
+        algorithm = fields.get_u16(Tag.ALGORITHM, SE_RSA_2048)
+        if len(name) > SE_KEY_NAME_MAX:
+            raise Refusal(
+                ErrorCode.KEY_NAME_TOO_LONG,
+                f"key name {name!r} is {len(name)} characters; the Secure Element "
+                f"takes at most {SE_KEY_NAME_MAX}",
+            )
+        self._check_name(name)
+        fd, tmp = tempfile.mkstemp(dir=self.config.key_dir, prefix=".se-key-", suffix=".der")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(key_der)
+            command = [*self.config.see_test, "-K", "set-key", "-a", str(algorithm)]
+            command += ["-k", name, "-I", tmp]
+            try:
+                done = subprocess.run(
+                    command,
+                    capture_output=True,
+                    env=self._env(),
+                    timeout=self.config.tool_timeout,
+                    check=False,
+                )
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise Refusal(ErrorCode.SEE_FAILED, f"cannot run see_test: {exc}") from exc
+            if done.returncode != 0:
+                output = (done.stdout + done.stderr).decode("utf-8", "replace")
+                raise Refusal(
+                    ErrorCode.SEE_FAILED, f"see_test exited with status {done.returncode}: {output}"
+                )
+        finally:
+            # The only copy of the key outside the Secure Element: always removed.
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self.session = Session(key_mode="see-rsa", key_name=name)
+        self._save_session()
+        log.info("loaded key %s into the Secure Element", name)
+        return [(Tag.KEY_NAME, name)]
+
+    def _put_chain(self, fields: Fields) -> list[tuple[int, FieldValue]]:
+        chain = fields.get_bytes(Tag.CHAIN)
+        if self.session.key_mode == "none":
+            raise Refusal(ErrorCode.BAD_STATE, "no key installed: generate or load a key first")
+        if b"-----BEGIN CERTIFICATE-----" not in chain:
+            raise Refusal(ErrorCode.INVALID_ARGUMENT, "chain holds no PEM certificate")
+        path = self.config.key_dir / CHAIN_FILE
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.config.key_dir, prefix=".chain-")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(chain)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+            digest = hashlib.sha256(path.read_bytes()).digest()
+        except OSError as exc:
+            raise Refusal(ErrorCode.STORAGE_FAILED, f"cannot store the chain: {exc}") from exc
+        self.session.chain_sha256 = digest.hex()
+        self.session.key_new = False
+        self._save_session()
+        return [(Tag.DIGEST, digest)]
+
+    def _prove(self, fields: Fields) -> list[tuple[int, FieldValue]]:
+        nonce = fields.get_bytes(Tag.NONCE)
+        if not (MIN_NONCE <= len(nonce) <= MAX_NONCE):
+            raise Refusal(
+                ErrorCode.INVALID_ARGUMENT, f"nonce must be {MIN_NONCE} to {MAX_NONCE} bytes"
+            )
+        session = self.session
+        if session.key_mode == "board-ecc":
+            key_file = str(self.config.key_dir / f"{session.key_name}.key")
+            signature = self._run(
+                [self.config.openssl, "dgst", "-sha256", "-sign", key_file],
+                ErrorCode.SIGN_FAILED,
+                stdin=nonce,
+            )
+            return [(Tag.SIGNATURE, signature), (Tag.SIG_ALG, SIG_ECDSA_SHA256)]
+        if session.key_mode == "see-rsa":
+            with tempfile.TemporaryDirectory(prefix="prove-") as work:
+                data_path, sig_path = os.path.join(work, "nonce"), os.path.join(work, "sig")
+                Path(data_path).write_bytes(nonce)
+                values = {"key": session.key_name, "in": data_path, "out": sig_path}
+                self._run(
+                    [arg.format(**values) for arg in self.config.se_sign], ErrorCode.SIGN_FAILED
+                )
+                try:
+                    signature = Path(sig_path).read_bytes()
+                except OSError as exc:
+                    raise Refusal(ErrorCode.SIGN_FAILED, f"no signature written: {exc}") from exc
+            return [(Tag.SIGNATURE, signature), (Tag.SIG_ALG, SIG_RSA_PKCS1V15_SHA256)]
+        raise Refusal(ErrorCode.BAD_STATE, "no key installed: nothing to prove with")
+
+    def _status(self, fields: Fields) -> list[tuple[int, FieldValue]]:
+        items = {
+            "state": self.session.state,
+            "key_mode": self.session.key_mode,
+            "key_name": self.session.key_name,
+            "chain_sha256": self.session.chain_sha256,
+            "hardware_id": self.config.hardware_id,
+            "agent_version": AGENT_VERSION,
+            "protocol_version": str(PROTOCOL_VERSION),
+        }
+        return [(Tag.STATUS_ITEM, f"{k}={v}") for k, v in items.items()]
+
+    def _abort(self, fields: Fields) -> list[tuple[int, FieldValue]]:
+        session = self.session
+        if session.key_mode == "board-ecc" and session.key_new and not session.chain_sha256:
+            # A key no certificate was issued for yet: nobody can use it, drop it.
+            (self.config.key_dir / f"{session.key_name}.key").unlink(missing_ok=True)
+        self.session = Session()
+        self._save_session()
+        log.info("session aborted")
+        return []
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if not _NAME_RE.match(name) or name in {".", ".."}:
+            raise Refusal(
+                ErrorCode.INVALID_ARGUMENT, f"key name {name!r}: 1-64 characters of [A-Za-z0-9._-]"
+            )
+
+    def _env(self) -> dict[str, str] | None:
+        return None if self.config.env is None else dict(self.config.env)
+
+    def _path(self) -> str | None:
+        env = self.config.env if self.config.env is not None else os.environ
+        return env.get("PATH")
+
+    def _run(self, command: Sequence[str], code: ErrorCode, stdin: bytes | None = None) -> bytes:
+        try:
+            done = subprocess.run(
+                list(command),
+                input=stdin,
+                capture_output=True,
+                env=self._env(),
+                timeout=self.config.tool_timeout,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise Refusal(code, f"cannot run {command[0]}: {exc}") from exc
+        if done.returncode != 0:
+            raise Refusal(
+                code,
+                f"{shlex.join(command[:2])} exited with status {done.returncode}: "
+                + done.stderr.decode("utf-8", "replace").strip(),
+            )
+        return done.stdout
+
+    def _load_session(self) -> Session:
+        try:
+            data = json.loads((self.config.key_dir / STATE_FILE).read_text())
+            return Session(
+                key_mode=str(data["key_mode"]),
+                key_name=str(data["key_name"]),
+                key_new=bool(data["key_new"]),
+                chain_sha256=str(data["chain_sha256"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return Session()
+
+    def _save_session(self) -> None:
+        s = self.session
+        data = {
+            "key_mode": s.key_mode,
+            "key_name": s.key_name,
+            "key_new": s.key_new,
+            "chain_sha256": s.chain_sha256,
+        }
+        path = self.config.key_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python3 -m firmware_hooks.agent", description="Provisioning agent of a board."
+    )
+    parser.add_argument("--port", required=True, help="serial device or pyserial URL")
+    parser.add_argument("--baud", type=int, default=115200)
+    parser.add_argument("--key-dir", type=Path, default=Path("/etc/provisioning"))
+    parser.add_argument("--hardware-id", help="default: device tree serial or /etc/machine-id")
+    parser.add_argument("--see-test", default="see_test", help="see_test command (shell words)")
+    parser.add_argument(
+        "--se-sign",
+        default=DEFAULT_SE_SIGN,
+        help="command signing {in} into {out} with Secure Element key {key} (shell words)",
+    )
+    parser.add_argument("--openssl", default="openssl")
+    parser.add_argument(
+        "--exit-on-disconnect",
+        action="store_true",
+        help="exit when the port goes away instead of reopening it",
+    )
+    parser.add_argument(
+        "--notify-ready", action="store_true", help="print READY on stdout once the port is open"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s agent %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    import serial  # pyserial
+
+    config = AgentConfig(
+        key_dir=args.key_dir,
+        hardware_id=args.hardware_id or default_hardware_id(),
+        see_test=tuple(shlex.split(args.see_test)),
+        se_sign=tuple(shlex.split(args.se_sign)),
+        openssl=args.openssl,
+    )
+    agent = Agent(config)
+    while True:
+        try:
+            port = serial.serial_for_url(args.port, baudrate=args.baud, timeout=0.05)
+        except (OSError, ValueError) as exc:
+            log.error("cannot open %s: %s", args.port, exc)
+            if args.exit_on_disconnect:
+                return 1
+            time.sleep(1.0)
+            continue
+        log.info("agent %s serving %s as %s", AGENT_VERSION, args.port, config.hardware_id)
+        if args.notify_ready:
+            print("READY", flush=True)
+        try:
+            agent.serve(port)
+        except Disconnected as exc:
+            log.info("port gone: %s", exc)
+        finally:
+            port.close()
+        if args.exit_on_disconnect:
+            return 0
+        time.sleep(1.0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

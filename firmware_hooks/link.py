@@ -1,0 +1,186 @@
+"""Transport and request/response layer over any pyserial-like port.
+
+Works on ``serial.Serial`` (a USB gadget port, a pty) and on the objects
+``serial.serial_for_url`` returns (``loop://``, ``socket://``). Reads are sized
+(``read(in_waiting or 1)`` under a short port timeout), never ``readline()`` or
+``read_until()``, which cost one system call per byte.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Protocol
+
+from firmware_hooks.protocol import (
+    Disconnected,
+    Message,
+    MessageDecoder,
+    MsgType,
+    ProtocolError,
+    Timeout,
+    UnexpectedReply,
+    UnsupportedVersion,
+    board_error,
+    encode_message,
+    response_type,
+)
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.05
+
+
+class SerialLike(Protocol):
+    """What the link needs of a port; ``serial.Serial`` and ``serial_for_url`` objects fit."""
+
+    timeout: float | None
+
+    @property
+    def in_waiting(self) -> int: ...
+
+    def read(self, size: int = 1) -> bytes: ...
+
+    def write(self, data: bytes, /) -> int | None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _type_name(msg_type: int) -> str:
+    try:
+        return MsgType(msg_type).name
+    except ValueError:
+        return f"{msg_type:#04x}"
+
+
+class Link:
+    """Messages in and out of one port.
+
+    ``receive()`` drops bad frames (remembering the last error in
+    ``last_error``) and returns the next good message; ``request()`` adds
+    sequence matching, a timeout per attempt and bounded retries. Retries
+    resend the same bytes with the same sequence number: the board replays its
+    cached reply to a duplicate request instead of running it twice (see the
+    spec), which is what makes every command safe to retry.
+    """
+
+    def __init__(
+        self,
+        port: SerialLike,
+        *,
+        baudrate: int | None = None,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
+        self.port = port
+        self.baudrate = baudrate if baudrate is not None else getattr(port, "baudrate", None)
+        port.timeout = poll_interval
+        self._decoder = MessageDecoder()
+        self._seq = secrets.randbelow(0x10000)
+        self.last_error: ProtocolError | None = None
+        self.bad_frames = 0
+
+    # ------------------------------------------------------------------ transport
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.port.write(data)
+            self.port.flush()
+        except (OSError, ValueError) as exc:  # SerialException is an OSError
+            raise Disconnected(f"write failed: {exc}") from exc
+
+    def send(self, message: Message) -> bytes:
+        """Write a whole message; returns the bytes written (for replay caches)."""
+        data = encode_message(message)
+        self.write(data)
+        return data
+
+    def _read_some(self) -> bytes:
+        try:
+            waiting = self.port.in_waiting
+            return self.port.read(waiting or 1)
+        except (OSError, ValueError) as exc:
+            raise Disconnected(f"read failed: {exc}") from exc
+
+    def receive(self, timeout: float | None) -> Message | None:
+        """The next good message, or None after ``timeout`` seconds (None: wait forever).
+
+        Bad frames are dropped and counted; UnsupportedVersion propagates because
+        it needs an answer (board side) or ends the conversation (host side)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                message = self._decoder.next_message()
+            except UnsupportedVersion:
+                raise
+            except ProtocolError as exc:
+                self.last_error = exc
+                self.bad_frames += 1
+                log.debug("dropped a bad frame: %s", exc)
+                continue
+            if message is not None:
+                return message
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            data = self._read_some()
+            if data:
+                self._decoder.feed(data)
+
+    def transmit_time(self, nbytes: int) -> float:
+        """Seconds the line needs for nbytes (8N1: 10 bits a byte), 0 if the baud is unknown."""
+        return nbytes * 10 / self.baudrate if self.baudrate else 0.0
+
+    # ------------------------------------------------------------------ request / response
+
+    def next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFF
+        return self._seq
+
+    def request(
+        self, msg_type: int, payload: bytes = b"", *, timeout: float, retries: int = 0
+    ) -> Message:
+        """Send a request and return its successful reply.
+
+        Raises BoardError for an ERROR reply, UnexpectedReply for a reply of
+        the wrong type, Timeout when no valid reply came after 1 + retries
+        attempts (each allowed ``timeout`` seconds plus the line time of the
+        request), Disconnected when the port goes away."""
+        seq = self.next_seq()
+        wire = encode_message(Message(msg_type, seq, payload))
+        expected = response_type(msg_type)
+        attempt_timeout = timeout + self.transmit_time(len(wire))
+        self.last_error = None
+        for attempt in range(retries + 1):
+            if attempt:
+                log.info(
+                    "retrying %s seq %d (attempt %d of %d, last error: %s)",
+                    _type_name(msg_type),
+                    seq,
+                    attempt + 1,
+                    retries + 1,
+                    self.last_error,
+                )
+            self.write(wire)
+            deadline = time.monotonic() + attempt_timeout
+            while (remaining := deadline - time.monotonic()) > 0:
+                reply = self.receive(remaining)
+                if reply is None:
+                    break
+                if reply.seq != seq:
+                    log.debug("ignoring a stale reply (seq %d, expecting %d)", reply.seq, seq)
+                    continue
+                if reply.type == MsgType.ERROR:
+                    raise board_error(reply.payload)
+                if reply.type != expected:
+                    raise UnexpectedReply(
+                        f"{_type_name(msg_type)} seq {seq} answered with "
+                        f"{_type_name(reply.type)}, expected {_type_name(expected)}"
+                    )
+                return reply
+        detail = f" (last error: {self.last_error})" if self.last_error else ""
+        raise Timeout(
+            f"no valid reply to {_type_name(msg_type)} seq {seq} after {retries + 1} "
+            f"attempt(s) of {attempt_timeout:.2f} s{detail}"
+        ) from self.last_error

@@ -1,0 +1,421 @@
+"""A simulated board: the real agent behind a pseudo-terminal, for tests and demos.
+
+::
+
+    with SimulatedBoard() as board:              # agent in a subprocess
+        client = BoardClient.open(board.port)     # board.port is a /dev/pts/N path
+        client.hello().hardware_id == board.hardware_id
+
+Two pty pairs and a relay thread sit between the station and the agent::
+
+    station --serial.Serial(board.port)-- pty A == relay == pty B --agent (--port /dev/pts/M)
+
+The agent opens its end by path exactly as on a board (``--port``), and the
+relay in this process plays the cable: it throttles to a baud rate (a pty
+ignores baud) and injects faults (``Faults``: corrupted or dropped bytes,
+delays, a disconnect after N bytes, a board that answers nonsense). Faults can
+be changed while the board runs (``board.faults = Faults(...)``).
+
+The agent uses the stand-in ``see_test`` (``firmware_hooks.see_test``) with a
+key store in ``board.see_store``, for both loading keys and signing with them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import select
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tty
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from firmware_hooks.protocol import (
+    Message,
+    MessageDecoder,
+    MsgType,
+    ProtocolError,
+    encode_message,
+)
+
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+DEFAULT_BAUD = 115200
+_PIECE = 64  # bytes written at a time when throttling, so the far end sees a stream
+
+
+@dataclass(frozen=True)
+class Faults:
+    """What the simulated cable does wrong. Probabilities are per byte."""
+
+    corrupt: float = 0.0  # flip a byte to another value
+    drop: float = 0.0  # lose a byte
+    delay: float = 0.0  # seconds added before each chunk is delivered
+    disconnect_after: int | None = None  # hang up after this many bytes (both directions)
+    nonsense: bool = False  # the board answers every request with a well-formed wrong reply
+    direction: Literal["both", "to-board", "to-host"] = "both"  # where corrupt/drop apply
+    seed: int | None = None  # for reproducible faults
+
+
+NO_FAULTS = Faults()
+
+
+def see_test_command() -> str:
+    """Shell words running the stand-in see_test with this interpreter."""
+    return f"{shlex.quote(sys.executable)} -m firmware_hooks.see_test"
+
+
+def se_sign_template() -> str:
+    """The agent's ``--se-sign`` template for the stand-in (plays the artiksee engine)."""
+    return see_test_command() + " -K sign -k {key} -I {in} -O {out}"
+
+
+class SimulatedBoard:
+    """The real agent on a pty pair; ``port`` is the device path the station opens.
+
+    ``mode="subprocess"`` (default) runs ``python -m firmware_hooks.agent`` as on a
+    board; ``mode="thread"`` runs the same ``Agent.serve`` loop in a thread.
+    ``baudrate=None`` turns throttling off. Directories not given are made in a
+    temporary directory removed by ``close()``.
+    """
+
+    def __init__(
+        self,
+        *,
+        hardware_id: str | None = None,
+        key_dir: Path | None = None,
+        see_store: Path | None = None,
+        mode: Literal["subprocess", "thread"] = "subprocess",
+        baudrate: int | None = DEFAULT_BAUD,
+        faults: Faults | None = None,
+        agent_args: Sequence[str] = (),
+        ready_timeout: float = 20.0,
+        wait: bool = True,
+    ) -> None:
+        self.hardware_id = hardware_id or f"SIM-{uuid.uuid4().hex[:12].upper()}"
+        self._work = Path(tempfile.mkdtemp(prefix="simboard-"))
+        self.key_dir = key_dir or self._work / "keys"
+        self.see_store = see_store or self._work / "see-store"
+        self.key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.see_store.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.mode = mode
+        self.baudrate = baudrate
+        self.faults = faults or NO_FAULTS
+        self.ready_timeout = ready_timeout
+        self.bytes_relayed = 0
+        self.disconnected = False
+        self._stop = threading.Event()
+        self._closed = False
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._agent_thread: threading.Thread | None = None
+        self._agent_port: Any = None
+        self._log_path = self._work / "agent.log"
+
+        self._host_master, self._host_slave = os.openpty()
+        self._board_master, self._board_slave = os.openpty()
+        for fd in (self._host_slave, self._board_slave):
+            tty.setraw(fd)  # no echo, no line editing before anyone opens the port
+        for fd in (self._host_master, self._board_master):
+            os.set_blocking(fd, False)
+        self.port = os.ttyname(self._host_slave)
+        self._board_port = os.ttyname(self._board_slave)
+
+        self._relay_thread = threading.Thread(
+            target=self._relay, name=f"relay-{self.hardware_id}", daemon=True
+        )
+        self._relay_thread.start()
+        try:
+            if mode == "subprocess":
+                self._start_subprocess(agent_args)
+            elif mode == "thread":
+                self._start_thread()
+            else:
+                raise ValueError(f"mode must be 'subprocess' or 'thread', not {mode!r}")
+            if wait:
+                self.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ agent
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["SEE_TEST_STORE"] = str(self.see_store)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH", "")) if p
+        )
+        return env
+
+    def _start_subprocess(self, agent_args: Sequence[str]) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "firmware_hooks.agent",
+            "--port",
+            self._board_port,
+            "--key-dir",
+            str(self.key_dir),
+            "--hardware-id",
+            self.hardware_id,
+            "--see-test",
+            see_test_command(),
+            "--se-sign",
+            se_sign_template(),
+            "--exit-on-disconnect",
+            "--notify-ready",
+            *agent_args,
+        ]
+        with open(self._log_path, "wb") as log_file:
+            self._proc = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=log_file, env=self._env()
+            )
+
+    def _start_thread(self) -> None:
+        import serial
+
+        from firmware_hooks.agent import Agent, AgentConfig
+
+        agent = Agent(
+            AgentConfig(
+                key_dir=self.key_dir,
+                hardware_id=self.hardware_id,
+                see_test=tuple(shlex.split(see_test_command())),
+                se_sign=tuple(shlex.split(se_sign_template())),
+                env=self._env(),
+            )
+        )
+        self._agent_port = serial.Serial(self._board_port, timeout=0.05)
+
+        def run() -> None:
+            with contextlib.suppress(ProtocolError, OSError, ValueError):
+                agent.serve(self._agent_port, self._stop)
+
+        self._agent_thread = threading.Thread(
+            target=run, name=f"agent-{self.hardware_id}", daemon=True
+        )
+        self._agent_thread.start()
+
+    def wait_ready(self) -> None:
+        """Block until the agent has its port open (subprocess mode)."""
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            return
+        deadline = time.monotonic() + self.ready_timeout
+        buffer = b""
+        while b"READY" not in buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or proc.poll() is not None:
+                raise RuntimeError(f"simulated agent did not start:\n{self.agent_log()}")
+            ready, _, _ = select.select([proc.stdout], [], [], min(remaining, 0.1))
+            if ready:
+                buffer += os.read(proc.stdout.fileno(), 1024)
+
+    def agent_log(self) -> str:
+        """What the agent subprocess wrote to stderr so far."""
+        try:
+            return self._log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    @property
+    def alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return self._agent_thread is not None and self._agent_thread.is_alive()
+
+    # ------------------------------------------------------------------ cable
+
+    def _relay(self) -> None:
+        rng = random.Random(self.faults.seed)  # noqa: S311 - simulated line noise
+        seed_seen = self.faults.seed
+        nonsense = MessageDecoder()
+        line_free = {self._host_master: 0.0, self._board_master: 0.0}
+        sources = [self._host_master, self._board_master]
+        while not self._stop.is_set():
+            try:
+                readable, _, _ = select.select(sources, [], [], 0.1)
+            except (OSError, ValueError):
+                return
+            for src in readable:
+                try:
+                    data = os.read(src, 4096)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.EIO:  # nobody has that end open right now
+                        time.sleep(0.01)
+                        continue
+                    return
+                if not data:
+                    continue
+                faults = self.faults
+                if faults.seed != seed_seen:
+                    rng, seed_seen = random.Random(faults.seed), faults.seed  # noqa: S311
+                to_board = src == self._host_master
+                dst = self._board_master if to_board else self._host_master
+                if faults.nonsense:
+                    if not to_board:
+                        continue  # the real agent's answers are lost
+                    self._answer_nonsense(nonsense, data, rng)
+                if faults.direction == "both" or (faults.direction == "to-board") == to_board:
+                    data = self._damage(data, faults, rng)
+                if faults.disconnect_after is not None:
+                    left = faults.disconnect_after - self.bytes_relayed
+                    if len(data) >= left:
+                        self._deliver(dst, data[: max(left, 0)], faults, line_free)
+                        self.bytes_relayed += max(left, 0)
+                        self._hang_up()
+                        return
+                self._deliver(dst, data, faults, line_free)
+                self.bytes_relayed += len(data)
+
+    @staticmethod
+    def _damage(data: bytes, faults: Faults, rng: random.Random) -> bytes:
+        if not faults.corrupt and not faults.drop:
+            return data
+        out = bytearray()
+        for byte in data:
+            if faults.drop and rng.random() < faults.drop:
+                continue
+            if faults.corrupt and rng.random() < faults.corrupt:
+                byte ^= rng.randrange(1, 256)
+            out.append(byte)
+        return bytes(out)
+
+    def _answer_nonsense(self, decoder: MessageDecoder, data: bytes, rng: random.Random) -> None:
+        decoder.feed(data)
+        while True:
+            try:
+                request = decoder.next_message()
+            except ProtocolError:
+                continue
+            if request is None:
+                return
+            wrong = MsgType.STATUS_OK if request.type != MsgType.STATUS else MsgType.HELLO_OK
+            garbage = bytes(rng.randrange(1, 256) for _ in range(rng.randrange(1, 40)))
+            reply = encode_message(Message(wrong, request.seq, rng.randbytes(8)))
+            self._write_all(self._host_master, b"\x00" + garbage + reply)
+
+    def _deliver(self, dst: int, data: bytes, faults: Faults, line_free: dict[int, float]) -> None:
+        if faults.delay:
+            time.sleep(faults.delay)
+        if not self.baudrate:
+            self._write_all(dst, data)
+            return
+        for i in range(0, len(data), _PIECE):
+            piece = data[i : i + _PIECE]
+            # The line is busy until the previous piece has gone out.
+            start = max(time.monotonic(), line_free[dst])
+            line_free[dst] = start + len(piece) * 10 / self.baudrate
+            pause = line_free[dst] - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            self._write_all(dst, piece)
+
+    def _write_all(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view and not self._stop.is_set():
+            try:
+                written = os.write(fd, view)
+            except BlockingIOError:
+                select.select([], [fd], [], 0.1)
+                continue
+            except OSError:
+                return
+            view = view[written:]
+
+    def _hang_up(self) -> None:
+        """Pull the cable: both ends see the line go away."""
+        self.disconnected = True
+        for fd in (self._host_master, self._board_master):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._host_master = self._board_master = -1
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Stop the agent and the relay, remove temporary directories. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._relay_thread.is_alive():
+            self._relay_thread.join(timeout=2.0)
+        if self._agent_thread is not None:
+            self._agent_thread.join(timeout=2.0)
+        if self._agent_port is not None:
+            with contextlib.suppress(Exception):
+                self._agent_port.close()
+        if not self.disconnected:
+            self._hang_up()
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=3.0)
+            except subprocess.TimeoutExpired:
+                self._proc.terminate()
+                try:
+                    self._proc.wait(timeout=2.0)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
+        for fd in (self._host_slave, self._board_slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        shutil.rmtree(self._work, ignore_errors=True)
+
+    def __enter__(self) -> SimulatedBoard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SimulatedBoard(port={self.port!r}, hardware_id={self.hardware_id!r})"
+
+
+@contextlib.contextmanager
+def simulate_boards(
+    n: int,
+    *,
+    base_dir: Path | None = None,
+    id_prefix: str = "SIM",
+    **options: Any,
+) -> Iterator[list[SimulatedBoard]]:
+    """Start ``n`` simulated boards at once (hardware ids ``<id_prefix>-0000``...).
+
+    ``options`` are SimulatedBoard's keyword arguments; with ``base_dir`` each board
+    keeps its key directory and SE store in ``base_dir/<hardware id>/``."""
+    boards: list[SimulatedBoard] = []
+    try:
+        for i in range(n):
+            hardware_id = f"{id_prefix}-{i:04d}"
+            home = base_dir / hardware_id if base_dir is not None else None
+            boards.append(
+                SimulatedBoard(
+                    hardware_id=hardware_id,
+                    key_dir=home / "keys" if home else None,
+                    see_store=home / "see-store" if home else None,
+                    wait=False,
+                    **options,
+                )
+            )
+        for board in boards:
+            board.wait_ready()
+        yield boards
+    finally:
+        for board in boards:
+            board.close()
