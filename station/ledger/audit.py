@@ -1,0 +1,105 @@
+"""The append-only, hash-chained audit log.
+
+Each entry stores the hash of the one before it and its own hash, SHA-256 over
+a canonical JSON encoding of its fields and that previous hash. Entries are
+appended inside the write transaction that makes the change they describe, so
+the log and the state can never disagree, and writers are serialised (SQLite
+``BEGIN IMMEDIATE``, PostgreSQL advisory lock) so the chain stays linear.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from station.ledger.schema import audit_log
+
+GENESIS = "0" * 64
+
+_LAST = select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
+
+
+def canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def entry_hash(
+    seq: int, at: str, station_id: str, action: str, entity: str, detail: str, prev_hash: str
+) -> str:
+    body = canonical([seq, at, station_id, action, entity, detail, prev_hash])
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def append(
+    conn: Connection,
+    station_id: str,
+    action: str,
+    entity: str,
+    detail: dict[str, Any] | None = None,
+    *,
+    now: datetime | None = None,
+) -> int:
+    """Append one entry; must run inside a ledger write transaction. Returns its seq."""
+    last = conn.execute(_LAST).first()
+    seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
+    at = (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="microseconds")
+    body = canonical(detail or {})
+    digest = entry_hash(seq, at, station_id, action, entity, body, prev)
+    conn.execute(
+        audit_log.insert().values(
+            seq=seq,
+            at=at,
+            station_id=station_id,
+            action=action,
+            entity=entity,
+            detail=body,
+            prev_hash=prev,
+            hash=digest,
+        )
+    )
+    return seq
+
+
+@dataclass(frozen=True, slots=True)
+class BrokenLink:
+    """The first entry at which the chain does not hold, and why."""
+
+    seq: int
+    reason: str  # "hash-mismatch" | "prev-mismatch" | "gap"
+    expected: str
+    found: str
+
+    def __str__(self) -> str:
+        return f"entry {self.seq}: {self.reason} (expected {self.expected}, found {self.found})"
+
+
+def verify(conn: Connection, *, batch_size: int = 5000) -> tuple[int, BrokenLink | None]:
+    """Walk the chain from the start; returns (entries checked, first broken link or None)."""
+    prev_hash, expected_seq, checked = GENESIS, 1, 0
+    stmt = select(
+        audit_log.c.seq,
+        audit_log.c.at,
+        audit_log.c.station_id,
+        audit_log.c.action,
+        audit_log.c.entity,
+        audit_log.c.detail,
+        audit_log.c.prev_hash,
+        audit_log.c.hash,
+    ).order_by(audit_log.c.seq)
+    result = conn.execution_options(yield_per=batch_size).execute(stmt)
+    for seq, at, station_id, action, entity, detail, stored_prev, stored_hash in result:
+        if seq != expected_seq:
+            return checked, BrokenLink(expected_seq, "gap", str(expected_seq), str(seq))
+        if stored_prev != prev_hash:
+            return checked, BrokenLink(seq, "prev-mismatch", prev_hash, stored_prev)
+        digest = entry_hash(seq, at, station_id, action, entity, detail, stored_prev)
+        if digest != stored_hash:
+            return checked, BrokenLink(seq, "hash-mismatch", digest, stored_hash)
+        prev_hash, expected_seq, checked = stored_hash, seq + 1, checked + 1
+    result.close()
+    return checked, None
