@@ -124,6 +124,6 @@ def ensure_dev_token(base_dir: Path, label: str) -> tuple[Path, Path, bool]:
     user_pin = secrets.token_urlsafe(18)
     fd = os.open(pin_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        fh.write(user_pin + "\n")
+        fh.write(user_pin)  # no newline: libp11 (OpenSSL engine) reads the file verbatim
     init_token(label, user_pin, secrets.token_urlsafe(18))
     return conf, pin_file, True
