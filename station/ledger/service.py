@@ -702,11 +702,19 @@ class Ledger:
             )
             self._fail(conn, device_pk, device_id, code, message, now)
 
-    def recover(self, ca: CertificateAuthority, *, all_stations: bool = False) -> RecoveryReport:
+    def recover(
+        self,
+        ca: CertificateAuthority,
+        *,
+        all_stations: bool = False,
+        older_than: timedelta | None = None,
+    ) -> RecoveryReport:
         """Resolve this station's intents that have no certificate (run at start-up).
 
         Each is signed again with its recorded serial, subject and signing
         instant, then committed; one that cannot be signed is marked failed.
+        ``older_than`` leaves alone intents young enough to belong to a run of
+        this station that is still signing them.
         """
         from station.ca import DeviceProfile
 
@@ -732,6 +740,8 @@ class Ledger:
         )
         if not all_stations:
             stmt = stmt.where(certificates.c.station_id == self.station_id)
+        if older_than is not None:
+            stmt = stmt.where(certificates.c.created_at < _now() - older_than)
         with self.engine.connect() as conn:
             intents = conn.execute(stmt).all()
         resigned: list[str] = []

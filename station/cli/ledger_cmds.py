@@ -1,0 +1,397 @@
+"""`station batch|sign|device|revoke|whitelist|audit`: the ledger from the command line."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import getpass
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import IO, Annotated, ParamSpec, TypeVar
+
+import typer
+from cryptography.hazmat.primitives.serialization import Encoding
+from rich.markup import escape
+
+from hsm.errors import HsmError
+from station.cli import common
+from station.cli.common import console, err_console, settings
+from station.errors import StationError
+from station.ledger import ADHOC_BATCH, Ledger
+from station.ledger.records import Batch, Device
+from station.ledger.schema import DeviceState, KeyMode
+from station.whitelist import WhitelistEntry
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+batch_app = typer.Typer(help="Production batches: create, list, show, close.", no_args_is_help=True)
+device_app = typer.Typer(help="Boards in the ledger.", no_args_is_help=True)
+whitelist_app = typer.Typer(help="Serials of verified, unrevoked boards.", no_args_is_help=True)
+audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+
+# An intent older than this at start-up belongs to a crashed run, not to a
+# concurrent `station sign` of the same station still signing it.
+RECOVERY_GRACE = timedelta(seconds=30)
+
+
+def fail(code: str, message: str, exit_code: int = common.EXIT_REFUSED) -> typer.Exit:
+    # common.fail prints "[code]" as rich markup, which swallows it; escape it here.
+    err_console.print(
+        f"[bold red]error[/] {escape(f'[{code}]')} {escape(message)}", highlight=False
+    )
+    return typer.Exit(exit_code)
+
+
+def cli_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """The station's typed errors as one line on stderr with the reason code; exit 1 or 3."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except StationError as exc:
+            code = common.EXIT_UNAVAILABLE if exc.http_status >= 500 else common.EXIT_REFUSED
+            raise fail(exc.code, exc.message, code) from None
+        except HsmError as exc:
+            raise fail(exc.code, str(exc), common.EXIT_UNAVAILABLE) from None
+
+    return common.cli_errors(wrapper)
+
+
+@contextmanager
+def _ledger() -> Iterator[Ledger]:
+    led = Ledger.from_settings(settings())
+    try:
+        yield led
+    finally:
+        led.close()
+
+
+def _operator() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
+def _ts(value: object) -> str:
+    return value.isoformat(timespec="seconds") if hasattr(value, "isoformat") else "-"
+
+
+def _print_batch(b: Batch) -> None:
+    rows = {
+        "name": b.name,
+        "product": b.product,
+        "state": b.state,
+        "devices": f"{b.device_count} of {b.planned_count}",
+        "key mode": b.key_mode,
+        "subject": b.subject_template,
+        "validity": f"{b.days} days",
+        "operator": b.operator or "-",
+        "station": b.station_id,
+        "created": _ts(b.created_at),
+        "closed": _ts(b.closed_at) if b.closed_at else "-",
+    }
+    for key, value in rows.items():
+        console.print(f"  {key:<9} {value}", highlight=False, markup=False)
+
+
+# ----------------------------------------------------------------- batches
+
+
+@batch_app.command("create")
+@cli_errors
+def batch_create(
+    name: Annotated[str, typer.Argument(help="Batch name, unique in the ledger.")],
+    product: Annotated[str, typer.Option("--product", help="Product, e.g. artik530.")],
+    count: Annotated[int, typer.Option("--count", help="Planned number of boards.")],
+    key_mode: Annotated[KeyMode, typer.Option("--key-mode", help="Where the board key is made.")],
+    subject_template: Annotated[
+        str,
+        typer.Option("--subject-template", help="e.g. '/O=company/OU=team/CN={device_id}/C=US'."),
+    ],
+    days: Annotated[
+        int | None, typer.Option("--days", help="Certificate validity (default: settings).")
+    ] = None,
+) -> None:
+    """Open a production batch."""
+    cfg = settings()
+    with _ledger() as led:
+        b = led.create_batch(
+            name,
+            product=product,
+            planned_count=count,
+            key_mode=key_mode.value,
+            subject_template=subject_template,
+            days=days or cfg.device_days,
+            operator=_operator(),
+        )
+    console.print(f"created batch [bold]{b.name}[/]", highlight=False)
+    _print_batch(b)
+
+
+@batch_app.command("list")
+@cli_errors
+def batch_list() -> None:
+    """Every batch with its state and device counts."""
+    with _ledger() as led:
+        items = led.list_batches()
+        counts = led.counts()
+    if not items:
+        console.print("no batches")
+        return
+    console.print(
+        f"{'NAME':<20} {'STATE':<7} {'PRODUCT':<14} {'DEVICES':>15} {'VERIFIED':>9} KEY MODE",
+        highlight=False,
+    )
+    for b in items:
+        verified = counts.get(b.name, {}).get("verified", 0)
+        console.print(
+            f"{b.name:<20} {b.state:<7} {b.product:<14} "
+            f"{f'{b.device_count}/{b.planned_count}':>15} {verified:>9} {b.key_mode}",
+            highlight=False,
+            markup=False,
+        )
+
+
+@batch_app.command("show")
+@cli_errors
+def batch_show(name: Annotated[str, typer.Argument(help="Batch name.")]) -> None:
+    """One batch, with its devices per state."""
+    with _ledger() as led:
+        b = led.get_batch(name)
+        per_state = led.counts(name).get(name, {})
+    _print_batch(b)
+    for state in DeviceState:
+        if per_state.get(state.value):
+            console.print(f"  {state.value:<9} {per_state[state.value]}", highlight=False)
+
+
+@batch_app.command("close")
+@cli_errors
+def batch_close(name: Annotated[str, typer.Argument(help="Batch name.")]) -> None:
+    """Close a batch: no more certificates are issued in it."""
+    with _ledger() as led:
+        b = led.close_batch(name, operator=_operator())
+    console.print(f"closed batch [bold]{b.name}[/] ({b.device_count} devices)", highlight=False)
+
+
+# -------------------------------------------------------------------- sign
+
+
+@cli_errors
+def sign_cmd(
+    csr: Annotated[Path, typer.Option("--csr", help="CSR file, PEM or DER.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the certificate here (default stdout).")
+    ] = None,
+    batch: Annotated[str | None, typer.Option("--batch", help="Batch of the board.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="The board's hardware id.")] = None,
+    reprovision: Annotated[
+        bool,
+        typer.Option("--reprovision", help="Revoke the board's live certificate and issue anew."),
+    ] = False,
+    chain: Annotated[
+        bool, typer.Option("--chain", help="Write the CA certificate after the device's.")
+    ] = False,
+) -> None:
+    """Sign a CSR through the ledger (intent, HSM signature, commit, then output).
+
+    Without --batch and --device the CSR goes to the implicit `adhoc` batch,
+    keeps the subject it presents (after policy) and is named by its CN.
+    """
+    from station import policy
+    from station.ca import open_ca
+
+    if (batch is None) != (device is None):
+        raise fail("usage", "--batch and --device go together", 2)
+    try:
+        data = csr.read_bytes()
+    except OSError as exc:
+        raise fail("unreadable-csr", f"cannot read {csr}: {exc.strerror}") from None
+    cfg = settings()
+    ca = open_ca(cfg)
+    with _ledger() as led:
+        led.recover(ca, older_than=RECOVERY_GRACE)
+        if batch is None:
+            parsed = policy.load_csr(data)
+            cn = policy.common_name(parsed.subject)
+            if cn is None:
+                raise fail("missing-cn", "the CSR has no single CN to name the device")
+            batch, device = led.ensure_adhoc_batch(days=cfg.device_days).name, cn
+        assert device is not None
+        result = led.issue(batch, device, data, ca, reprovision=reprovision)
+    pem = result.chain_pem if chain else result.certificate.public_bytes(Encoding.PEM)
+    if out is None:
+        sys.stdout.buffer.write(pem)
+        sys.stdout.flush()
+    else:
+        out.write_bytes(pem)
+    verb = "already issued" if result.reused else "issued"
+    where = "" if batch == ADHOC_BATCH else f" in batch {batch}"
+    err_console.print(
+        f"{verb} serial {result.serial:x} to {device}{where}; sha256 {result.fingerprint}",
+        highlight=False,
+        markup=False,
+    )
+
+
+# ----------------------------------------------------------------- devices
+
+
+def _print_device(d: Device) -> None:
+    rows = {
+        "device": d.device_id,
+        "batch": d.batch,
+        "state": d.state,
+        "serial": d.serial or "-",
+        "attempts": str(d.attempts),
+        "failure": f"{d.failure_code}: {d.failure_message}" if d.failure_code else "-",
+        "station": d.station_id,
+        "created": _ts(d.created_at),
+        "key-ready": _ts(d.key_ready_at),
+        "issued": _ts(d.issued_at),
+        "installed": _ts(d.installed_at),
+        "verified": _ts(d.verified_at),
+        "failed": _ts(d.failed_at),
+        "revoked": _ts(d.revoked_at),
+    }
+    for key, value in rows.items():
+        console.print(f"  {key:<10} {value}", highlight=False, markup=False)
+
+
+@device_app.command("show")
+@cli_errors
+def device_show(device_id: Annotated[str, typer.Argument(help="The board's hardware id.")]) -> None:
+    """A board's state, timestamps and every certificate it was given."""
+    with _ledger() as led:
+        d = led.get_device(device_id)
+        certs = led.certificates(device_id)
+    _print_device(d)
+    for c in certs:
+        console.print(
+            f"  cert      {c.serial} {c.state:<8} not-after {_ts(c.not_after)} "
+            f"sha256 {c.fingerprint or '-'}" + (f" ({c.revoke_reason})" if c.revoke_reason else ""),
+            highlight=False,
+            markup=False,
+        )
+
+
+@device_app.command("list")
+@cli_errors
+def device_list(
+    batch: Annotated[str | None, typer.Option("--batch", help="Only this batch.")] = None,
+    state: Annotated[
+        DeviceState | None, typer.Option("--state", help="Only boards in this state.")
+    ] = None,
+) -> None:
+    """Boards, one a line, streamed in enrolment order."""
+    out = sys.stdout
+    with _ledger() as led:
+        rows = led.list_devices(batch, state.value if state else None)
+        out.write(f"{'DEVICE':<24} {'BATCH':<16} {'STATE':<10} {'ATTEMPTS':>8} SERIAL\n")
+        for d in rows:
+            failure = f" [{d.failure_code}]" if d.failure_code and d.state == "failed" else ""
+            out.write(
+                f"{d.device_id:<24} {d.batch:<16} {d.state:<10} {d.attempts:>8} "
+                f"{d.serial or '-'}{failure}\n"
+            )
+    out.flush()
+
+
+@cli_errors
+def revoke_cmd(
+    device_id: Annotated[str, typer.Argument(help="The board's hardware id.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why, for the ledger and the audit.")],
+) -> None:
+    """Revoke a board's live certificate in the ledger and take it off the whitelist."""
+    with _ledger() as led:
+        d = led.revoke(device_id, reason)
+        serial = [c.serial for c in led.certificates(device_id) if c.state == "revoked"][-1]
+    console.print(f"revoked {serial} of {d.device_id}", highlight=False, markup=False)
+
+
+# --------------------------------------------------------------- whitelist
+
+
+def write_csv(entries: Iterator[WhitelistEntry], out: IO[str]) -> int:
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["serial", "device_id", "batch", "fingerprint", "not_after"])
+    n = 0
+    for e in entries:
+        writer.writerow([e.serial, e.device_id, e.batch, e.fingerprint, e.not_after.isoformat()])
+        n += 1
+    return n
+
+
+def write_json(entries: Iterator[WhitelistEntry], out: IO[str]) -> int:
+    """A JSON array written entry by entry: memory stays flat whatever the size."""
+    n = 0
+    out.write("[")
+    for e in entries:
+        out.write(",\n" if n else "\n")
+        out.write(
+            json.dumps(
+                {
+                    "serial": e.serial,
+                    "device_id": e.device_id,
+                    "batch": e.batch,
+                    "fingerprint": e.fingerprint,
+                    "not_after": e.not_after.isoformat(),
+                }
+            )
+        )
+        n += 1
+    out.write("\n]\n" if n else "]\n")
+    return n
+
+
+@whitelist_app.command("export")
+@cli_errors
+def whitelist_export(
+    batch: Annotated[str | None, typer.Option("--batch", help="Only this batch.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
+    out: Annotated[Path | None, typer.Option("--out", help="Write here instead of stdout.")] = None,
+) -> None:
+    """Serial (lowercase hex), device id, batch, SHA-256 fingerprint, not-after; streamed."""
+    writers = {"csv": write_csv, "json": write_json}
+    if fmt not in writers:
+        raise fail("bad-format", f"format {fmt!r} is not csv or json", 2)
+    with _ledger() as led:
+        entries = led.whitelist(batch)
+        if out is None:
+            n = writers[fmt](entries, sys.stdout)
+            sys.stdout.flush()
+        else:
+            with out.open("w", encoding="utf-8", newline="") as fh:
+                n = writers[fmt](entries, fh)
+    if out is not None:
+        err_console.print(f"exported {n} entries to {out}", highlight=False, markup=False)
+
+
+# ------------------------------------------------------------------- audit
+
+
+@audit_app.command("verify")
+@cli_errors
+def audit_verify() -> None:
+    """Walk the audit chain; report the first broken link, if any."""
+    with _ledger() as led:
+        report = led.audit_report()
+    if report.broken is not None:
+        raise fail("audit-broken", f"{report.broken} after {report.entries} good entries")
+    console.print(f"audit chain intact: {report.entries} entries", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(batch_app, name="batch")
+    app.command("sign")(sign_cmd)
+    app.add_typer(device_app, name="device")
+    app.command("revoke")(revoke_cmd)
+    app.add_typer(whitelist_app, name="whitelist")
+    app.add_typer(audit_app, name="audit")
