@@ -139,6 +139,29 @@ class CertificateAuthority:
         )
         return self.sign_certificate(builder)
 
+    def issue_verification_certificate(
+        self, csr: x509.CertificateSigningRequest, *, days: int = 1
+    ) -> x509.Certificate:
+        """AWS IoT's proof that we hold the CA key: CN = registration code, short-lived.
+
+        It is never a device identity: no clientAuth, and it expires within a day.
+        """
+        now = _utcnow()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(csr.subject)
+            .issuer_name(self.certificate.subject)
+            .public_key(csr.public_key())
+            .serial_number(new_serial())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(
+                min(now + dt.timedelta(days=days), self.certificate.not_valid_after_utc)
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(self._aki, critical=False)
+        )
+        return self.sign_certificate(builder)
+
     def chain_for(self, certificate: x509.Certificate) -> bytes:
         """What a board installs and presents: its certificate, then the CA's."""
         return certificate.public_bytes(serialization.Encoding.PEM) + self.chain_pem

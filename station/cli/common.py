@@ -9,6 +9,7 @@ from typing import ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from hsm.errors import HsmError
 from station.errors import StationError
@@ -31,7 +32,9 @@ def settings() -> Settings:
 
 
 def fail(code: str, message: str, exit_code: int = EXIT_REFUSED) -> typer.Exit:
-    err_console.print(f"[bold red]error[/] [{code}] {message}", markup=True, highlight=False)
+    err_console.print(
+        f"[bold red]error[/] {escape(f'[{code}]')} {escape(message)}", markup=True, highlight=False
+    )
     return typer.Exit(exit_code)
 
 

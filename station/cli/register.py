@@ -9,6 +9,8 @@ import typer
 # Each module exposes `register(app: typer.Typer) -> None`.
 MODULES = [
     "station.cli.ca_cmds",
+    "station.cli.ledger_cmds",
+    "station.cli.aws_cmds",
 ]
 
 
