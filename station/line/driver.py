@@ -1,0 +1,291 @@
+"""Every port at once: a thread per port, each waiting for a board, provisioning it,
+reporting, and waiting for the next.
+
+Ports come from a callable (fixed list, a glob, simulated boards) rescanned
+about every second, so a USB adapter plugged in or pulled out while the line
+runs gets a worker or loses it. All workers share one ``Ledger`` (one engine)
+and one CA; the key store serialises HSM access.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import glob
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from firmware_hooks.host import BoardClient, BoardHello
+from firmware_hooks.protocol import Disconnected, MsgType, ProtocolError
+from station.line.provision import (
+    STEP_HELLO,
+    Outcome,
+    ProvisionContext,
+    provision_board,
+)
+from station.line.status import WAITING, LineStatus
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BAUD = 115200
+RESCAN_INTERVAL = 1.0
+POLL_INTERVAL = 0.5  # between hellos on an idle port
+WAIT_HELLO_TIMEOUT = 1.0
+
+
+class CountingPort:
+    """A pyserial port that counts the bytes the station sent and received."""
+
+    def __init__(self, port: Any) -> None:
+        self._port = port
+        self.tx = 0
+        self.rx = 0
+
+    @property
+    def timeout(self) -> float | None:
+        return self._port.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._port.timeout = value
+
+    @property
+    def in_waiting(self) -> int:
+        return self._port.in_waiting
+
+    def read(self, size: int = 1) -> bytes:
+        data: bytes = self._port.read(size)
+        self.rx += len(data)
+        return data
+
+    def write(self, data: bytes, /) -> int | None:
+        written: int | None = self._port.write(data)
+        self.tx += len(data) if written is None else written
+        return written
+
+    def flush(self) -> None:
+        self._port.flush()
+
+    def close(self) -> None:
+        self._port.close()
+
+
+ClientFactory = Callable[[str], BoardClient]
+
+
+def open_port_client(
+    path: str,
+    *,
+    baudrate: int = DEFAULT_BAUD,
+    timeouts: Mapping[MsgType, float] | None = None,
+    retries: int = 2,
+) -> BoardClient:
+    """A BoardClient on a device path or pyserial URL, counting its bytes (``client.port``)."""
+    import serial
+
+    raw = serial.serial_for_url(path, baudrate=baudrate, timeout=0.05)
+    return BoardClient(CountingPort(raw), timeouts=timeouts, retries=retries, baudrate=baudrate)
+
+
+def glob_ports(pattern: str) -> Callable[[], list[str]]:
+    return lambda: sorted(glob.glob(pattern))
+
+
+@dataclass
+class BoardRecord:
+    """One board handled on one port, for reports and the bench."""
+
+    port: str
+    outcome: Outcome
+    seconds: float
+    tx: int
+    rx: int
+
+
+@dataclass
+class _Worker:
+    path: str
+    thread: threading.Thread
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class LineDriver:
+    """Runs provisioning on every port ``ports()`` lists until ``stop()`` or ``until``."""
+
+    def __init__(
+        self,
+        ctx: ProvisionContext,
+        ports: Callable[[], Iterable[str]],
+        *,
+        status: LineStatus | None = None,
+        client_factory: ClientFactory | None = None,
+        rescan_interval: float = RESCAN_INTERVAL,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
+        self.ctx = ctx
+        self.ports = ports
+        self.status = status or LineStatus(ctx.batch.name)
+        self.client_factory = client_factory or open_port_client
+        self.rescan_interval = rescan_interval
+        self.poll_interval = poll_interval
+        self.records: list[BoardRecord] = []
+        self._records_lock = threading.Lock()
+        self._workers: dict[str, _Worker] = {}
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------ control
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(
+        self,
+        *,
+        until: Callable[[LineDriver], bool] | None = None,
+        timeout: float | None = None,
+        tick: Callable[[], None] | None = None,
+    ) -> list[BoardRecord]:
+        """Drive the line in this thread (workers in their own) until stopped,
+        ``until(self)`` is true, or ``timeout`` seconds pass."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        next_scan = 0.0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_scan:
+                    self._rescan()
+                    next_scan = now + self.rescan_interval
+                self.status.flush()
+                if tick is not None:
+                    tick()
+                if until is not None and until(self):
+                    break
+                if deadline is not None and now >= deadline:
+                    log.warning("line run timed out after %.0f s", timeout)
+                    break
+                self._stop.wait(0.1)
+        finally:
+            self._stop.set()
+            for worker in list(self._workers.values()):
+                worker.stop.set()
+            for worker in list(self._workers.values()):
+                worker.thread.join(timeout=30)
+            self.status.flush(force=True)
+        return self.records
+
+    def finished_devices(self) -> dict[str, Outcome]:
+        """The last outcome of every board handled so far."""
+        with self._records_lock:
+            return {r.outcome.device_id: r.outcome for r in self.records}
+
+    # ------------------------------------------------------------------ ports
+
+    def _rescan(self) -> None:
+        try:
+            present = set(self.ports())
+        except OSError:
+            log.exception("cannot list ports")
+            return
+        for path, worker in list(self._workers.items()):
+            if not worker.thread.is_alive():
+                del self._workers[path]
+                if path not in present:
+                    self.status.port_gone(path)
+            elif path not in present:
+                worker.stop.set()  # pulled out: its worker ends at its next read
+        for path in sorted(present - self._workers.keys()):
+            worker = _Worker(path, threading.Thread(name=f"line-{path}", daemon=True))
+            worker.thread = threading.Thread(
+                target=self._serve_port, args=(worker,), name=f"line-{path}", daemon=True
+            )
+            self._workers[path] = worker
+            self.status.port_added(path)
+            worker.thread.start()
+
+    def _stopping(self, worker: _Worker) -> bool:
+        return self._stop.is_set() or worker.stop.is_set()
+
+    def _serve_port(self, worker: _Worker) -> None:
+        path = worker.path
+        try:
+            client = self.client_factory(path)
+        except (OSError, ValueError) as exc:  # SerialException is an OSError
+            log.info("%s: cannot open: %s", path, exc)
+            return
+        try:
+            self._port_loop(worker, client)
+        except Exception:
+            log.exception("%s: worker stopped", path)
+        finally:
+            with contextlib.suppress(Exception):
+                client.close()
+
+    def _port_loop(self, worker: _Worker, client: BoardClient) -> None:
+        path = worker.path
+        counter = client.port if isinstance(client.port, CountingPort) else None
+        wait_timeout = min(client.timeouts[MsgType.HELLO], WAIT_HELLO_TIMEOUT)
+        last_board: str | None = None  # the board we finished and that is still plugged in
+        self.status.step(path, WAITING)
+        while not self._stopping(worker):
+            tx0, rx0 = (counter.tx, counter.rx) if counter else (0, 0)
+            started = time.monotonic()
+            try:
+                hello = self._hello(client, wait_timeout)
+            except Disconnected as exc:
+                log.info("%s: port went away: %s", path, exc)
+                self.status.step(path, WAITING)
+                return  # the rescan opens it again if it is still there
+            if hello is None:
+                if last_board is not None:
+                    last_board = None  # unplugged: the next board is new
+                    self.status.step(path, WAITING)
+                self._stop.wait(0.05)
+                continue
+            if hello.hardware_id == last_board:
+                self._stop.wait(self.poll_interval)
+                continue
+            device_id = hello.hardware_id
+            self.status.step(path, STEP_HELLO, device_id)
+            log.info(
+                "%s: board %s (agent %s, %s)",
+                path,
+                device_id,
+                hello.agent_version,
+                ", ".join(sorted(hello.capabilities)),
+            )
+            outcome = provision_board(
+                client,
+                hello,
+                self.ctx,
+                report=functools.partial(self.status.step, path, device_id=device_id),
+                on_issued=self.status.issued,
+            )
+            seconds = time.monotonic() - started
+            tx, rx = (counter.tx - tx0, counter.rx - rx0) if counter else (0, 0)
+            with self._records_lock:
+                self.records.append(BoardRecord(path, outcome, seconds, tx, rx))
+            self.status.finished(path, device_id, outcome.result, outcome.code, outcome.message)
+            log.info(
+                "%s: %s %s %s %s", path, device_id, outcome.result, outcome.code, outcome.message
+            )
+            last_board = device_id
+            if outcome.code == "disconnected":
+                return  # the port went away; the rescan opens it again if it comes back
+
+    @staticmethod
+    def _hello(client: BoardClient, timeout: float) -> BoardHello | None:
+        """The board on the port, or None when nothing (valid) answers."""
+        saved = client.timeouts[MsgType.HELLO]
+        client.timeouts[MsgType.HELLO] = timeout
+        try:
+            return client.hello()
+        except Disconnected:
+            raise
+        except ProtocolError:
+            return None
+        finally:
+            client.timeouts[MsgType.HELLO] = saved

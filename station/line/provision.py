@@ -1,0 +1,243 @@
+"""One board through the line: steps 2 to 7 of the design, each recorded in the ledger.
+
+A failure at any step ends the board ``failed`` with a reason code (the
+protocol's errors become ``serial-timeout``, ``serial-crc``, ``board-error``,
+``disconnected`` ...; the ledger's refusals keep their own codes) and the
+board can be retried by plugging it in again. A board the ledger already has
+as verified is skipped, never given a second identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from firmware_hooks.host import SE_KEY_NAME_MAX, BoardClient, BoardHello
+from firmware_hooks.protocol import (
+    BadCrc,
+    BoardError,
+    Disconnected,
+    ProtocolError,
+    Timeout,
+    UnexpectedReply,
+    UnsupportedVersion,
+)
+from station import policy
+from station.ca import CertificateAuthority
+from station.errors import NotFoundError, StationError
+from station.ledger import Batch, DeviceState, KeyMode, Ledger
+
+log = logging.getLogger(__name__)
+
+NONCE_BYTES = 32
+_KEY_NAME_OK = re.compile(r"^[A-Za-z0-9._-]{1,20}$")
+
+# Steps a board goes through, as shown on the status board.
+STEP_HELLO = "hello"
+STEP_KEY = "key"
+STEP_ISSUE = "issue"
+STEP_CHAIN = "chain"
+STEP_PROVE = "prove"
+
+
+@dataclass(frozen=True)
+class ProvisionContext:
+    """What every port shares: the ledger (one engine for all threads), the CA, the batch."""
+
+    ledger: Ledger
+    ca: CertificateAuthority
+    batch: Batch
+
+
+@dataclass(frozen=True)
+class Outcome:
+    device_id: str
+    result: str  # verified | failed | skipped
+    code: str = ""  # reason code when failed or skipped
+    message: str = ""
+    serial: str | None = None  # lowercase hex, as the whitelist spells it
+    reused: bool = False  # the ledger handed back the certificate the board already had
+
+
+def failure_code(exc: BaseException) -> str:
+    """The reason code recorded for an exception raised while provisioning."""
+    if isinstance(exc, StationError):
+        return exc.code
+    if isinstance(exc, Timeout):
+        return "serial-crc" if isinstance(exc.__cause__, BadCrc) else "serial-timeout"
+    if isinstance(exc, BadCrc):
+        return "serial-crc"
+    if isinstance(exc, Disconnected):
+        return "disconnected"
+    if isinstance(exc, BoardError):
+        return "board-error"
+    if isinstance(exc, UnexpectedReply):
+        return "unexpected-reply"
+    if isinstance(exc, UnsupportedVersion):
+        return "unsupported-version"
+    if isinstance(exc, ProtocolError):
+        return "serial-protocol"
+    if isinstance(exc, InvalidSignature):
+        return "bad-proof"
+    if isinstance(exc, OSError):
+        return "disconnected"
+    return "internal"
+
+
+def se_key_name(device_id: str) -> str:
+    """The Secure Element key name for a board: its id when it fits (at most 20
+    characters of [A-Za-z0-9._-]), else a prefix and a hash of the id."""
+    if _KEY_NAME_OK.match(device_id):
+        return device_id
+    safe = re.sub(r"[^A-Za-z0-9._-]", "-", device_id)[:11]
+    name = f"{safe}-{hashlib.sha256(device_id.encode()).hexdigest()[:8]}"
+    assert len(name) <= SE_KEY_NAME_MAX
+    return name
+
+
+def _wipe(buffer: bytearray) -> None:
+    buffer[:] = bytes(len(buffer))
+
+
+def see_rsa_csr(client: BoardClient, device_id: str, subject: x509.Name) -> bytes:
+    """see-rsa: make RSA-2048 here, load it into the board's Secure Element, build the
+    CSR with it, then wipe the station's copy.
+
+    The DER lives in a bytearray that is zeroed whatever happens and never
+    touches the disk. Python cannot promise more: the key object is dropped
+    (OpenSSL frees it) and the one immutable copy handed to the serial layer
+    is released as soon as the request is sent.
+    """
+    key: rsa.RSAPrivateKey | None = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    assert key is not None
+    der = bytearray(
+        key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    try:
+        client.put_secure_key(se_key_name(device_id), bytes(der))
+        csr = (
+            x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+        )
+        return csr.public_bytes(serialization.Encoding.DER)
+    finally:
+        _wipe(der)
+        del der
+        key = None
+
+
+def provision_board(
+    client: BoardClient,
+    hello: BoardHello,
+    ctx: ProvisionContext,
+    report: Callable[[str], None] = lambda step: None,
+    on_issued: Callable[[], None] = lambda: None,
+) -> Outcome:
+    """Steps 3 to 7 for the board that answered ``hello``; never raises for a board's fault."""
+    ledger, batch = ctx.ledger, ctx.batch
+    device_id = hello.hardware_id
+    try:
+        policy.check_device_id(device_id)
+    except StationError as exc:
+        return Outcome(device_id, "failed", exc.code, exc.message)
+
+    try:
+        existing = ledger.get_device(device_id)
+    except NotFoundError:
+        existing = None
+    if existing is not None and existing.state == DeviceState.VERIFIED.value:
+        where = "" if existing.batch == batch.name else f" in batch {existing.batch}"
+        message = f"already verified{where} with serial {existing.serial}; not re-provisioned"
+        log.info("%s: %s", device_id, message)
+        return Outcome(device_id, "skipped", "already-verified", message, existing.serial)
+
+    try:
+        ledger.register_device(batch.name, device_id)
+    except StationError as exc:
+        # Not enrolled here (another batch's live certificate, a full batch ...):
+        # the ledger keeps its record of the board untouched.
+        return Outcome(device_id, "failed", exc.code, exc.message)
+
+    try:
+        return _steps(client, hello, ctx, device_id, existing is not None, report, on_issued)
+    except Exception as exc:  # every failure is recorded with its reason
+        code = failure_code(exc)
+        message = str(exc) or type(exc).__name__
+        if code == "internal":
+            log.exception("%s: unexpected error", device_id)
+        _record_failure(ledger, device_id, code, message)
+        return Outcome(device_id, "failed", code, message)
+
+
+def _record_failure(ledger: Ledger, device_id: str, code: str, message: str) -> None:
+    try:
+        ledger.mark_failed(device_id, code, message)
+    except StationError:
+        log.exception("%s: could not record failure %s", device_id, code)
+
+
+def _steps(
+    client: BoardClient,
+    hello: BoardHello,
+    ctx: ProvisionContext,
+    device_id: str,
+    known: bool,
+    report: Callable[[str], None],
+    on_issued: Callable[[], None],
+) -> Outcome:
+    ledger, batch = ctx.ledger, ctx.batch
+    mode = KeyMode(batch.key_mode)
+    if mode.value not in hello.capabilities:
+        raise StationError(
+            f"the board offers {', '.join(sorted(hello.capabilities))}, the batch needs {mode}",
+            code="unsupported-mode",
+        )
+    if known:
+        current = ledger.get_device(device_id)
+        if current.state in (DeviceState.ISSUED.value, DeviceState.INSTALLED.value):
+            # Left mid-way by an earlier run: record that before starting again.
+            ledger.mark_failed(device_id, "interrupted", "plugged again before it was verified")
+
+    # 3. key
+    report(STEP_KEY)
+    subject = policy.subject_from_template(batch.subject_template, device_id)
+    if mode is KeyMode.BOARD_ECC:
+        csr_der = client.generate_key_csr(policy.format_subject(subject))
+    else:
+        csr_der = see_rsa_csr(client, device_id, subject)
+    ledger.mark_key_ready(device_id, batch=batch.name)
+
+    # 4. issue: policy, intent, HSM signature, commit. The board is not verified
+    # here, so a fresh key replaces any certificate it got on an earlier attempt.
+    report(STEP_ISSUE)
+    issued = ledger.issue(batch.name, device_id, csr_der, ctx.ca, reprovision=True)
+    on_issued()
+    serial = format(issued.serial, "x")
+
+    # 5. chain, checked against what the station sent
+    report(STEP_CHAIN)
+    expected = hashlib.sha256(issued.chain_pem).digest()
+    digest = client.put_chain(issued.chain_pem)
+    if digest != expected:
+        message = f"board stored sha256 {digest.hex()}, the station sent {expected.hex()}"
+        _record_failure(ledger, device_id, "chain-mismatch", message)
+        return Outcome(device_id, "failed", "chain-mismatch", message, serial)
+    ledger.mark_installed(device_id, digest.hex())
+
+    # 6. proof of possession with a single-use ledger challenge; 7. verified + whitelisted
+    report(STEP_PROVE)
+    nonce = ledger.create_challenge(device_id)
+    signature = client.prove(nonce)
+    ledger.verify_proof(device_id, nonce, signature)
+    return Outcome(device_id, "verified", serial=serial, reused=issued.reused)

@@ -1,0 +1,197 @@
+"""What the line is doing right now, for the terminal view and the dashboard.
+
+Workers report steps and outcomes here; ``flush()`` writes
+``DATA_DIR/line-status.json`` atomically (temporary file then ``os.replace``),
+at most every ``min_interval`` seconds, so the dashboard never reads half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+STATUS_FILE = "line-status.json"
+RECENT_FAILURES = 50
+RATE_WINDOW = 60.0  # seconds over which issued_per_min is measured
+
+# Steps a port shows. "waiting" means no board answers on the port.
+WAITING = "waiting"
+TERMINAL = ("verified", "failed", "skipped")
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds")
+
+
+@dataclass
+class PortState:
+    port: str
+    device_id: str | None = None
+    step: str = WAITING
+    since: datetime = field(default_factory=lambda: datetime.now(UTC))
+    last_error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "port": self.port,
+            "device_id": self.device_id,
+            "step": self.step,
+            "since": _iso(self.since),
+            "last_error": self.last_error,
+        }
+
+
+@dataclass(frozen=True)
+class Failure:
+    device_id: str
+    code: str
+    message: str
+    at: datetime
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "device_id": self.device_id,
+            "code": self.code,
+            "message": self.message,
+            "at": _iso(self.at),
+        }
+
+
+@dataclass(frozen=True)
+class LineEvent:
+    """One thing that happened on the line (also logged)."""
+
+    at: datetime
+    port: str
+    device_id: str | None
+    kind: str  # a step name, or verified / failed / skipped / port-added / port-gone
+    detail: str = ""
+
+
+class LineStatus:
+    """Thread-safe state of every port; ``path`` None keeps it in memory only."""
+
+    def __init__(self, batch: str, path: Path | None = None, *, min_interval: float = 0.5) -> None:
+        self.batch = batch
+        self.path = path
+        self.min_interval = min_interval
+        self.ports: dict[str, PortState] = {}
+        self.outcomes: dict[str, str] = {}  # device_id -> verified / failed / skipped (last)
+        self.counts = {"verified": 0, "failed": 0, "skipped": 0}
+        self.recent_failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
+        self.events: deque[LineEvent] = deque(maxlen=1000)
+        self._issued: deque[float] = deque()
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+        self._dirty = True
+        self._last_write = 0.0
+        self.writes = 0
+
+    # ------------------------------------------------------------------ reports
+
+    def _event(self, port: str, device_id: str | None, kind: str, detail: str = "") -> None:
+        self.events.append(LineEvent(datetime.now(UTC), port, device_id, kind, detail))
+        self._dirty = True
+
+    def port_added(self, port: str) -> None:
+        with self._lock:
+            self.ports.setdefault(port, PortState(port, since=datetime.now(UTC)))
+            self._event(port, None, "port-added")
+
+    def port_gone(self, port: str) -> None:
+        with self._lock:
+            self.ports.pop(port, None)
+            self._event(port, None, "port-gone")
+
+    def step(self, port: str, step: str, device_id: str | None = None) -> None:
+        with self._lock:
+            state = self.ports.setdefault(port, PortState(port))
+            if step == WAITING:
+                state.device_id = None
+            elif device_id is not None:
+                if device_id != state.device_id:
+                    state.last_error = None
+                state.device_id = device_id
+            state.step = step
+            state.since = datetime.now(UTC)
+            self._event(port, state.device_id, step)
+
+    def issued(self) -> None:
+        with self._lock:
+            self._issued.append(time.monotonic())
+            self._dirty = True
+
+    def finished(
+        self, port: str, device_id: str, result: str, code: str = "", message: str = ""
+    ) -> None:
+        """A board reached verified, failed (with a reason code) or skipped."""
+        now = datetime.now(UTC)
+        with self._lock:
+            state = self.ports.setdefault(port, PortState(port))
+            state.device_id = device_id
+            state.step = result
+            state.since = now
+            state.last_error = f"{code}: {message}" if result == "failed" else None
+            self.counts[result] = self.counts.get(result, 0) + 1
+            self.outcomes[device_id] = result
+            if result == "failed":
+                self.recent_failures.appendleft(Failure(device_id, code, message, now))
+            self._event(port, device_id, result, f"{code} {message}".strip())
+
+    # ------------------------------------------------------------------ views
+
+    def in_progress(self) -> int:
+        return sum(
+            1 for p in self.ports.values() if p.device_id and p.step not in (*TERMINAL, WAITING)
+        )
+
+    def issued_per_min(self) -> float:
+        now = time.monotonic()
+        while self._issued and now - self._issued[0] > RATE_WINDOW:
+            self._issued.popleft()
+        window = min(RATE_WINDOW, max(now - self._started, 1.0))
+        return round(len(self._issued) * 60.0 / window, 2)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "updated": _iso(datetime.now(UTC)),
+                "batch": self.batch,
+                "ports": [self.ports[k].as_dict() for k in sorted(self.ports)],
+                "counts": {**self.counts, "in_progress": self.in_progress()},
+                "recent_failures": [f.as_dict() for f in self.recent_failures],
+                "issued_per_min": self.issued_per_min(),
+            }
+
+    # ------------------------------------------------------------------ file
+
+    def flush(self, *, force: bool = False) -> bool:
+        """Write the status file if something changed and min_interval has passed."""
+        if self.path is None:
+            return False
+        now = time.monotonic()
+        if not force and (not self._dirty or now - self._last_write < self.min_interval):
+            return False
+        self._dirty = False
+        self._last_write = now
+        data = json.dumps(self.snapshot(), indent=1).encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".line-status-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.writes += 1
+        return True
