@@ -54,8 +54,9 @@ lint: setup
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/cfn-lint deploy/*.yaml
 
+# Each benchmark runs the station and its baseline side by side and prints ratios.
 bench: setup
-	$(BIN)/python bench/issuance.py
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 # Re-resolve the lock from pyproject.toml (needs the network to PyPI).
 lock:
