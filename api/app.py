@@ -1,0 +1,78 @@
+"""The app factory: ``create_app(settings)``; ``app_from_env`` for uvicorn's factory mode.
+
+``station serve --workers N`` runs ``uvicorn api.app:app_from_env --factory``:
+every worker process builds its own app, ledger engine and PKCS#11 session.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from api import problems
+from api.context import Station
+from api.middleware import BodyLimitMiddleware
+from api.routers import batches, ca, certificates, dashboard, devices, health, line, tokens
+from api.routers import whitelist as whitelist_router
+from api.routers.dashboard import STATIC
+from station.settings import Settings
+
+log = logging.getLogger("api")
+
+API_VERSION = "1"
+
+
+def _warm(station: Station) -> None:
+    """Open the ledger and the CA in this (worker) process; failures show in /healthz."""
+    try:
+        station.ledger  # noqa: B018
+    except Exception as exc:
+        log.warning("ledger not available at start-up: %s", exc)
+    try:
+        station.ca  # noqa: B018
+    except Exception as exc:
+        log.warning("CA not available at start-up: %s", exc)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    station = Station(settings or Settings())
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(_warm, station)
+        yield
+        station.close()
+
+    app = FastAPI(
+        title="Provisioning station",
+        version=API_VERSION,
+        description="Certificates for factory-line IoT boards, signed by an HSM-backed CA.",
+        lifespan=lifespan,
+    )
+    app.state.station = station
+    problems.install(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=station.settings.max_body_bytes)
+    for module in (
+        batches,
+        certificates,
+        devices,
+        whitelist_router,
+        ca,
+        line,
+        tokens,
+        health,
+        dashboard,
+    ):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """For ``uvicorn --factory``: settings from STATION_* variables, built in the worker."""
+    return create_app(Settings())

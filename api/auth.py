@@ -1,0 +1,171 @@
+"""Bearer-token auth with four roles.
+
+Tokens are made with ``station token create --role R --name N`` (or
+``POST /v1/tokens`` by an admin); the ledger stores only their SHA-256 and
+:meth:`Ledger.lookup_token` compares hashes. Lookups are cached in memory for
+``CACHE_TTL_S`` seconds (a revoked token may work that long).
+
+Roles: ``board`` < ``operator`` < ``admin`` form a chain (each may do what the
+previous may); ``qa`` is read-only and outside the chain.
+
+| route                                   | board | operator | qa  | admin |
+|-----------------------------------------|:-----:|:--------:|:---:|:-----:|
+| GET /, /static/*, /healthz, /metrics, /openapi.json, /docs | public | public | public | public |
+| GET /v1/ca                              |  yes  |   yes    | yes |  yes  |
+| POST /v1/certificates                   |  yes  |   yes    |  -  |  yes  |
+| POST /v1/devices/{id}/challenge         |  yes  |   yes    |  -  |  yes  |
+| POST /v1/devices/{id}/proof             |  yes  |   yes    |  -  |  yes  |
+| POST /v1/batches                        |   -   |   yes    |  -  |  yes  |
+| POST /v1/batches/{name}/close           |   -   |   yes    |  -  |  yes  |
+| GET /v1/batches, /v1/batches/{name}     |   -   |   yes    | yes |  yes  |
+| GET /v1/devices, /v1/devices/{id}       |   -   |   yes    | yes |  yes  |
+| GET /v1/whitelist                       |   -   |   yes    | yes |  yes  |
+| GET /v1/line/status                     |   -   |   yes    | yes |  yes  |
+| POST /v1/devices/{id}/revoke            |   -   |    -     |  -  |  yes  |
+| POST /v1/tokens                         |   -   |    -     |  -  |  yes  |
+
+``reprovision: true`` on POST /v1/certificates (revoke a board's live
+certificate for another key) needs operator or admin. No token: 401 with
+``WWW-Authenticate: Bearer``; a token whose role may not call the route: 403.
+
+The ledger's own role names ``station`` and ``viewer`` are read as ``board``
+and ``qa``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated
+
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from api.context import StationDep
+from station.errors import StationError
+from station.ledger import TOKEN_ROLES
+
+CACHE_TTL_S = 5.0
+
+
+class Role(StrEnum):
+    BOARD = "board"
+    OPERATOR = "operator"
+    QA = "qa"
+    ADMIN = "admin"
+
+
+# The ledger's names for the same roles, where they differ.
+_LEDGER_ALIASES = {"station": Role.BOARD, "viewer": Role.QA}
+_TO_LEDGER = {v: k for k, v in _LEDGER_ALIASES.items()}
+
+
+def role_from_ledger(name: str) -> Role | None:
+    if name in _LEDGER_ALIASES:
+        return _LEDGER_ALIASES[name]
+    try:
+        return Role(name)
+    except ValueError:
+        return None
+
+
+def ledger_role(role: str) -> str:
+    """The name the ledger stores for an API role (its TOKEN_ROLES may differ)."""
+    r = Role(role)
+    if r.value in TOKEN_ROLES:
+        return r.value
+    return _TO_LEDGER.get(r, r.value)
+
+
+class AuthError(StationError):
+    code = "unauthorized"
+    http_status = 401
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(StationError):
+    code = "forbidden"
+    http_status = 403
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    role: Role
+
+
+class TokenCache:
+    """Positive lookups for a few seconds, keyed by the token's SHA-256."""
+
+    def __init__(self, ttl: float = CACHE_TTL_S) -> None:
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[float, Principal]] = {}
+
+    def get(self, key: str) -> Principal | None:
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None:
+                return None
+            if hit[0] < time.monotonic():
+                del self._entries[key]
+                return None
+            return hit[1]
+
+    def put(self, key: str, principal: Principal) -> None:
+        with self._lock:
+            if len(self._entries) > 10_000:
+                self._entries.clear()
+            self._entries[key] = (time.monotonic() + self.ttl, principal)
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def current_principal(
+    station: StationDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if creds is None or not creds.credentials:
+        raise AuthError("a bearer token is required")
+    key = hashlib.sha256(creds.credentials.encode()).hexdigest()
+    cache: TokenCache = station.token_cache
+    principal = cache.get(key)
+    if principal is None:
+        found = station.ledger.lookup_token(creds.credentials)
+        role = role_from_ledger(found[1]) if found is not None else None
+        if found is None or role is None:
+            raise AuthError("the bearer token is not valid")
+        principal = Principal(found[0], role)
+        cache.put(key, principal)
+    return principal
+
+
+def require(*roles: Role) -> object:
+    allowed = frozenset(roles)
+
+    def check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+        if principal.role not in allowed:
+            names = ", ".join(sorted(r.value for r in allowed))
+            raise Forbidden(f"role {principal.role.value} may not do this (needs {names})")
+        return principal
+
+    return Depends(check)
+
+
+ANY = (Role.BOARD, Role.OPERATOR, Role.QA, Role.ADMIN)
+BOARD_UP = (Role.BOARD, Role.OPERATOR, Role.ADMIN)
+OPERATOR_UP = (Role.OPERATOR, Role.ADMIN)
+READERS = (Role.OPERATOR, Role.QA, Role.ADMIN)
+
+AnyRole = Annotated[Principal, require(*ANY)]
+BoardUp = Annotated[Principal, require(*BOARD_UP)]
+OperatorUp = Annotated[Principal, require(*OPERATOR_UP)]
+Reader = Annotated[Principal, require(*READERS)]
+Admin = Annotated[Principal, require(Role.ADMIN)]

@@ -1,0 +1,166 @@
+"""Per-app state: settings, the ledger and the CA (opened lazily, per process), activity.
+
+The CA is opened on first use inside the worker process that uses it (and in
+the lifespan), never before a fork: python-pkcs11 sessions must not cross a fork.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy.engine import make_url
+
+from api.line import FILE_NAME, LineStatus
+from api.metrics import Metrics, TimedCA
+from hsm.errors import HsmError, KeyNotFound
+from station.ca import CertificateAuthority, open_ca
+from station.errors import StationError
+from station.ledger import Ledger
+from station.ledger.db import ping
+from station.settings import Settings
+
+RATE_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class Failure:
+    at: str
+    device_id: str | None
+    batch: str | None
+    code: str
+    detail: str
+
+
+class Activity:
+    """Recent issuances (for the rate) and refusals (for the dashboard), in this process."""
+
+    def __init__(self, keep: int = 50) -> None:
+        self._lock = threading.Lock()
+        self._issued: deque[float] = deque()
+        self._failures: deque[Failure] = deque(maxlen=keep)
+
+    def issued(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._issued.append(now)
+            self._trim(now)
+
+    def failed(self, device_id: str | None, batch: str | None, code: str, detail: str) -> None:
+        at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        with self._lock:
+            self._failures.append(Failure(at, device_id, batch, code, detail[:300]))
+
+    def _trim(self, now: float) -> None:
+        while self._issued and self._issued[0] < now - RATE_WINDOW_S:
+            self._issued.popleft()
+
+    def rate_per_minute(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            self._trim(now)
+            return len(self._issued) * 60.0 / RATE_WINDOW_S
+
+    def failures(self) -> list[Failure]:
+        with self._lock:
+            return list(reversed(self._failures))
+
+
+class Station:
+    """What every route needs, built once per app by create_app()."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._ledger: Ledger | None = None
+        self._ca: CertificateAuthority | None = None
+        self.metrics = Metrics(lambda: self.ledger.counts())
+        self.line = LineStatus(settings.data_dir / FILE_NAME)
+        self.activity = Activity()
+        from api.auth import TokenCache
+
+        self.token_cache = TokenCache()
+
+    @property
+    def ledger(self) -> Ledger:
+        with self._lock:
+            if self._ledger is None:
+                self._ledger = Ledger.from_settings(self.settings)
+            return self._ledger
+
+    @property
+    def ca(self) -> CertificateAuthority:
+        with self._lock:
+            if self._ca is None:
+                self._ca = TimedCA(open_ca(self.settings), self.metrics.hsm_sign_seconds.observe)
+            return self._ca
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ledger is not None:
+                self._ledger.close()
+                self._ledger = None
+            self._ca = None
+
+    # ------------------------------------------------------------- health
+    def health(self) -> dict[str, dict[str, str]]:
+        """Each part (token, key, database) with status ok or its failure code and detail."""
+        checks: dict[str, dict[str, str]] = {}
+        ok = {"status": "ok"}
+        try:
+            self.ca.health()
+            checks["token"] = ok
+            checks["key"] = ok
+        except KeyNotFound as exc:
+            checks["token"] = ok
+            checks["key"] = {"status": "failing", "code": exc.code, "detail": str(exc)}
+        except HsmError as exc:
+            checks["token"] = {"status": "failing", "code": exc.code, "detail": str(exc)}
+            checks["key"] = {"status": "unknown"}
+        except StationError as exc:
+            checks["token"] = {"status": "unknown"}
+            checks["key"] = {"status": "failing", "code": exc.code, "detail": exc.message}
+        try:
+            self._check_database()
+            checks["database"] = ok
+        except Exception as exc:
+            checks["database"] = {
+                "status": "failing",
+                "code": "database-unreachable",
+                "detail": f"{type(exc).__name__}: {exc}"[:300],
+            }
+        return checks
+
+    def _check_database(self) -> None:
+        url = make_url(self.settings.resolved_database_url())
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            # A fresh connection, not the pool's: a pooled one keeps a removed file alive.
+            uri = Path(str(url.database)).resolve().as_uri() + "?mode=rw"
+            conn = sqlite3.connect(uri, uri=True, timeout=5.0)
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            finally:
+                conn.close()
+        ping(self.ledger.engine)
+
+
+def get_station(request: Request) -> Station:
+    station: Station = request.app.state.station
+    return station
+
+
+StationDep = Annotated[Station, Depends(get_station)]
+
+
+def jsonable(obj: Any) -> Any:
+    """A frozen ledger record as a JSON-ready dict."""
+    from dataclasses import asdict
+
+    return asdict(obj)

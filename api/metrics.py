@@ -1,0 +1,92 @@
+"""Prometheus metrics of one app instance (its own registry, so tests build many apps).
+
+With ``station serve --workers N`` every worker has its own registry: counters
+and histograms are per worker (a scrape reaches one of them); the boards gauge
+is read from the ledger at scrape time, so it is the same from every worker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from cryptography import x509
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from station.ca import CertificateAuthority
+
+_LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class _BoardsCollector(Collector):
+    def __init__(self, counts: Callable[[], dict[str, dict[str, int]]]) -> None:
+        self._counts = counts
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        boards = GaugeMetricFamily(
+            "station_boards", "Boards in the ledger per batch and state", labels=["batch", "state"]
+        )
+        up = GaugeMetricFamily("station_ledger_up", "1 when the ledger answered this scrape")
+        try:
+            counts = self._counts()
+        except Exception:
+            up.add_metric([], 0)
+            yield up
+            return
+        for batch, states in sorted(counts.items()):
+            for state, n in sorted(states.items()):
+                boards.add_metric([batch, state], n)
+        up.add_metric([], 1)
+        yield boards
+        yield up
+
+
+class Metrics:
+    def __init__(self, counts: Callable[[], dict[str, dict[str, int]]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.issued = Counter(
+            "station_certificates_issued",
+            "Certificates handed out over HTTP (reused: an idempotent re-request)",
+            ["reused"],
+            registry=r,
+        )
+        self.failures = Counter(
+            "station_issue_failures",
+            "Refused or failed certificate requests by reason code",
+            ["code"],
+            registry=r,
+        )
+        self.issue_seconds = Histogram(
+            "station_issue_duration_seconds",
+            "Time to answer a certificate request (policy, ledger, HSM)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.hsm_sign_seconds = Histogram(
+            "station_hsm_sign_duration_seconds",
+            "Time of the PKCS#11 signature of one device certificate",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        r.register(_BoardsCollector(counts))
+
+
+class TimedCA(CertificateAuthority):
+    """The station's CA, timing each HSM signature."""
+
+    def __init__(self, ca: CertificateAuthority, observe: Callable[[float], None]) -> None:
+        super().__init__(ca.keystore, ca.key, ca.certificate, ca.parents)
+        self._observe = observe
+
+    def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate:
+        start = time.perf_counter()
+        try:
+            return super().sign_certificate(builder)
+        finally:
+            self._observe(time.perf_counter() - start)

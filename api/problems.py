@@ -1,0 +1,109 @@
+"""RFC 9457 problem details: one handler for every error the API answers with.
+
+Every error body is ``application/problem+json`` with ``type``, ``title``,
+``status``, ``detail`` and ``code``; ``code`` is the station's stable reason
+code (the same the CLI and the serial line report).
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from hsm.errors import HsmError
+from station.errors import StationError
+
+log = logging.getLogger("api")
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "urn:station:problem:"
+
+# Codes for the HTTP errors FastAPI/Starlette raise themselves.
+_HTTP_CODES = {
+    400: "bad-request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not-found",
+    405: "method-not-allowed",
+    406: "not-acceptable",
+    413: "body-too-large",
+    415: "unsupported-media-type",
+    422: "invalid-request",
+}
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from the body-limit middleware's receive(); FastAPI lets HTTPExceptions through."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body exceeds {limit} bytes")
+        self.limit = limit
+
+
+def problem(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    body: dict[str, Any] = {
+        "type": TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    body.update(extra)
+    return JSONResponse(
+        jsonable_encoder(body), status_code=status, headers=headers, media_type=PROBLEM_JSON
+    )
+
+
+def problem_response(request: Request, exc: Exception) -> JSONResponse:
+    """The one exception handler: maps every error type to problem+json."""
+    if isinstance(exc, StationError):
+        headers = getattr(exc, "headers", None)
+        return problem(exc.http_status, exc.code, exc.message, headers=headers)
+    if isinstance(exc, HsmError):
+        return problem(503, exc.code, str(exc))
+    if isinstance(exc, RequestValidationError):
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        return problem(422, "invalid-request", "the request is not valid", errors=errors)
+    if isinstance(exc, StarletteHTTPException):
+        code = _HTTP_CODES.get(exc.status_code, f"http-{exc.status_code}")
+        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        headers = dict(exc.headers) if exc.headers else None
+        return problem(exc.status_code, code, detail, headers=headers)
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem(500, "internal-error", "the station hit an unexpected error")
+
+
+async def _handler(request: Request, exc: Exception) -> JSONResponse:
+    return problem_response(request, exc)
+
+
+def install(app: FastAPI) -> None:
+    for exc_type in (
+        StationError,
+        HsmError,
+        RequestValidationError,
+        StarletteHTTPException,
+        Exception,
+    ):
+        app.add_exception_handler(exc_type, _handler)

@@ -1,0 +1,31 @@
+"""Issuance as the API does it: the ledger's issue() plus metrics and dashboard activity."""
+
+from __future__ import annotations
+
+import time
+
+from api.context import Station
+from hsm.errors import HsmError
+from station.errors import StationError
+from station.ledger import IssueResult
+
+
+def issue(
+    station: Station, batch: str, device_id: str, csr: bytes, *, reprovision: bool = False
+) -> IssueResult:
+    m = station.metrics
+    start = time.perf_counter()
+    try:
+        result = station.ledger.issue(batch, device_id, csr, station.ca, reprovision=reprovision)
+    except (StationError, HsmError) as exc:
+        code = exc.code
+        detail = exc.message if isinstance(exc, StationError) else str(exc)
+        m.failures.labels(code=code).inc()
+        station.activity.failed(device_id, batch, code, detail)
+        raise
+    finally:
+        m.issue_seconds.observe(time.perf_counter() - start)
+    m.issued.labels(reused=str(result.reused).lower()).inc()
+    if not result.reused:
+        station.activity.issued()
+    return result

@@ -1,0 +1,42 @@
+"""Production batches: open, list, read, close."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from fastapi import APIRouter, status
+
+from api.auth import OperatorUp, Reader
+from api.context import StationDep
+from api.schemas import BatchIn, BatchOut
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=BatchOut)
+def create_batch(body: BatchIn, station: StationDep, who: OperatorUp) -> BatchOut:
+    batch = station.ledger.create_batch(
+        body.name,
+        product=body.product,
+        planned_count=body.planned_count,
+        key_mode=body.key_mode,
+        subject_template=body.subject_template,
+        days=body.days,
+        operator=who.name,
+    )
+    return BatchOut(**asdict(batch))
+
+
+@router.get("", response_model=list[BatchOut])
+def list_batches(station: StationDep, _: Reader, state: str | None = None) -> list[BatchOut]:
+    return [BatchOut(**asdict(b)) for b in station.ledger.list_batches(state=state)]
+
+
+@router.get("/{name}", response_model=BatchOut)
+def get_batch(name: str, station: StationDep, _: Reader) -> BatchOut:
+    return BatchOut(**asdict(station.ledger.get_batch(name)))
+
+
+@router.post("/{name}/close", response_model=BatchOut)
+def close_batch(name: str, station: StationDep, who: OperatorUp) -> BatchOut:
+    return BatchOut(**asdict(station.ledger.close_batch(name, operator=who.name)))

@@ -1,0 +1,65 @@
+"""Boards: read, list, proof of possession, revoke."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import asdict
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from api.auth import Admin, BoardUp, Reader
+from api.context import StationDep
+from api.schemas import ChallengeOut, DeviceOut, ProofIn, RevokeIn
+from station.errors import StationError
+
+router = APIRouter(prefix="/v1/devices", tags=["devices"])
+
+
+def _b64(value: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise StationError(f"{field} is not valid base64", code="bad-base64") from None
+
+
+@router.get("", response_model=list[DeviceOut])
+def list_devices(
+    station: StationDep,
+    _: Reader,
+    batch: str | None = None,
+    state: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[DeviceOut]:
+    devices = station.ledger.list_devices(batch, state, limit=limit, offset=offset)
+    return [DeviceOut(**asdict(d)) for d in devices]
+
+
+@router.get("/{device_id}", response_model=DeviceOut)
+def get_device(device_id: str, station: StationDep, _: Reader) -> DeviceOut:
+    return DeviceOut(**asdict(station.ledger.get_device(device_id)))
+
+
+@router.post("/{device_id}/challenge", response_model=ChallengeOut)
+def challenge(device_id: str, station: StationDep, _: BoardUp) -> ChallengeOut:
+    nonce = station.ledger.create_challenge(device_id)
+    return ChallengeOut(device_id=device_id, nonce=base64.b64encode(nonce).decode())
+
+
+@router.post("/{device_id}/proof", response_model=DeviceOut)
+def proof(device_id: str, body: ProofIn, station: StationDep, _: BoardUp) -> DeviceOut:
+    nonce = _b64(body.nonce, "nonce")
+    signature = _b64(body.signature, "signature")
+    try:
+        device = station.ledger.verify_proof(device_id, nonce, signature)
+    except StationError as exc:
+        station.activity.failed(device_id, None, exc.code, exc.message)
+        raise
+    return DeviceOut(**asdict(device))
+
+
+@router.post("/{device_id}/revoke", response_model=DeviceOut)
+def revoke(device_id: str, body: RevokeIn, station: StationDep, _: Admin) -> DeviceOut:
+    return DeviceOut(**asdict(station.ledger.revoke(device_id, body.reason)))

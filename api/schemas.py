@@ -1,0 +1,96 @@
+"""Request and response bodies of the API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+
+class BatchIn(BaseModel):
+    name: str = Field(min_length=1, max_length=128)
+    product: str = Field(min_length=1, max_length=128)
+    planned_count: int = Field(ge=1)
+    key_mode: str = "board-ecc"
+    subject_template: str = Field(
+        min_length=1, description="e.g. /O=company/OU=team/CN={device_id}/C=US, or * as presented"
+    )
+    days: int = Field(default=3650, ge=1, le=36500)
+
+
+class BatchOut(BaseModel):
+    name: str
+    product: str
+    planned_count: int
+    key_mode: str
+    subject_template: str
+    days: int
+    state: str
+    operator: str | None
+    station_id: str
+    device_count: int
+    created_at: datetime
+    closed_at: datetime | None
+
+
+class CertificateIn(BaseModel):
+    batch: str = Field(min_length=1, max_length=128)
+    device_id: str = Field(min_length=1, max_length=128)
+    csr: str = Field(min_length=1, description="PKCS#10 CSR, PEM")
+    reprovision: bool = False
+
+
+class CertificateOut(BaseModel):
+    device_id: str
+    batch: str
+    serial: str = Field(description="lowercase hex")
+    fingerprint: str = Field(description="SHA-256 of the certificate DER, lowercase hex")
+    chain: str = Field(description="device certificate then the CA chain, PEM")
+    reused: bool
+
+
+class DeviceOut(BaseModel):
+    device_id: str
+    batch: str
+    state: str
+    failure_code: str | None
+    failure_message: str | None
+    attempts: int
+    station_id: str
+    chain_sha256: str | None
+    serial: str | None
+    created_at: datetime
+    updated_at: datetime
+    key_ready_at: datetime | None
+    issued_at: datetime | None
+    installed_at: datetime | None
+    verified_at: datetime | None
+    failed_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ChallengeOut(BaseModel):
+    device_id: str
+    nonce: str = Field(description="base64; sign these bytes with the device key")
+
+
+class ProofIn(BaseModel):
+    nonce: str = Field(min_length=1, max_length=256, description="base64, from the challenge")
+    signature: str = Field(
+        min_length=1, max_length=4096, description="base64; ECDSA-SHA256 (DER) or RSA PKCS#1 v1.5"
+    )
+
+
+class RevokeIn(BaseModel):
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class TokenIn(BaseModel):
+    name: str = Field(min_length=1, max_length=128)
+    role: str
+
+
+class TokenOut(BaseModel):
+    name: str
+    role: str
+    token: str = Field(description="shown once; only its SHA-256 is stored")

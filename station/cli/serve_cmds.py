@@ -1,0 +1,61 @@
+"""`station serve` (the HTTP API under uvicorn) and `station token create`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from station.cli.common import cli_errors, console, fail, settings
+
+API_ROLES = ("board", "operator", "qa", "admin")
+# The ledger's names for API roles where they differ (see api/auth.py).
+_LEDGER_NAMES = {"board": "station", "qa": "viewer"}
+
+token_app = typer.Typer(help="Bearer tokens of the HTTP API.", no_args_is_help=True)
+
+
+@cli_errors
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Worker processes; each opens its own PKCS#11 session.")
+    ] = 1,
+) -> None:
+    """Serve the HTTP API and the operator dashboard with uvicorn."""
+    import uvicorn
+
+    settings()  # refuse bad STATION_* variables before starting workers
+    # Factory mode: every worker builds its app (and opens the HSM) after the fork.
+    uvicorn.run(
+        "api.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        proxy_headers=False,
+        log_level="info",
+    )
+
+
+@cli_errors
+def token_create(
+    role: Annotated[str, typer.Option(help="board, operator, qa or admin.")],
+    name: Annotated[str, typer.Option(help="Who or what holds the token (unique).")],
+) -> None:
+    """Create a bearer token; it is printed once, only its SHA-256 is stored."""
+    from station.ledger import TOKEN_ROLES, Ledger
+
+    if role not in API_ROLES:
+        raise fail("bad-role", f"role {role!r} is not one of {', '.join(API_ROLES)}")
+    stored = role if role in TOKEN_ROLES else _LEDGER_NAMES.get(role, role)
+    with Ledger.from_settings(settings()) as ledger:
+        token = ledger.create_token(name, stored)
+    console.print(token, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    token_app.command("create")(token_create)
+    app.add_typer(token_app, name="token")
