@@ -21,6 +21,7 @@ from station.ledger.schema import audit_log
 
 GENESIS = "0" * 64
 
+_INSERT = audit_log.insert()
 _LAST = select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
 
 
@@ -51,16 +52,17 @@ def append(
     body = canonical(detail or {})
     digest = entry_hash(seq, at, station_id, action, entity, body, prev)
     conn.execute(
-        audit_log.insert().values(
-            seq=seq,
-            at=at,
-            station_id=station_id,
-            action=action,
-            entity=entity,
-            detail=body,
-            prev_hash=prev,
-            hash=digest,
-        )
+        _INSERT,
+        {
+            "seq": seq,
+            "at": at,
+            "station_id": station_id,
+            "action": action,
+            "entity": entity,
+            "detail": body,
+            "prev_hash": prev,
+            "hash": digest,
+        },
     )
     return seq
 

@@ -20,6 +20,8 @@ from sqlalchemy.engine import make_url
 # Any constant works; it only has to be the same for every station.
 WRITE_LOCK_KEY = 0x5354_4C45  # "STLE"
 
+_LOCK_SQL = f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
+
 _MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -65,14 +67,31 @@ def is_postgres(engine: Engine) -> bool:
 
 
 @contextlib.contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """One serialised write transaction: commits on success, rolls back on error."""
+def write_transaction(engine: Engine, *, durable: bool = True) -> Iterator[Connection]:
+    """One serialised write transaction: commits on success, rolls back on error.
+
+    ``durable=False`` (SQLite only) commits without syncing the WAL to disk: the
+    transaction survives a crash of the station but maybe not a power cut. The
+    next durable commit syncs it along with its own (same WAL file), so a
+    certificate is never returned before what led to it is on disk. Issuance
+    uses it for the intent: losing an intent in a power cut loses nothing that
+    ever left the station.
+    """
     with engine.connect() as conn:
         conn = conn.execution_options(ledger_write=True)
-        with conn.begin():
-            if engine.dialect.name == "postgresql":
-                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
-            yield conn
+        relaxed = not durable and engine.dialect.name == "sqlite"
+        # On the driver connection: SQLAlchemy would wrap the PRAGMA in a transaction.
+        raw = conn.connection.driver_connection if relaxed else None
+        if raw is not None:
+            raw.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with conn.begin():
+                if engine.dialect.name == "postgresql":
+                    conn.exec_driver_sql(_LOCK_SQL)
+                yield conn
+        finally:
+            if raw is not None:
+                raw.execute("PRAGMA synchronous=FULL")
 
 
 def alembic_config(connection: Connection | None = None) -> Any:

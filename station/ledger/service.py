@@ -118,6 +118,11 @@ _KEY_HOLDER = (
 )
 
 _INSERT_INTENT = certificates.insert()
+_BATCH_COUNT = (
+    batches.update()
+    .where(batches.c.id == bindparam("bid"))
+    .values(device_count=batches.c.device_count + bindparam("delta"))
+)
 _INSERT_DEVICE = devices.insert()
 
 _MARK_ISSUED = (
@@ -518,7 +523,7 @@ class Ledger:
         from station.ca import new_serial
 
         now = _now()
-        with write_transaction(self.engine) as conn:
+        with write_transaction(self.engine, durable=False) as conn:
             b = conn.execute(_BATCH_BY_NAME, {"name": batch_name}).first()
             if b is None:
                 raise NotFoundError(f"no batch named {batch_name!r}", code="unknown-batch")
@@ -558,11 +563,7 @@ class Ledger:
                         f"batch {batch_name!r} already has its {b.planned_count} devices",
                         code="batch-full",
                     )
-                conn.execute(
-                    batches.update()
-                    .where(batches.c.id == b.id)
-                    .values(device_count=batches.c.device_count + 1)
-                )
+                conn.execute(_BATCH_COUNT, {"bid": b.id, "delta": 1})
             if d is None:
                 device_pk = _pk(
                     conn.execute(

@@ -1,0 +1,295 @@
+"""Issuance through the ledger against the bare issue path, and the whitelist export.
+
+In one run, on one CA key in one SoftHSM token:
+  * bare: CSR bytes -> parse -> policy -> certificate signed in the token -> chain PEM
+    (bench/issuance.py's station path, no database);
+  * ledger: Ledger.issue() on the same CSRs (every board its own key): intent committed,
+    signed, certificate committed; SQLite file (WAL, synchronous=FULL) and PostgreSQL;
+  * whitelist export: N verified boards bulk-inserted (not through the HSM), then
+    `whitelist export` as CSV: time, and peak Python memory (tracemalloc) at N and N/10
+    to show it does not grow with N.
+
+PostgreSQL is --pg-url, or Debian's server started in a temporary directory.
+
+    python bench/ledger.py [--count 1000] [--export-count 100000] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import os
+import secrets
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TEMPLATE = "/O=company/OU=team/CN={device_id}/C=US"
+
+
+def make_csrs(n: int, prefix: str) -> list[tuple[str, bytes]]:
+    """Every board its own key: the ledger refuses a key it has seen (duplicate-key)."""
+    out = []
+    for i in range(n):
+        key = ec.generate_private_key(ec.SECP256R1())
+        device = f"{prefix}-{i:06d}"
+        name = x509.Name(
+            [
+                x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "company"),
+                x509.NameAttribute(x509.NameOID.ORGANIZATIONAL_UNIT_NAME, "team"),
+                x509.NameAttribute(x509.NameOID.COMMON_NAME, device),
+                x509.NameAttribute(x509.NameOID.COUNTRY_NAME, "US"),
+            ]
+        )
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+        out.append((device, csr.public_bytes(serialization.Encoding.PEM)))
+    return out
+
+
+def rate(fn: Callable[[str, bytes], object], csrs: list[tuple[str, bytes]]) -> float:
+    t0 = time.perf_counter()
+    for device, pem in csrs:
+        fn(device, pem)
+    return len(csrs) / (time.perf_counter() - t0)
+
+
+def bulk_whitelist(ledger: Any, n: int) -> None:
+    """n verified boards with whitelisted certificates, inserted directly (no HSM)."""
+    from station.ledger.schema import batches, certificates, devices, whitelist
+
+    now = datetime.now(UTC)
+    with ledger.engine.begin() as conn:
+        batch_id = conn.execute(
+            batches.insert().values(
+                name="export",
+                product="bench",
+                planned_count=n,
+                key_mode="board-ecc",
+                subject_template=TEMPLATE,
+                days=3650,
+                state="open",
+                station_id="bench",
+                device_count=n,
+                created_at=now,
+            )
+        ).inserted_primary_key[0]
+        step = 10_000
+        for start in range(0, n, step):
+            ids = range(start, min(n, start + step))
+            serials = {i: format(secrets.randbits(159) | 1 << 150, "x") for i in ids}
+            conn.execute(
+                devices.insert(),
+                [
+                    {
+                        "id": i + 1,
+                        "device_id": f"board-{i:07d}",
+                        "batch_id": batch_id,
+                        "state": "verified",
+                        "attempts": 0,
+                        "station_id": "bench",
+                        "created_at": now,
+                        "updated_at": now,
+                        "verified_at": now,
+                    }
+                    for i in ids
+                ],
+            )
+            conn.execute(
+                certificates.insert(),
+                [
+                    {
+                        "serial": serials[i],
+                        "device_pk": i + 1,
+                        "batch_id": batch_id,
+                        "station_id": "bench",
+                        "state": "issued",
+                        "csr_der": b"\x30\x00",
+                        "public_key_sha256": f"{i:064x}",
+                        "subject": f"CN=board-{i:07d}",
+                        "sign_time": now,
+                        "days": 3650,
+                        "backdate_seconds": 0,
+                        "fingerprint": secrets.token_hex(32),
+                        "not_before": now,
+                        "not_after": now + timedelta(days=3650),
+                        "created_at": now,
+                        "issued_at": now,
+                    }
+                    for i in ids
+                ],
+            )
+            conn.execute(
+                whitelist.insert(),
+                [
+                    {
+                        "serial": serials[i],
+                        "device_pk": i + 1,
+                        "batch_id": batch_id,
+                        "added_at": now,
+                    }
+                    for i in ids
+                ],
+            )
+
+
+class _Sink(io.TextIOBase):
+    """Counts what the export writes and keeps none of it."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+
+    def write(self, s: str) -> int:
+        self.chars += len(s)
+        return len(s)
+
+
+def export_figures(url: str, n: int) -> dict[str, float]:
+    from station.cli.ledger_cmds import write_csv
+    from station.ledger import Ledger
+
+    with Ledger(url, "bench") as led:
+        bulk_whitelist(led, n)
+        sink = _Sink()
+        t0 = time.perf_counter()
+        rows = write_csv(led.whitelist(), sink)
+        seconds = time.perf_counter() - t0
+        assert rows == n
+        peaks = {}
+        for label, limit in (("all", n), ("tenth", n // 10)):
+            tracemalloc.start()
+            entries = led.whitelist()
+            written = write_csv(itertools.islice(entries, limit), _Sink())
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            entries.close()  # type: ignore[attr-defined]
+            assert written == limit
+            peaks[label] = peak / 1e6
+    return {
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(n / seconds),
+        "peak_mb": round(peaks["all"], 2),
+        "peak_mb_tenth": round(peaks["tenth"], 2),
+        "mb_written": round(sink.chars / 1e6, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=1000, help="certificates per path")
+    parser.add_argument("--export-count", type=int, default=100_000, help="whitelist size")
+    parser.add_argument("--pg-url", help="PostgreSQL URL (default: start a temporary server)")
+    parser.add_argument("--no-pg", action="store_true", help="SQLite only")
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+    args = parser.parse_args()
+
+    def say(msg: str) -> None:
+        if not args.json:
+            print(msg, flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
+    os.environ.pop("SOFTHSM2_CONF", None)
+    from station.ca import DeviceProfile, init_ca, new_serial
+    from station.ledger import Ledger
+    from station.policy import check_csr, load_csr
+    from station.settings import Settings
+
+    settings = Settings(data_dir=work, station_id="bench")
+    ca = init_ca(settings).ca
+    assert ca is not None
+    profile = DeviceProfile()
+
+    def bare(_device: str, pem: bytes) -> bytes:
+        csr = load_csr(pem)
+        check_csr(csr)
+        cert = ca.issue(csr, subject=csr.subject, serial=new_serial(), profile=profile)
+        return ca.chain_for(cert)
+
+    pg_server = None
+    urls = {"sqlite": f"sqlite:///{work / 'ledger.sqlite'}"}
+    if args.pg_url:
+        urls["postgresql"] = args.pg_url
+    elif not args.no_pg:
+        from tests.fixtures.pg import PgServer, _pg_bin
+
+        bindir = _pg_bin()
+        if bindir is not None:
+            pg_root = Path(tempfile.mkdtemp(prefix="bench-pg-"))
+            pg_server = PgServer(bindir, pg_root)
+            pg_server.start()
+            pg_server.admin("CREATE DATABASE issue")
+            pg_server.admin("CREATE DATABASE export")
+            urls["postgresql"] = pg_server.url("issue")
+
+    figures: dict[str, Any] = {"count": args.count, "key": "EC P-256 in SoftHSM2"}
+    try:
+        say(f"making {args.count * (1 + len(urls)) + 50} CSRs (one key each)...")
+        warm = make_csrs(50, "warm")
+        for device, pem in warm:
+            bare(device, pem)
+        bare_rate = rate(bare, make_csrs(args.count, "bare"))
+        figures["bare_certs_per_s"] = round(bare_rate, 1)
+        say(f"bare issue path:            {bare_rate:8.1f} certificates/s")
+        for kind, url in urls.items():
+            with Ledger(url, "bench") as led:
+                led.create_batch(
+                    "B",
+                    product="bench",
+                    planned_count=10 * args.count + 100,
+                    key_mode="board-ecc",
+                    subject_template=TEMPLATE,
+                )
+                for device, pem in make_csrs(20, f"warm-{kind}"):
+                    led.issue("B", device, pem, ca)
+                csrs = make_csrs(args.count, kind)
+
+                def through_ledger(device: str, pem: bytes, led: Any = led) -> object:
+                    return led.issue("B", device, pem, ca)
+
+                ledger_rate = rate(through_ledger, csrs)
+                assert led.audit_verify() is None
+            figures[f"ledger_{kind}_certs_per_s"] = round(ledger_rate, 1)
+            figures[f"ledger_{kind}_vs_bare"] = round(ledger_rate / bare_rate, 3)
+            say(
+                f"through the ledger, {kind + ':':<11} {ledger_rate:8.1f} certificates/s"
+                f"  ({ledger_rate / bare_rate:.2f} of bare)"
+            )
+
+        n = args.export_count
+        export_urls = {"sqlite": f"sqlite:///{work / 'export.sqlite'}"}
+        if pg_server is not None:
+            export_urls["postgresql"] = pg_server.url("export")
+        elif args.pg_url:
+            say("(export on PostgreSQL skipped with --pg-url: it needs an empty database)")
+        for kind, url in export_urls.items():
+            say(f"inserting {n} whitelisted boards ({kind})...")
+            fig = export_figures(url, n)
+            figures[f"export_{kind}"] = fig
+            say(
+                f"whitelist export, {n} rows, {kind + ':':<11} {fig['seconds']:6.2f} s "
+                f"({fig['rows_per_s']} rows/s, {fig['mb_written']} MB CSV), peak "
+                f"{fig['peak_mb']:.2f} MB (at {n // 10} rows: {fig['peak_mb_tenth']:.2f} MB)"
+            )
+    finally:
+        if pg_server is not None:
+            pg_server.stop()
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
