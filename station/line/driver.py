@@ -35,6 +35,7 @@ DEFAULT_BAUD = 115200
 RESCAN_INTERVAL = 1.0
 POLL_INTERVAL = 0.5  # between hellos on an idle port
 WAIT_HELLO_TIMEOUT = 1.0
+ABSENT_AFTER = 3  # unanswered hellos before a finished board counts as unplugged
 
 
 class CountingPort:
@@ -229,6 +230,7 @@ class LineDriver:
         counter = client.port if isinstance(client.port, CountingPort) else None
         wait_timeout = min(client.timeouts[MsgType.HELLO], WAIT_HELLO_TIMEOUT)
         last_board: str | None = None  # the board we finished and that is still plugged in
+        missed = 0
         self.status.step(path, WAITING)
         while not self._stopping(worker):
             tx0, rx0 = (counter.tx, counter.rx) if counter else (0, 0)
@@ -240,11 +242,14 @@ class LineDriver:
                 self.status.step(path, WAITING)
                 return  # the rescan opens it again if it is still there
             if hello is None:
-                if last_board is not None:
-                    last_board = None  # unplugged: the next board is new
+                missed += 1
+                # Several silent polls in a row, not one lost frame, mean unplugged.
+                if last_board is not None and missed >= ABSENT_AFTER:
+                    last_board = None
                     self.status.step(path, WAITING)
                 self._stop.wait(0.05)
                 continue
+            missed = 0
             if hello.hardware_id == last_board:
                 self._stop.wait(self.poll_interval)
                 continue
