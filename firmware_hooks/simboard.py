@@ -64,6 +64,7 @@ class Faults:
     disconnect_after: int | None = None  # hang up after this many bytes (both directions)
     nonsense: bool = False  # the board answers every request with a well-formed wrong reply
     direction: Literal["both", "to-board", "to-host"] = "both"  # where corrupt/drop apply
+    garble_replies: int = 0  # flip a byte in each of the board's next N writes (lost replies)
     seed: int | None = None  # for reproducible faults
 
 
@@ -242,6 +243,7 @@ class SimulatedBoard:
         nonsense = MessageDecoder()
         line_free = {self._host_master: 0.0, self._board_master: 0.0}
         sources = [self._host_master, self._board_master]
+        faults_seen, garbled = self.faults, 0
         while not self._stop.is_set():
             try:
                 readable, _, _ = select.select(sources, [], [], 0.1)
@@ -262,7 +264,14 @@ class SimulatedBoard:
                 faults = self.faults
                 if faults.seed != seed_seen:
                     rng, seed_seen = random.Random(faults.seed), faults.seed  # noqa: S311
+                if faults is not faults_seen:
+                    faults_seen, garbled = faults, 0
                 to_board = src == self._host_master
+                if not to_board and garbled < faults.garble_replies:
+                    garbled += 1
+                    data = (
+                        data[:-3] + bytes([data[-3] ^ 0x55]) + data[-2:] if len(data) > 3 else data
+                    )
                 dst = self._board_master if to_board else self._host_master
                 if faults.nonsense:
                     if not to_board:
