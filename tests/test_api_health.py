@@ -1,0 +1,66 @@
+"""/healthz: 200 when token, key and database answer; 503 naming the part that does not.
+
+Destructive cases run on their own data directory and their own CA key.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from station.ca import init_ca, open_keystore
+from station.settings import Settings
+from tests.fixtures.hsm import settings_for
+from tests.test_api_helpers import assert_problem
+
+
+def test_healthz_ok(station_settings: Settings) -> None:
+    with TestClient(create_app(station_settings)) as client:
+        r = client.get("/healthz")
+        assert r.status_code == 200
+        assert r.json()["checks"] == {
+            "token": {"status": "ok"},
+            "key": {"status": "ok"},
+            "database": {"status": "ok"},
+        }
+
+
+def test_healthz_database_unreachable(ca_home: Path, tmp_path: Path) -> None:
+    settings = settings_for(ca_home, tmp_path / "own")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/healthz").status_code == 200
+        db = settings.data_dir / "ledger.sqlite"
+        db.rename(tmp_path / "moved.sqlite")
+        body = assert_problem(client.get("/healthz"), 503, "database-unreachable")
+        assert body["part"] == "database"
+        assert body["checks"]["key"] == {"status": "ok"}
+
+
+def test_healthz_database_unopenable_at_start(ca_home: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    settings = settings_for(
+        ca_home, tmp_path / "own", database_url=f"sqlite:///{blocker}/ledger.sqlite"
+    )
+    with TestClient(create_app(settings)) as client:
+        body = assert_problem(client.get("/healthz"), 503, "database-unreachable")
+        assert body["part"] == "database"
+
+
+def test_healthz_key_gone(ca_home: Path, tmp_path: Path) -> None:
+    # A CA key of its own, in the run's token, that this test may delete.
+    uri = (ca_home / "ca-key.uri").read_text().strip()
+    label = f"health-{secrets.token_hex(4)}"
+    own_uri = uri.replace("object=station-ca-key", f"object={label}")
+    assert own_uri != uri
+    settings = Settings(data_dir=tmp_path / "own", ca_key_uri=own_uri, station_id="health")
+    assert init_ca(settings).status == "created"
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/healthz").status_code == 200
+        open_keystore(settings).delete_key()
+        body = assert_problem(client.get("/healthz"), 503, "hsm-key-not-found")
+        assert body["part"] == "key"
+        assert body["checks"]["database"] == {"status": "ok"}
