@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import csv
-import functools
 import getpass
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -15,12 +14,8 @@ from typing import IO, Annotated, ParamSpec, TypeVar
 
 import typer
 from cryptography.hazmat.primitives.serialization import Encoding
-from rich.markup import escape
 
-from hsm.errors import HsmError
-from station.cli import common
-from station.cli.common import console, err_console, settings
-from station.errors import StationError
+from station.cli.common import cli_errors, console, err_console, fail, settings
 from station.ledger import ADHOC_BATCH, Ledger
 from station.ledger.records import Batch, Device
 from station.ledger.schema import DeviceState, KeyMode
@@ -37,30 +32,6 @@ audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True
 # An intent older than this at start-up belongs to a crashed run, not to a
 # concurrent `station sign` of the same station still signing it.
 RECOVERY_GRACE = timedelta(seconds=30)
-
-
-def fail(code: str, message: str, exit_code: int = common.EXIT_REFUSED) -> typer.Exit:
-    # common.fail prints "[code]" as rich markup, which swallows it; escape it here.
-    err_console.print(
-        f"[bold red]error[/] {escape(f'[{code}]')} {escape(message)}", highlight=False
-    )
-    return typer.Exit(exit_code)
-
-
-def cli_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """The station's typed errors as one line on stderr with the reason code; exit 1 or 3."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except StationError as exc:
-            code = common.EXIT_UNAVAILABLE if exc.http_status >= 500 else common.EXIT_REFUSED
-            raise fail(exc.code, exc.message, code) from None
-        except HsmError as exc:
-            raise fail(exc.code, str(exc), common.EXIT_UNAVAILABLE) from None
-
-    return common.cli_errors(wrapper)
 
 
 @contextmanager
