@@ -60,15 +60,18 @@ function render(data) {
     cell(tr, p.port);
     cell(tr, p.device_id);
     cell(tr, p.batch);
-    cell(tr, p.step + (p.error ? ` (${p.error})` : ""), `step-${p.step}`);
+    cell(tr, p.step, `step-${p.step}`);
     cell(tr, when(p.since));
-    cell(tr, p.message);
+    cell(tr, p.last_error);
     ports.appendChild(tr);
   }
   const failures = [
-    ...data.recent_refusals.map((f) => ({ ...f, at: f.at })),
+    ...data.recent_refusals,
+    ...data.line_failures,
     ...data.failed_devices,
-  ].slice(0, 10);
+  ]
+    .sort((a, b) => String(b.at).localeCompare(String(a.at)))
+    .slice(0, 10);
   const fbody = fill("failures", failures, 5, "no failures");
   for (const f of failures) {
     const tr = document.createElement("tr");
