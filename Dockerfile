@@ -1,0 +1,52 @@
+# Provisioning station: HTTP API + dashboard, CA key in a PKCS#11 token.
+# Development: SoftHSM2 token in the /tokens volume (`station init` inside the
+# container). Factory: mount the HSM vendor's PKCS#11 module and set
+# STATION_CA_KEY_URI (see the README).
+FROM python:3.11-slim-bookworm
+
+# Debian bookworm versions; bump them when a point release replaces them.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        softhsm2=2.6.1-2.1 \
+        opensc=0.23.0-0.3+deb12u2 \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    STATION_DATA_DIR=/data \
+    STATION_PKCS11_MODULE=/usr/lib/softhsm/libsofthsm2.so \
+    SOFTHSM2_CONF=/etc/softhsm/softhsm2.conf
+
+WORKDIR /app
+COPY pyproject.toml requirements.lock README.md ./
+COPY hsm/ hsm/
+COPY station/ station/
+COPY api/ api/
+COPY firmware_hooks/ firmware_hooks/
+COPY jitr/ jitr/
+# Runtime dependencies at the versions of the lock file.
+RUN pip install --constraint requirements.lock . \
+    && rm -rf build ./*.egg-info
+
+# Non-root (numeric, so the runtime need not resolve the name); owns its
+# volumes and the SoftHSM configuration.
+RUN groupadd --system --gid 10001 station \
+    && useradd --system --uid 10001 --gid 10001 --create-home --groups softhsm station \
+    && mkdir -p /data /tokens \
+    && printf 'directories.tokendir = /tokens\nobjectstore.backend = file\nlog.level = ERROR\n' \
+        > /etc/softhsm/softhsm2.conf \
+    && chown station:station /data /tokens \
+    && chown station:softhsm /etc/softhsm/softhsm2.conf \
+    && chmod 0640 /etc/softhsm/softhsm2.conf
+
+USER 10001:10001
+VOLUME ["/data", "/tokens"]
+EXPOSE 8000
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+
+ENTRYPOINT ["station"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
