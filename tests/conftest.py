@@ -4,4 +4,6 @@ pytest_plugins = [
     "tests.fixtures.hsm",
     "tests.fixtures.pg",
     "tests.fixtures.aws",
+    "tests.fixtures.boards",
+    "tests.fixtures.mqtt",
 ]

@@ -11,6 +11,8 @@ MODULES = [
     "station.cli.ca_cmds",
     "station.cli.ledger_cmds",
     "station.cli.aws_cmds",
+    "station.cli.serve_cmds",
+    "station.cli.line_cmds",
 ]
 
 
