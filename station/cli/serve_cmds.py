@@ -24,19 +24,10 @@ def serve(
     ] = 1,
 ) -> None:
     """Serve the HTTP API and the operator dashboard with uvicorn."""
-    import uvicorn
+    from api.server import serve as run_server
 
     settings()  # refuse bad STATION_* variables before starting workers
-    # Factory mode: every worker builds its app (and opens the HSM) after the fork.
-    uvicorn.run(
-        "api.app:app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        proxy_headers=False,
-        log_level="info",
-    )
+    run_server(host, port, workers)
 
 
 @cli_errors
