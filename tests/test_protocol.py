@@ -105,6 +105,7 @@ def test_cobs_matches_the_published_examples(decoded: bytes, encoded: bytes) -> 
     assert cobs_decode(encoded) == decoded
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=3000))
 def test_cobs_round_trips_and_never_emits_zero(data: bytes) -> None:
     encoded = cobs_encode(data)
@@ -148,6 +149,7 @@ frames = st.builds(
 )
 
 
+@settings(deadline=None)
 @given(frames)
 def test_frames_round_trip(frame: Frame) -> None:
     wire = encode_frame(frame)
@@ -251,7 +253,7 @@ def test_empty_chunks_between_delimiters_are_ignored() -> None:
     assert decoder.next_frame() is None
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=4000))
 def test_random_garbage_raises_only_protocol_errors(garbage: bytes) -> None:
     decoder = MessageDecoder()
@@ -285,7 +287,7 @@ def test_random_garbage_raises_only_protocol_errors(garbage: bytes) -> None:
     st.binary(max_size=5 * MAX_PAYLOAD + 17),
     st.integers(1, 700),
 )
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)
 def test_messages_of_any_size_round_trip_through_chunks(
     msg_type: int, seq: int, payload: bytes, piece: int
 ) -> None:
@@ -349,6 +351,7 @@ def test_tlv_layout_is_tag_length_value() -> None:
     )
 
 
+@settings(deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=300)), max_size=10))
 def test_tlv_round_trips(items: list[tuple[int, bytes]]) -> None:
     assert Fields.decode(encode_tlv(items)).items == tuple(items)
