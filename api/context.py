@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from sqlalchemy.engine import make_url
 
-from api.line import FILE_NAME, LineStatus
+from api.line import FILE_NAME, LineView
 from api.metrics import Metrics, TimedCA
 from hsm.errors import HsmError, KeyNotFound
 from station.ca import CertificateAuthority, open_ca
@@ -82,7 +82,7 @@ class Station:
         self._ledger: Ledger | None = None
         self._ca: CertificateAuthority | None = None
         self.metrics = Metrics(lambda: self.ledger.counts())
-        self.line = LineStatus(settings.data_dir / FILE_NAME)
+        self.line = LineView(settings.data_dir / FILE_NAME)
         self.activity = Activity()
         from api.auth import TokenCache
 

@@ -42,10 +42,14 @@ def line_status(station: StationDep, _: Reader) -> dict[str, Any]:
         (d for d in ledger.list_devices(state="failed") if d.failed_at is not None),
         key=lambda d: d.failed_at or datetime.min.replace(tzinfo=UTC),
     )
+    line = station.line.snapshot()
     return {
         "now": datetime.now(UTC).isoformat(),
         "batches": batches,
-        "ports": station.line.snapshot()["ports"],
+        "line_batch": line["batch"],
+        "line_updated": line["updated"],
+        "ports": line["ports"],
+        "line_failures": line["recent_failures"],
         "failed_devices": [
             {
                 "device_id": d.device_id,
@@ -57,5 +61,5 @@ def line_status(station: StationDep, _: Reader) -> dict[str, Any]:
             for d in failed
         ],
         "recent_refusals": [asdict(f) for f in station.activity.failures()[:MAX_FAILURES]],
-        "issue_rate_per_min": station.activity.rate_per_minute(),
+        "issue_rate_per_min": station.activity.rate_per_minute() + line["issued_per_min"],
     }
