@@ -31,7 +31,10 @@ ROUTES: list[tuple[str, str, object, set[str]]] = [
     ("GET", "/v1/line/status", None, READERS),
     ("POST", "/v1/devices/d/revoke", {"reason": "test"}, ADMIN),
     ("POST", "/v1/tokens", {"name": "", "role": "qa"}, ADMIN),
+    # Mounted by the lead from api/routers/reports.py; checked once it is.
+    ("GET", "/v1/batches/B1/report", None, READERS),
 ]
+OPTIONAL = {"/v1/batches/{name}/report"}
 PUBLIC = ["/", "/healthz", "/metrics", "/openapi.json", "/static/app.js"]
 
 
@@ -44,12 +47,16 @@ def test_matrix_covers_every_route(api: Api) -> None:
 
     normalised = {(m, norm(p)) for m, p, _, _ in ROUTES}
     normalised |= {("GET", "/v1/batches/{name}"), ("GET", "/v1/devices/{device_id}")}
+    normalised |= {("GET", p) for p in OPTIONAL}
     assert declared <= normalised, declared - normalised
 
 
 @pytest.mark.parametrize(("method", "path", "body", "allowed"), ROUTES, ids=lambda v: str(v))
 def test_route_roles(api: Api, method: str, path: str, body: object, allowed: set[str]) -> None:
     api.batch()
+    template = path.replace("/B1/", "/{name}/")
+    if template in OPTIONAL and template not in api.client.get("/openapi.json").json()["paths"]:
+        return  # not mounted in this app yet
     kw = {"json": body} if body is not None else {}
     assert_problem(api.call(method, path, None, **kw), 401, "unauthorized")
     r = api.client.request(method, path, headers={"Authorization": "Bearer wrong"}, **kw)
