@@ -27,9 +27,6 @@ previous may); ``qa`` is read-only and outside the chain.
 ``reprovision: true`` on POST /v1/certificates (revoke a board's live
 certificate for another key) needs operator or admin. No token: 401 with
 ``WWW-Authenticate: Bearer``; a token whose role may not call the route: 403.
-
-The ledger's own role names ``station`` and ``viewer`` are read as ``board``
-and ``qa``.
 """
 
 from __future__ import annotations
@@ -58,26 +55,14 @@ class Role(StrEnum):
     ADMIN = "admin"
 
 
-# The ledger's names for the same roles, where they differ.
-_LEDGER_ALIASES = {"station": Role.BOARD, "viewer": Role.QA}
-_TO_LEDGER = {v: k for k, v in _LEDGER_ALIASES.items()}
+assert {r.value for r in Role} == set(TOKEN_ROLES), "api roles and ledger roles diverged"
 
 
 def role_from_ledger(name: str) -> Role | None:
-    if name in _LEDGER_ALIASES:
-        return _LEDGER_ALIASES[name]
     try:
         return Role(name)
     except ValueError:
         return None
-
-
-def ledger_role(role: str) -> str:
-    """The name the ledger stores for an API role (its TOKEN_ROLES may differ)."""
-    r = Role(role)
-    if r.value in TOKEN_ROLES:
-        return r.value
-    return _TO_LEDGER.get(r, r.value)
 
 
 class AuthError(StationError):

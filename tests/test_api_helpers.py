@@ -13,7 +13,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.auth import ledger_role
 from station.settings import Settings
 from tests.csrs import csr_pem, device_name, make_csr
 
@@ -82,7 +81,7 @@ def make_api(settings: Settings) -> Iterator[Api]:
     app = create_app(settings)
     with TestClient(app) as client:
         ledger = app.state.station.ledger
-        tokens = {r: ledger.create_token(f"test-{r}", ledger_role(r)) for r in ROLES}
+        tokens = {r: ledger.create_token(f"test-{r}", r) for r in ROLES}
         yield Api(client, tokens, settings)
 
 

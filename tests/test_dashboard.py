@@ -14,7 +14,6 @@ import pytest
 import uvicorn
 
 from api.app import create_app
-from api.auth import ledger_role
 from station.ledger import Ledger
 from station.settings import Settings
 from tests.test_api_helpers import TEMPLATE, new_csr, sign
@@ -61,8 +60,8 @@ def test_dashboard_updates_live(server: str, station_settings: Settings) -> None
     from playwright.sync_api import expect, sync_playwright
 
     with Ledger.from_settings(station_settings) as ledger:
-        operator = ledger.create_token("line-op", ledger_role("operator"))
-        board = ledger.create_token("board", ledger_role("board"))
+        operator = ledger.create_token("line-op", "operator")
+        board = ledger.create_token("board", "board")
     http = httpx.Client(base_url=server, timeout=10)
     op = {"Authorization": f"Bearer {operator}"}
     r = http.post(

@@ -363,7 +363,7 @@ def test_api_tokens_store_only_a_hash(ledger: Ledger) -> None:
         dump += " ".join(str(r) for r in conn.execute(text("SELECT * FROM audit_log")))
     assert token not in dump
     with refused("token-exists"):
-        ledger.create_token("line-1", "viewer")
+        ledger.create_token("line-1", "qa")
     ledger.revoke_token("line-1")
     assert ledger.lookup_token(token) is None
 

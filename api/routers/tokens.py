@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from api.auth import Admin, Role, ledger_role
+from api.auth import Admin, Role
 from api.context import StationDep
 from api.schemas import TokenIn, TokenOut
 from station.errors import PolicyError
@@ -17,5 +17,5 @@ def create_token(body: TokenIn, station: StationDep, _: Admin) -> TokenOut:
     if body.role not in {r.value for r in Role}:
         roles = ", ".join(r.value for r in Role)
         raise PolicyError(f"role {body.role!r} is not one of {roles}", code="bad-role")
-    token = station.ledger.create_token(body.name, ledger_role(body.role))
+    token = station.ledger.create_token(body.name, body.role)
     return TokenOut(name=body.name, role=body.role, token=token)

@@ -6,11 +6,7 @@ from typing import Annotated
 
 import typer
 
-from station.cli.common import cli_errors, console, fail, settings
-
-API_ROLES = ("board", "operator", "qa", "admin")
-# The ledger's names for API roles where they differ (see api/auth.py).
-_LEDGER_NAMES = {"board": "station", "qa": "viewer"}
+from station.cli.common import cli_errors, console, settings
 
 token_app = typer.Typer(help="Bearer tokens of the HTTP API.", no_args_is_help=True)
 
@@ -36,13 +32,10 @@ def token_create(
     name: Annotated[str, typer.Option(help="Who or what holds the token (unique).")],
 ) -> None:
     """Create a bearer token; it is printed once, only its SHA-256 is stored."""
-    from station.ledger import TOKEN_ROLES, Ledger
+    from station.ledger import Ledger
 
-    if role not in API_ROLES:
-        raise fail("bad-role", f"role {role!r} is not one of {', '.join(API_ROLES)}")
-    stored = role if role in TOKEN_ROLES else _LEDGER_NAMES.get(role, role)
     with Ledger.from_settings(settings()) as ledger:
-        token = ledger.create_token(name, stored)
+        token = ledger.create_token(name, role)
     console.print(token, highlight=False)
 
 

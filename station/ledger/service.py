@@ -67,7 +67,8 @@ AS_PRESENTED = "*"
 ADHOC_BATCH = "adhoc"
 ADHOC_PLANNED = 2**31 - 1
 
-TOKEN_ROLES = ("admin", "operator", "viewer", "station")
+# The HTTP API's roles (api/auth.py says which route each may call).
+TOKEN_ROLES = ("board", "operator", "qa", "admin")
 CHALLENGE_TTL = timedelta(seconds=120)
 
 _LIVE = (CertState.INTENT.value, CertState.ISSUED.value)
