@@ -315,13 +315,12 @@ def test_api_answers_the_report_for_qa_in_each_format(
     ledger: Ledger, station_settings: Settings
 ) -> None:
     from api.app import create_app
-    from api.auth import ledger_role
     from api.routers import reports
 
     app = create_app(station_settings)
     app.include_router(reports.router)  # the lead mounts it in create_app
-    qa = ledger.create_token("qa-1", ledger_role("qa"))
-    board = ledger.create_token("line-1", ledger_role("board"))
+    qa = ledger.create_token("qa-1", "qa")
+    board = ledger.create_token("line-1", "board")
     auth = {"Authorization": f"Bearer {qa}"}
     with TestClient(app) as client:
         r = client.get("/v1/batches/B1/report", headers=auth)
