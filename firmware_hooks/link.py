@@ -13,6 +13,7 @@ import secrets
 import time
 from typing import Protocol
 
+
 from firmware_hooks.protocol import (
     Disconnected,
     Message,
@@ -26,6 +27,18 @@ from firmware_hooks.protocol import (
     encode_message,
     response_type,
 )
+
+try:
+    from termios import error as _TermiosError  # tcdrain on a pty whose other end closed
+except ImportError:  # pragma: no cover - not a POSIX host
+
+    class _TermiosError(Exception):  # type: ignore[no-redef]
+        pass
+
+
+# What a serial port raises when the cable goes: SerialException is an OSError,
+# pyserial's flush() surfaces termios.error, a closed port ValueError or TypeError.
+_TRANSPORT_ERRORS = (OSError, ValueError, TypeError, _TermiosError)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +101,7 @@ class Link:
         try:
             self.port.write(data)
             self.port.flush()
-        except (OSError, ValueError) as exc:  # SerialException is an OSError
+        except _TRANSPORT_ERRORS as exc:
             raise Disconnected(f"write failed: {exc}") from exc
 
     def send(self, message: Message) -> bytes:
@@ -101,7 +114,7 @@ class Link:
         try:
             waiting = self.port.in_waiting
             return self.port.read(waiting or 1)
-        except (OSError, ValueError) as exc:
+        except _TRANSPORT_ERRORS as exc:
             raise Disconnected(f"read failed: {exc}") from exc
 
     def receive(self, timeout: float | None) -> Message | None:
