@@ -13,7 +13,6 @@ import secrets
 import time
 from typing import Protocol
 
-
 from firmware_hooks.protocol import (
     Disconnected,
     Message,
