@@ -17,7 +17,17 @@ from starlette.concurrency import run_in_threadpool
 from api import problems
 from api.context import Station
 from api.middleware import BodyLimitMiddleware
-from api.routers import batches, ca, certificates, dashboard, devices, health, line, tokens
+from api.routers import (
+    batches,
+    ca,
+    certificates,
+    dashboard,
+    devices,
+    health,
+    line,
+    reports,
+    tokens,
+)
 from api.routers import whitelist as whitelist_router
 from api.routers.dashboard import STATIC
 from station.settings import Settings
@@ -59,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=station.settings.max_body_bytes)
     for module in (
         batches,
+        reports,
         certificates,
         devices,
         whitelist_router,

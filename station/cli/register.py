@@ -13,6 +13,7 @@ MODULES = [
     "station.cli.aws_cmds",
     "station.cli.serve_cmds",
     "station.cli.line_cmds",
+    "station.cli.report_cmds",
 ]
 
 
