@@ -121,6 +121,9 @@ class KeyStore:
         self.uri = Pkcs11Uri.parse(uri) if isinstance(uri, str) else uri
         self.module = self.uri.module_path or default_module
         self._handles: dict[tuple[str | None, bytes | None, ObjectClass], Any] = {}
+        # Registry key of this store's token once found: the hot path then skips
+        # the slot scan (C_GetSlotList + C_GetTokenInfo per slot) on every call.
+        self._session_key: tuple[str, str] | None = None
 
     def __repr__(self) -> str:
         return f"KeyStore({self.uri})"
@@ -169,9 +172,14 @@ class KeyStore:
             _SESSIONS_PID = os.getpid()
             with contextlib.suppress(p11e.PKCS11Error):
                 _load_lib(self.module).reinitialize()
+        if self._session_key is not None:
+            session = _SESSIONS.get(self._session_key)
+            if session is not None:
+                return session
         lib = _load_lib(self.module)
         token = self._select_token(lib)
         key = (self.module, f"{token.label}|{_text(token.serial)}")
+        self._session_key = key
         session = _SESSIONS.get(key)
         if session is not None:
             return session
