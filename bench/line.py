@@ -42,7 +42,10 @@ def _batch(ledger: Ledger, mode: str, planned: int, tag: str) -> Any:
     )
 
 
-def _run(ctx: ProvisionContext, n: int, baud: int, prefix: str) -> tuple[float, list[Any]]:
+def _run(
+    ctx: ProvisionContext, n: int, baud: int, prefix: str
+) -> tuple[float, list[Any], list[float]]:
+    """Wall seconds, the driver's records, and each record's board compute seconds."""
     with simulate_boards(n, id_prefix=prefix, baudrate=baud) as boards:
         ports = [b.port for b in boards]
         driver = LineDriver(
@@ -51,7 +54,9 @@ def _run(ctx: ProvisionContext, n: int, baud: int, prefix: str) -> tuple[float, 
         started = time.monotonic()
         records = driver.run(until=lambda d: len(d.records) >= n, timeout=900)
         wall = time.monotonic() - started
-    return wall, records
+        by_port = {b.port: b for b in boards}
+        compute = [by_port[r.port].board_seconds(r.started, r.started + r.seconds) for r in records]
+    return wall, records, compute
 
 
 def main() -> None:
@@ -77,22 +82,26 @@ def main() -> None:
         per_board = []
         for i in range(args.boards):
             ctx = ProvisionContext(ledger, ca, _batch(ledger, args.mode, 1, f"one{i}"))
-            _, records = _run(ctx, 1, args.baud, f"B{stamp}{i:02d}")
+            _, records, compute = _run(ctx, 1, args.baud, f"B{stamp}{i:02d}")
             r = records[0]
             floor = (r.tx + r.rx) * 10 / args.baud
+            overhead = r.seconds - floor - compute[0]
             per_board.append(
                 {"result": r.outcome.result, "seconds": r.seconds, "tx": r.tx, "rx": r.rx,
-                 "wire_floor_s": floor, "ratio": r.seconds / floor}
+                 "wire_floor_s": floor, "board_compute_s": compute[0],
+                 "overhead_s": overhead, "overhead_to_wire": overhead / floor,
+                 "ratio": r.seconds / floor}
             )  # fmt: skip
-        mean = {k: sum(p[k] for p in per_board) / len(per_board)
-                for k in ("seconds", "tx", "rx", "wire_floor_s", "ratio")}  # fmt: skip
+        keys = ("seconds", "tx", "rx", "wire_floor_s", "board_compute_s", "overhead_s",
+                "overhead_to_wire", "ratio")  # fmt: skip
+        mean = {k: sum(p[k] for p in per_board) / len(per_board) for k in keys}
 
         # Throughput with P ports at once.
         scaling = []
         base_rate = None
         for p in port_counts:
             ctx = ProvisionContext(ledger, ca, _batch(ledger, args.mode, p, f"p{p}"))
-            wall, records = _run(ctx, p, args.baud, f"T{stamp}P{p:02d}")
+            wall, records, _ = _run(ctx, p, args.baud, f"T{stamp}P{p:02d}")
             ok = sum(r.outcome.result == "verified" for r in records)
             rate = ok / wall * 60
             if base_rate is None:
@@ -119,6 +128,12 @@ def main() -> None:
     print(
         f"per board: {mean['seconds']:.3f} s for {mean['tx']:.0f} B out + {mean['rx']:.0f} B in; "
         f"wire floor {mean['wire_floor_s']:.3f} s; ratio {mean['ratio']:.2f}x the floor"
+    )
+    print(
+        f"  = wire floor {mean['wire_floor_s'] * 1000:.1f} ms"
+        f" + board compute {mean['board_compute_s'] * 1000:.1f} ms"
+        f" + station and protocol overhead {mean['overhead_s'] * 1000:.1f} ms;"
+        f" overhead / wire = {mean['overhead_to_wire']:.1%}"
     )
     for s in scaling:
         print(

@@ -115,6 +115,11 @@ class SimulatedBoard:
         self.ready_timeout = ready_timeout
         self.bytes_relayed = 0
         self.disconnected = False
+        # Board turnarounds seen by the cable: (monotonic time the last byte of a request
+        # reached the board, seconds until the board's first reply byte). The board's own
+        # work (agent, key generation, signing) is in there; the wire and the station are not.
+        self.turnarounds: list[tuple[float, float]] = []
+        self._request_done: float | None = None
         self._stop = threading.Event()
         self._closed = False
         self._proc: subprocess.Popen[bytes] | None = None
@@ -229,6 +234,11 @@ class SimulatedBoard:
         except OSError:
             return ""
 
+    def board_seconds(self, start: float = 0.0, end: float = float("inf")) -> float:
+        """Seconds the board spent answering requests that reached it between
+        ``start`` and ``end`` (monotonic): its own compute, seen from the cable."""
+        return sum(s for t, s in list(self.turnarounds) if start <= t <= end)
+
     @property
     def alive(self) -> bool:
         if self._proc is not None:
@@ -267,6 +277,10 @@ class SimulatedBoard:
                 if faults is not faults_seen:
                     faults_seen, garbled = faults, 0
                 to_board = src == self._host_master
+                if not to_board and self._request_done is not None:
+                    now = time.monotonic()
+                    self.turnarounds.append((self._request_done, now - self._request_done))
+                    self._request_done = None
                 if not to_board and garbled < faults.garble_replies:
                     garbled += 1
                     data = (
@@ -288,6 +302,8 @@ class SimulatedBoard:
                         return
                 self._deliver(dst, data, faults, line_free)
                 self.bytes_relayed += len(data)
+                if to_board:
+                    self._request_done = time.monotonic()
 
     @staticmethod
     def _damage(data: bytes, faults: Faults, rng: random.Random) -> bytes:

@@ -105,6 +105,7 @@ class BoardRecord:
     seconds: float
     tx: int
     rx: int
+    started: float = 0.0  # time.monotonic() at the board's hello
 
 
 @dataclass
@@ -272,7 +273,7 @@ class LineDriver:
             seconds = time.monotonic() - started
             tx, rx = (counter.tx - tx0, counter.rx - rx0) if counter else (0, 0)
             with self._records_lock:
-                self.records.append(BoardRecord(path, outcome, seconds, tx, rx))
+                self.records.append(BoardRecord(path, outcome, seconds, tx, rx, started))
             self.status.finished(path, device_id, outcome.result, outcome.code, outcome.message)
             log.info(
                 "%s: %s %s %s %s", path, device_id, outcome.result, outcome.code, outcome.message
