@@ -52,6 +52,7 @@ from firmware_hooks.protocol import (
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 DEFAULT_BAUD = 115200
 _PIECE = 64  # bytes written at a time when throttling, so the far end sees a stream
+_STREAM_SLACK = 0.002  # seconds: data read this soon after the line freed continues the stream
 
 
 @dataclass(frozen=True)
@@ -338,15 +339,20 @@ class SimulatedBoard:
         if not self.baudrate:
             self._write_all(dst, data)
             return
+        # Each piece is due when its last bit has crossed the line, counted from where the
+        # line became free: a late wake-up (sleep overshoot, a busy CPU) does not push the
+        # later pieces back, so the relay does not add its own latency to the wire time.
+        now = time.monotonic()
+        free = line_free[dst]
+        start = free if now - free < _STREAM_SLACK else now
+        per_byte = 10 / self.baudrate
         for i in range(0, len(data), _PIECE):
             piece = data[i : i + _PIECE]
-            # The line is busy until the previous piece has gone out.
-            start = max(time.monotonic(), line_free[dst])
-            line_free[dst] = start + len(piece) * 10 / self.baudrate
-            pause = line_free[dst] - time.monotonic()
+            pause = start + (i + len(piece)) * per_byte - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
             self._write_all(dst, piece)
+        line_free[dst] = start + len(data) * per_byte
 
     def _write_all(self, fd: int, data: bytes) -> None:
         view = memoryview(data)
