@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -101,6 +103,40 @@ def se_key_name(device_id: str) -> str:
     name = f"{safe}-{hashlib.sha256(device_id.encode()).hexdigest()[:8]}"
     assert len(name) <= SE_KEY_NAME_MAX
     return name
+
+
+_T = TypeVar("_T")
+
+
+class _Overlap(Generic[_T]):
+    """A ledger call run in its own thread while the board works on the wire.
+
+    The serial line is the slow part of a board (a chain is ~125 ms at 115200
+    baud); ledger writes that do not depend on the board's answer run beside it
+    instead of after it. ``wait()`` joins without raising (for ``finally``),
+    ``result()`` joins and raises what the call raised."""
+
+    def __init__(self, call: Callable[..., _T], *args: Any) -> None:
+        self._call, self._args = call, args
+        self._value: _T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ledger-overlap", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._call(*self._args)
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> _T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
 
 
 def _wipe(buffer: bytearray) -> None:
@@ -225,19 +261,29 @@ def _steps(
     on_issued()
     serial = format(issued.serial, "x")
 
-    # 5. chain, checked against what the station sent
+    # 5. chain, checked against what the station sent; the single-use challenge for
+    # step 6 is made in the ledger while the chain is on the wire.
     report(STEP_CHAIN)
     expected = hashlib.sha256(issued.chain_pem).digest()
-    digest = client.put_chain(issued.chain_pem)
+    challenge = _Overlap(ledger.create_challenge, device_id)
+    try:
+        digest = client.put_chain(issued.chain_pem)
+    finally:
+        challenge.wait()
     if digest != expected:
         message = f"board stored sha256 {digest.hex()}, the station sent {expected.hex()}"
         _record_failure(ledger, device_id, "chain-mismatch", message)
         return Outcome(device_id, "failed", "chain-mismatch", message, serial)
-    ledger.mark_installed(device_id, digest.hex())
+    nonce = challenge.result()
 
-    # 6. proof of possession with a single-use ledger challenge; 7. verified + whitelisted
+    # 6. proof of possession; the ledger records the installed chain while the board
+    # signs, and has it committed before the proof is checked. 7. verified + whitelisted
     report(STEP_PROVE)
-    nonce = ledger.create_challenge(device_id)
-    signature = client.prove(nonce)
+    installed = _Overlap(ledger.mark_installed, device_id, digest.hex())
+    try:
+        signature = client.prove(nonce)
+    finally:
+        installed.wait()
+    installed.result()
     ledger.verify_proof(device_id, nonce, signature)
     return Outcome(device_id, "verified", serial=serial, reused=issued.reused)
