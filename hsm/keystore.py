@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -65,6 +66,7 @@ _BROKEN_SESSION = (
     p11e.DeviceError,
 )
 _CRYPTOKI_NOT_INITIALIZED = 0x190
+_OPEN_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.2)
 
 
 class KeyType(StrEnum):
@@ -164,6 +166,25 @@ class KeyStore:
         return found[0]
 
     def _session(self) -> Any:
+        """The logged-in session, opened on first use.
+
+        SoftHSM's file store is not safe against another process opening the
+        same token at the same instant (seen here: 5 of 60 simultaneous starts
+        failed to find or open it), and a factory HSM can be slow to show a
+        token after a restart; so a token that is missing or refuses a session
+        is looked for again, after re-initialising the module, a few times over
+        about half a second before the error is final.
+        """
+        for delay in _OPEN_RETRY_DELAYS:
+            try:
+                return self._open_session()
+            except (TokenNotFound, TokenUnavailable):
+                time.sleep(delay)
+                with contextlib.suppress(p11e.PKCS11Error, ModuleLoadError):
+                    reset_module(self.module)
+        return self._open_session()
+
+    def _open_session(self) -> Any:
         global _SESSIONS_PID
         if os.getpid() != _SESSIONS_PID:
             # A forked child inherits handles that are not valid in it.
@@ -216,36 +237,35 @@ class KeyStore:
     def call(self, fn: Callable[[Any], T]) -> T:
         """Run fn(session) under the process lock, translating PKCS#11 errors.
 
-        A broken session is reopened and the call retried once.
+        A broken session (or a module error, which SoftHSM gives when another
+        process holds its files) is dropped, and the call retried with a short
+        backoff before TokenUnavailable is final.
         """
         with _LOCK:
-            for attempt in (1, 2):
+            for attempt, delay in enumerate((*_OPEN_RETRY_DELAYS, None)):
                 try:
                     return fn(self._session())
                 except HsmError:
                     raise
-                except _BROKEN_SESSION as exc:
-                    self._drop_session()
-                    if attempt == 2:
-                        raise TokenUnavailable(
-                            f"the token stopped answering ({exc.__class__.__name__}); "
-                            "check that it is connected"
-                        ) from None
                 except p11e.MechanismInvalid:
                     raise MechanismNotSupported(
                         f"the token in {self.module} does not support the mechanism asked for"
                     ) from None
                 except p11e.NoSuchKey:
                     raise KeyNotFound(f"no such key in the token named by {self.uri}") from None
-                except p11e.GeneralError as exc:
-                    self._drop_session()
-                    if attempt == 2:
-                        raise TokenUnavailable(f"the PKCS#11 module failed: {exc}") from None
                 except p11e.PKCS11Error as exc:
-                    if getattr(exc, "args", None) and _CRYPTOKI_NOT_INITIALIZED in exc.args:
-                        self._drop_session()
-                        continue
-                    raise HsmError(f"PKCS#11 call failed: {exc.__class__.__name__}") from None
+                    broken = isinstance(exc, (*_BROKEN_SESSION, p11e.GeneralError)) or (
+                        _CRYPTOKI_NOT_INITIALIZED in getattr(exc, "args", ())
+                    )
+                    if not broken:
+                        raise HsmError(f"PKCS#11 call failed: {exc.__class__.__name__}") from None
+                    self._drop_session()
+                    if delay is None:
+                        raise TokenUnavailable(
+                            f"the token stopped answering ({exc.__class__.__name__}) after "
+                            f"{attempt + 1} attempts; check that it is connected"
+                        ) from None
+                    time.sleep(delay)
         raise AssertionError("unreachable")
 
     # -- keys -----------------------------------------------------------------
