@@ -79,6 +79,10 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
             raise PolicyError(
                 "the DER CSR has trailing or non-canonical bytes", code="malformed-csr"
             )
+    try:
+        csr.subject  # noqa: B018 - parsed lazily: a bad string (e.g. invalid UTF-8) raises here
+    except ValueError:
+        raise PolicyError("the CSR's subject cannot be parsed", code="malformed-csr") from None
     return csr
 
 
