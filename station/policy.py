@@ -58,10 +58,11 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
         )
     stripped = data.strip()
     if stripped.startswith(b"-----BEGIN"):
-        blocks = _PEM_CSR.findall(stripped)
-        if stripped.count(b"-----BEGIN") != 1 or len(blocks) != 1:
+        # fullmatch: bytes after the END line are refused like trailing bytes after DER.
+        if stripped.count(b"-----BEGIN") != 1 or _PEM_CSR.fullmatch(stripped) is None:
             raise PolicyError(
-                "the PEM must hold exactly one CERTIFICATE REQUEST block", code="malformed-csr"
+                "the PEM must hold exactly one CERTIFICATE REQUEST block and nothing after it",
+                code="malformed-csr",
             )
         try:
             csr = x509.load_pem_x509_csr(stripped)
