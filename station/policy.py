@@ -66,12 +66,12 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
             )
         try:
             csr = x509.load_pem_x509_csr(stripped)
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):
             raise PolicyError("the PEM CSR cannot be parsed", code="malformed-csr") from None
     else:
         try:
             csr = x509.load_der_x509_csr(data)
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):
             raise PolicyError(
                 "the CSR is neither PEM nor valid DER (or has trailing bytes)",
                 code="malformed-csr",
