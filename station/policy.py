@@ -91,7 +91,7 @@ def check_csr(csr: x509.CertificateSigningRequest) -> None:
     """Signature, signature hash, key type and size, extensions, subject characters."""
     try:
         key = csr.public_key()
-    except (ValueError, TypeError, NotImplementedError):
+    except (ValueError, TypeError, NotImplementedError, UnsupportedAlgorithm):
         raise PolicyError("the CSR's public key cannot be read", code="unsupported-key") from None
     if isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name in WEAK_CURVES:
