@@ -34,9 +34,10 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from firmware_hooks import AGENT_VERSION
 from firmware_hooks.link import Link, SerialLike
@@ -78,6 +79,7 @@ HARDWARE_ID_SOURCES = (
 OPENSSL_ECPARAM = ("ecparam", "-genkey", "-name", "prime256v1", "-noout")
 OPENSSL_REQ = ("-utf8", "-sha256", "-outform", "DER")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+T = TypeVar("T")
 
 
 class Refusal(Exception):
@@ -100,6 +102,23 @@ def default_hardware_id() -> str:
     raise RuntimeError("no hardware id found; pass --hardware-id")
 
 
+class KeyBackend(Protocol):
+    """What makes the board-ecc key and signs with it, when not the OpenSSL CLI.
+
+    For simulated boards only (``station.line.simkeys``: in-process, no tool
+    started per command, so a rig of many boards measures the station, not
+    process starts). A real board leaves ``AgentConfig.keys`` at None."""
+
+    def generate_key_csr(self, key_path: Path, subject: str) -> bytes:
+        """Write a new P-256 key (PEM) to ``key_path``; return a CSR (DER) for the
+        OpenSSL-style ``subject``, signed with it (SHA-256)."""
+        ...
+
+    def sign(self, key_path: Path, data: bytes) -> bytes:
+        """ECDSA-SHA256 signature (DER) over ``data`` with the key at ``key_path``."""
+        ...
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     key_dir: Path
@@ -109,6 +128,7 @@ class AgentConfig:
     openssl: str = "openssl"
     env: Mapping[str, str] | None = None  # environment of the tools (None: inherit)
     tool_timeout: float = 60.0
+    keys: KeyBackend | None = None  # simulated boards only; None: the OpenSSL CLI
 
 
 @dataclass
@@ -237,14 +257,15 @@ class Agent:
         fd, tmp = tempfile.mkstemp(dir=self.config.key_dir, prefix=".key-", suffix=".tmp")
         os.close(fd)  # mkstemp made it 0600; openssl writes into it and keeps the mode
         try:
-            self._run(
-                [self.config.openssl, *OPENSSL_ECPARAM, "-out", tmp],
-                ErrorCode.KEYGEN_FAILED,
-            )
-            csr = self._run(
-                [self.config.openssl, "req", "-new", "-key", tmp, "-subj", subject, *OPENSSL_REQ],
-                ErrorCode.KEYGEN_FAILED,
-            )
+            if self.config.keys is not None:
+                csr = self._with_backend(
+                    ErrorCode.KEYGEN_FAILED, self.config.keys.generate_key_csr, Path(tmp), subject
+                )
+            else:
+                openssl = self.config.openssl
+                self._run([openssl, *OPENSSL_ECPARAM, "-out", tmp], ErrorCode.KEYGEN_FAILED)
+                req = [openssl, "req", "-new", "-key", tmp, "-subj", subject, *OPENSSL_REQ]
+                csr = self._run(req, ErrorCode.KEYGEN_FAILED)
             os.chmod(tmp, 0o600)
             os.replace(tmp, key_path)
         finally:
@@ -328,6 +349,11 @@ class Agent:
         session = self.session
         if session.key_mode == "board-ecc":
             key_file = str(self.config.key_dir / f"{session.key_name}.key")
+            if self.config.keys is not None:
+                signature = self._with_backend(
+                    ErrorCode.SIGN_FAILED, self.config.keys.sign, Path(key_file), nonce
+                )
+                return [(Tag.SIGNATURE, signature), (Tag.SIG_ALG, SIG_ECDSA_SHA256)]
             signature = self._run(
                 [self.config.openssl, "dgst", "-sha256", "-sign", key_file],
                 ErrorCode.SIGN_FAILED,
@@ -406,6 +432,15 @@ class Agent:
                 + done.stderr.decode("utf-8", "replace").strip(),
             )
         return done.stdout
+
+    @staticmethod
+    def _with_backend(
+        code: ErrorCode, call: Callable[[Path, T], bytes], path: Path, arg: T
+    ) -> bytes:
+        try:
+            return call(path, arg)
+        except Exception as exc:  # the backend's failure is the board's refusal
+            raise Refusal(code, f"key backend: {exc!r}") from exc
 
     def _load_session(self) -> Session:
         try:
