@@ -284,9 +284,12 @@ class LineDriver:
 
     @staticmethod
     def _hello(client: BoardClient, timeout: float) -> BoardHello | None:
-        """The board on the port, or None when nothing (valid) answers."""
-        saved = client.timeouts[MsgType.HELLO]
-        client.timeouts[MsgType.HELLO] = timeout
+        """The board on the port, or None when nothing (valid) answers.
+
+        One attempt, no retries: the port loop polls again anyway, and a worker
+        stuck in retries on an empty port would hold up ``stop()`` for seconds."""
+        saved, saved_retries = client.timeouts[MsgType.HELLO], client.retries
+        client.timeouts[MsgType.HELLO], client.retries = timeout, 0
         try:
             return client.hello()
         except Disconnected:
@@ -294,4 +297,4 @@ class LineDriver:
         except ProtocolError:
             return None
         finally:
-            client.timeouts[MsgType.HELLO] = saved
+            client.timeouts[MsgType.HELLO], client.retries = saved, saved_retries
