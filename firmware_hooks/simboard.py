@@ -22,6 +22,7 @@ key store in ``board.see_store``, for both loading keys and signing with them.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
@@ -36,6 +37,7 @@ import threading
 import time
 import tty
 import uuid
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +105,7 @@ class SimulatedBoard:
         agent_args: Sequence[str] = (),
         ready_timeout: float = 20.0,
         wait: bool = True,
+        keys: Any = None,
     ) -> None:
         self.hardware_id = hardware_id or f"SIM-{uuid.uuid4().hex[:12].upper()}"
         self._work = Path(tempfile.mkdtemp(prefix="simboard-"))
@@ -110,6 +113,9 @@ class SimulatedBoard:
         self.see_store = see_store or self._work / "see-store"
         self.key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.see_store.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if keys is not None and mode != "thread":
+            raise ValueError("a key backend (keys=) runs in-process: use mode='thread'")
+        self.keys = keys  # firmware_hooks.agent.KeyBackend for the board-ecc key (thread mode)
         self.mode = mode
         self.baudrate = baudrate
         self.faults = faults or NO_FAULTS
@@ -200,6 +206,7 @@ class SimulatedBoard:
                 see_test=tuple(shlex.split(see_test_command())),
                 se_sign=tuple(shlex.split(se_sign_template())),
                 env=self._env(),
+                keys=self.keys,
             )
         )
         self._agent_port = serial.Serial(self._board_port, timeout=0.05)
@@ -450,3 +457,253 @@ def simulate_boards(
     finally:
         for board in boards:
             board.close()
+
+
+# --------------------------------------------------------------------------- many ports, one thread
+
+
+class _HubPort:
+    """One port of a SimulatedLine: a pty, the board on it now, the boards still to come."""
+
+    def __init__(self, line: SimulatedLine, hardware_ids: list[str]) -> None:
+        self.line = line
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        os.set_blocking(self.master, False)
+        self.path = os.ttyname(self.slave)
+        self.waiting = collections.deque(hardware_ids)  # boards not plugged in yet
+        self.plugged: list[str] = []  # every board that has been on this port, in order
+        self.agent: Any = None
+        self.worked = False  # the board on the port got a command beyond HELLO / STATUS
+        self.decoder = MessageDecoder()
+        self.replay_key: tuple[int, int, int] | None = None
+        self.replay_wire = b""
+        self.to_board_free = 0.0
+        self.to_host_free = 0.0
+        self.inbound: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.outbound: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.next_board()
+
+    @property
+    def hardware_id(self) -> str | None:
+        return self.agent.config.hardware_id if self.agent is not None else None
+
+    def next_board(self) -> None:
+        """Unplug the board on the port and plug in the next one (if any is left)."""
+        from firmware_hooks.agent import Agent, AgentConfig
+
+        self.agent, self.worked = None, False
+        self.replay_key, self.replay_wire = None, b""
+        if not self.waiting:
+            return
+        hardware_id = self.waiting.popleft()
+        home = self.line.base_dir / hardware_id
+        self.agent = Agent(
+            AgentConfig(
+                key_dir=home / "keys",
+                hardware_id=hardware_id,
+                see_test=tuple(shlex.split(see_test_command())),
+                se_sign=tuple(shlex.split(se_sign_template())),
+                env={**os.environ, "SEE_TEST_STORE": str(home / "see-store")},
+                keys=self.line.keys,
+            )
+        )
+        self.plugged.append(hardware_id)
+        self.line.compute_seconds[hardware_id] = 0.0
+
+    def _schedule(self, data: bytes, now: float, free: float) -> tuple[float, float]:
+        """(start, end) on a line last free at ``free``, as the relay of SimulatedBoard."""
+        baud = self.line.baudrate
+        if not baud:
+            return now, now
+        start = free if now - free < _STREAM_SLACK else max(now, free)
+        return start, start + len(data) * 10 / baud
+
+    def arrive(self, data: bytes, now: float) -> None:
+        """Bytes the station wrote; the board sees them once they have crossed the line."""
+        data = self.line.damage(data)
+        _, end = self._schedule(data, now, self.to_board_free)
+        self.to_board_free = end
+        self.inbound.append((end, data))
+
+    def run_due(self, now: float) -> None:
+        while self.inbound and self.inbound[0][0] <= now:
+            _, data = self.inbound.popleft()
+            self.decoder.feed(data)
+            while True:
+                try:
+                    request = self.decoder.next_message()
+                except ProtocolError:
+                    continue  # a damaged frame: the board never saw a request
+                if request is None:
+                    break
+                self.answer(request)
+        self.flush(now)
+
+    def answer(self, request: Message) -> None:
+        if request.type == MsgType.HELLO and self.worked:
+            self.next_board()  # the station is done with this board: the operator swaps it
+        if self.agent is None:
+            return  # an empty port: nothing answers
+        key = (request.seq, request.type, zlib.crc32(request.payload))
+        if key != self.replay_key:
+            started = time.perf_counter()
+            reply = self.agent.handle(request)
+            self.line.compute_seconds[self.agent.config.hardware_id] += (
+                time.perf_counter() - started
+            )
+            self.replay_key, self.replay_wire = key, encode_message(reply)
+        if request.type not in (MsgType.HELLO, MsgType.STATUS):
+            self.worked = True
+        wire = self.line.damage(self.replay_wire)
+        start, end = self._schedule(wire, time.monotonic(), self.to_host_free)
+        self.to_host_free = end
+        if not self.line.baudrate:
+            self.outbound.append((start, wire))
+            return
+        for i in range(0, len(wire), _PIECE):
+            piece = wire[i : i + _PIECE]
+            self.outbound.append((start + (i + len(piece)) * 10 / self.line.baudrate, piece))
+
+    def flush(self, now: float) -> None:
+        while self.outbound and self.outbound[0][0] <= now:
+            due, piece = self.outbound[0]
+            try:
+                written = os.write(self.master, piece)
+            except BlockingIOError:
+                return  # the station is not reading; try again on the next turn
+            except OSError:
+                self.outbound.clear()
+                return
+            if written < len(piece):
+                self.outbound[0] = (due, piece[written:])
+                return
+            self.outbound.popleft()
+
+    def next_due(self) -> float:
+        dues = [q[0][0] for q in (self.inbound, self.outbound) if q]
+        return min(dues) if dues else float("inf")
+
+    def close(self) -> None:
+        for fd in (self.master, self.slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class SimulatedLine:
+    """Many simulated ports served by one thread, boards swapped in as the station finishes them.
+
+    ::
+
+        with SimulatedLine(ports=64, boards_per_port=16, keys=CryptographyKeys()) as line:
+            driver = LineDriver(ctx, lambda: line.ports, ...)
+
+    Each port is a pty the station opens by path, throttled to ``baudrate`` like
+    SimulatedBoard's relay. Behind it is the real ``Agent`` (its ``handle``, the
+    same replay cache), called in this one thread instead of an agent process
+    and a relay thread per board, so that the rig costs little next to the
+    station: the measure of the station at 32 or 64 ports. When the station
+    says HELLO after it has worked with a board, that board is unplugged and the
+    next one of the port's queue plugged in; a port whose queue is empty goes
+    quiet. ``keys`` is the agent's key backend (``station.line.simkeys``;
+    None: the OpenSSL CLI). ``corrupt`` flips bytes with that probability,
+    both directions. ``compute_seconds[hardware_id]`` is the board's own time
+    in ``Agent.handle``; ``cpu_seconds`` the thread's CPU time so far.
+    """
+
+    def __init__(
+        self,
+        ports: int,
+        boards_per_port: int = 1,
+        *,
+        id_prefix: str = "SIM",
+        baudrate: int | None = DEFAULT_BAUD,
+        keys: Any = None,
+        corrupt: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
+        self.baudrate = baudrate
+        self.keys = keys
+        self.corrupt = corrupt
+        self._rng = random.Random(seed)  # noqa: S311 - simulated line noise
+        self._work = Path(tempfile.mkdtemp(prefix="simline-"))
+        self.base_dir = self._work
+        self.compute_seconds: dict[str, float] = {}
+        self.cpu_seconds = 0.0
+        self._stop = threading.Event()
+        self._closed = False
+        self._ports: list[_HubPort] = []
+        try:
+            for p in range(ports):
+                ids = [f"{id_prefix}-{p:03d}-{b:04d}" for b in range(boards_per_port)]
+                self._ports.append(_HubPort(self, ids))
+        except BaseException:
+            self.close()
+            raise
+        self._thread = threading.Thread(target=self._serve, name="simulated-line", daemon=True)
+        self._thread.start()
+
+    @property
+    def ports(self) -> list[str]:
+        """The device paths, one per port, for the station to open."""
+        return [p.path for p in self._ports]
+
+    def plugged(self) -> dict[str, list[str]]:
+        """Port path -> hardware ids that have been plugged into it so far."""
+        return {p.path: list(p.plugged) for p in self._ports}
+
+    def waiting(self) -> dict[str, int]:
+        """Port path -> boards not plugged in yet (all 0 once every board had its turn)."""
+        return {p.path: len(p.waiting) for p in self._ports}
+
+    def damage(self, data: bytes) -> bytes:
+        if not self.corrupt:
+            return data
+        rng = self._rng
+        return bytes(b ^ rng.randrange(1, 256) if rng.random() < self.corrupt else b for b in data)
+
+    def _serve(self) -> None:
+        by_fd = {p.master: p for p in self._ports}
+        fds = list(by_fd)
+        cpu0 = time.thread_time()
+        try:
+            while not self._stop.is_set():
+                wait = min(p.next_due() for p in self._ports) - time.monotonic()
+                try:
+                    readable, _, _ = select.select(fds, [], [], min(max(wait, 0.0), 0.05))
+                except (OSError, ValueError):
+                    return
+                now = time.monotonic()
+                for fd in readable:
+                    try:
+                        data = os.read(fd, 4096)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:  # EIO: the station has no end open right now
+                        continue
+                    if data:
+                        by_fd[fd].arrive(data, now)
+                for port in self._ports:
+                    port.run_due(time.monotonic())
+                self.cpu_seconds = time.thread_time() - cpu0
+        finally:
+            self.cpu_seconds = time.thread_time() - cpu0
+
+    def close(self) -> None:
+        """Stop the thread, close the ptys, remove the boards' directories. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread.is_alive():
+            thread.join(timeout=5.0)
+        for port in self._ports:
+            port.close()
+        shutil.rmtree(self._work, ignore_errors=True)
+
+    def __enter__(self) -> SimulatedLine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
