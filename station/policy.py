@@ -20,6 +20,9 @@ from station.errors import PolicyError
 
 MAX_CSR_BYTES = 16 * 1024
 MAX_CSR_EXTENSIONS = 16
+# No extension is ever copied from a CSR; a board has no reason to send kilobytes of them
+# (the ledger keeps every CSR).
+MAX_CSR_EXTENSION_BYTES = 2048
 MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 4096
 ALLOWED_CURVES = {"secp256r1", "secp384r1"}
@@ -142,6 +145,13 @@ def check_csr(csr: x509.CertificateSigningRequest) -> None:
             code="malformed-csr",
         )
     for ext in extensions:
+        size = len(ext.value.public_bytes())
+        if size > MAX_CSR_EXTENSION_BYTES:
+            raise PolicyError(
+                f"the CSR's extension {ext.oid.dotted_string} is {size} bytes; "
+                f"at most {MAX_CSR_EXTENSION_BYTES} are accepted",
+                code="extension-too-large",
+            )
         if ext.oid == ExtensionOID.BASIC_CONSTRAINTS and getattr(ext.value, "ca", False):
             raise PolicyError("the CSR asks to be a CA (CA:TRUE)", code="ca-requested")
     check_name_characters(csr.subject)
