@@ -18,11 +18,15 @@ def issue(
     try:
         result = station.ledger.issue(batch, device_id, csr, station.ca, reprovision=reprovision)
     except (StationError, HsmError) as exc:
+        if isinstance(exc, StationError) and isinstance(exc.__cause__, HsmError):
+            # The ledger abandoned the intent as sign-failed; the token's own reason
+            # (hsm-token-not-found, hsm-key-not-found, ...) tells the operator what to fix.
+            exc = exc.__cause__
         code = exc.code
         detail = exc.message if isinstance(exc, StationError) else str(exc)
         m.failures.labels(code=code).inc()
         station.activity.failed(device_id, batch, code, detail)
-        raise
+        raise exc from None
     finally:
         m.issue_seconds.observe(time.perf_counter() - start)
     m.issued.labels(reused=str(result.reused).lower()).inc()

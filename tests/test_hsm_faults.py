@@ -1,0 +1,215 @@
+"""HSM faults against real SoftHSM tokens, through the HTTP API.
+
+Each test gets a token of its own (in the run's SoftHSM directory) and a CA key in
+it, so it may break the token without disturbing others. For every fault: the
+key store raises a typed error, ``/healthz`` answers 503 naming it, ``POST
+/v1/certificates`` answers 503 with the HSM's reason code and leaves no intent
+behind, and when the token comes back the same app issues again without a restart.
+
+Token removal is simulated the way SoftHSM allows: its token is a directory, moved
+away and back. SoftHSM 2.6.1 never locks a user PIN (test_softhsm_never_locks_a_pin
+shows it), so the locked-PIN path is exercised with a token whose user PIN was never
+initialised: the module answers CKR_USER_PIN_NOT_INITIALIZED, which like
+CKR_PIN_LOCKED means nobody can log in as user until the security officer sets the PIN.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pkcs11
+import pytest
+from cryptography import x509
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from hsm import Pkcs11Uri, reset_module
+from hsm import keystore as keystore_module
+from hsm.errors import TokenNotFound
+from hsm.softhsm import ensure_dev_token
+from station.ca import init_ca, open_ca, open_keystore
+from station.errors import NotFoundError
+from station.ledger import Ledger
+from station.settings import Settings
+from tests.test_api_helpers import TEMPLATE, assert_problem, new_csr
+
+MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+BATCH = "faults"
+
+
+@dataclass
+class Rig:
+    settings: Settings
+    label: str
+    pin_file: Path
+    token_dir: Path
+    client: TestClient
+    bearer: str
+
+    def post(self, device_id: str, csr: str) -> httpx.Response:
+        return self.client.post(
+            "/v1/certificates",
+            headers={"Authorization": f"Bearer {self.bearer}"},
+            json={"batch": BATCH, "device_id": device_id, "csr": csr},
+        )
+
+    def healthz(self) -> httpx.Response:
+        return self.client.get("/healthz")
+
+    def unplug(self, tmp: Path) -> Path:
+        away = tmp / f"unplugged-{self.label}"
+        shutil.move(self.token_dir, away)
+        return away
+
+    def plug(self, away: Path) -> None:
+        shutil.move(away, self.token_dir)
+
+
+def _token_dir(softhsm_dir: Path, label: str) -> Path:
+    """SoftHSM keeps each token in a directory named by a UUID; find ours by label."""
+    for d in (softhsm_dir / "tokens").iterdir():
+        obj = d / "token.object"
+        if obj.exists() and label.encode() in obj.read_bytes():
+            return d
+    raise AssertionError(f"no token directory for {label}")
+
+
+def _own_ca(tmp_path: Path, softhsm_dir: Path) -> tuple[Settings, str, Path]:
+    label = f"fault-{secrets.token_hex(4)}"
+    _, pin_file, created = ensure_dev_token(tmp_path / "tok", label)
+    assert created
+    reset_module(MODULE)
+    uri = Pkcs11Uri(token=label, object="ca", module_path=MODULE, pin_source=str(pin_file))
+    settings = Settings(data_dir=tmp_path / "data", ca_key_uri=uri.to_string(), station_id="f")
+    return settings, label, pin_file
+
+
+def _ledger_setup(settings: Settings) -> str:
+    with Ledger.from_settings(settings) as ledger:
+        ledger.create_batch(
+            BATCH, product="p", planned_count=100, key_mode="board-ecc", subject_template=TEMPLATE
+        )
+        return ledger.create_token(f"board-{secrets.token_hex(3)}", "board")
+
+
+@pytest.fixture
+def rig(tmp_path: Path, softhsm_dir: Path) -> Iterator[Rig]:
+    settings, label, pin_file = _own_ca(tmp_path, softhsm_dir)
+    assert init_ca(settings).status == "created"
+    bearer = _ledger_setup(settings)
+    with TestClient(create_app(settings)) as client:
+        yield Rig(settings, label, pin_file, _token_dir(softhsm_dir, label), client, bearer)
+
+
+def assert_nothing_half_recorded(settings: Settings, device_id: str) -> None:
+    """No certificate of the device is left in state intent, and recovery has nothing to do."""
+    with Ledger.from_settings(settings) as ledger:
+        states = (
+            [c.state for c in ledger.certificates(device_id)] if _known(ledger, device_id) else []
+        )
+        assert "intent" not in states, states
+
+
+def _known(ledger: Ledger, device_id: str) -> bool:
+    try:
+        ledger.get_device(device_id)
+    except NotFoundError:
+        return False
+    return True
+
+
+def assert_issues_and_verifies(rig: Rig, device_id: str, csr: str) -> None:
+    r = rig.post(device_id, csr)
+    assert r.status_code == 201, r.text
+    chain = x509.load_pem_x509_certificates(r.json()["chain"].encode())
+    ca_on_disk = x509.load_pem_x509_certificate(rig.settings.ca_cert_path.read_bytes())
+    chain[0].verify_directly_issued_by(ca_on_disk)
+    assert chain[1] == ca_on_disk
+    with Ledger.from_settings(rig.settings) as ledger:
+        assert ledger.get_device(device_id).serial == r.json()["serial"]
+        report = ledger.recover(open_ca(rig.settings))
+        assert not report.resigned and not report.failed
+
+
+def assert_healthy(rig: Rig) -> None:
+    r = rig.healthz()
+    assert r.status_code == 200, r.text
+
+
+# ------------------------------------------------------------------ wrong PIN
+
+
+def test_softhsm_never_locks_a_pin(tmp_path: Path, softhsm_dir: Path) -> None:
+    """SoftHSM 2.6.1 answers CKR_PIN_INCORRECT forever and then accepts the right PIN."""
+    _settings, label, pin_file = _own_ca(tmp_path, softhsm_dir)
+    token = pkcs11.lib(MODULE).get_token(token_label=label)
+    for _ in range(12):
+        with pytest.raises(pkcs11.exceptions.PinIncorrect):
+            token.open(user_pin="wrong-pin")
+    with token.open(user_pin=pin_file.read_text()):
+        pass
+
+
+# ------------------------------------------------------------------ locked PIN
+
+
+# ------------------------------------------------------------------ token missing / removed
+
+
+def test_token_missing_at_start_then_plugged_in(tmp_path: Path, softhsm_dir: Path) -> None:
+    settings, label, pin_file = _own_ca(tmp_path, softhsm_dir)
+    assert init_ca(settings).status == "created"
+    bearer = _ledger_setup(settings)
+    token_dir = _token_dir(softhsm_dir, label)
+    away = tmp_path / "away"
+    shutil.move(token_dir, away)
+    reset_module(MODULE)  # the station (re)starts while the token is out
+
+    with pytest.raises(TokenNotFound):
+        open_keystore(settings).health()
+    with TestClient(create_app(settings)) as client:
+        rig = Rig(settings, label, pin_file, token_dir, client, bearer)
+        body = assert_problem(rig.healthz(), 503, "hsm-token-not-found")
+        assert body["part"] == "token"
+        csr, _ = new_csr("dev-missing")
+        assert_problem(rig.post("dev-missing", csr), 503, "hsm-token-not-found")
+        assert_nothing_half_recorded(settings, "dev-missing")
+
+        rig.plug(away)  # nobody restarts anything: the station must find it
+        assert_healthy(rig)
+        assert_issues_and_verifies(rig, "dev-missing", csr)
+
+
+def test_token_pulled_while_running_then_plugged_back(rig: Rig, tmp_path: Path) -> None:
+    """The module notices (slot list refreshed): the token is gone, then back."""
+    csr0, _ = new_csr("dev-before")
+    assert_issues_and_verifies(rig, "dev-before", csr0)
+    away = rig.unplug(tmp_path)
+    reset_module(MODULE)
+    body = assert_problem(rig.healthz(), 503, "hsm-token-not-found")
+    assert body["part"] == "token"
+    csr, _ = new_csr("dev-pulled")
+    assert_problem(rig.post("dev-pulled", csr), 503, "hsm-token-not-found")
+    assert_nothing_half_recorded(rig.settings, "dev-pulled")
+
+    rig.plug(away)
+    assert_healthy(rig)
+    assert_issues_and_verifies(rig, "dev-pulled", csr)
+
+
+def test_session_closed_under_the_key_store_is_reopened(rig: Rig) -> None:
+    csr0, _ = new_csr("dev-s0")
+    assert_issues_and_verifies(rig, "dev-s0", csr0)
+    for session in list(keystore_module._SESSIONS.values()):
+        session.close()
+    assert_healthy(rig)
+    csr, _ = new_csr("dev-s1")
+    assert_issues_and_verifies(rig, "dev-s1", csr)
+
+
+# ------------------------------------------------------------------ key deleted
