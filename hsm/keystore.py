@@ -260,6 +260,13 @@ class KeyStore:
                     if not broken:
                         raise HsmError(f"PKCS#11 call failed: {exc.__class__.__name__}") from None
                     self._drop_session()
+                    if attempt >= 1:
+                        # A fresh session failed too: the module's own view of the token
+                        # is stale (SoftHSM answers CKR_GENERAL_ERROR for good once the
+                        # token's storage went away under a session, even after it is
+                        # back); starting the module again lets it find the token anew.
+                        with contextlib.suppress(p11e.PKCS11Error, ModuleLoadError):
+                            reset_module(self.module)
                     if delay is None:
                         raise TokenUnavailable(
                             f"the token stopped answering ({exc.__class__.__name__}) after "

@@ -30,7 +30,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from hsm import Pkcs11Uri, reset_module
 from hsm import keystore as keystore_module
-from hsm.errors import TokenNotFound
+from hsm.errors import TokenNotFound, TokenUnavailable
 from hsm.softhsm import ensure_dev_token
 from station.ca import init_ca, open_ca, open_keystore
 from station.errors import NotFoundError
@@ -200,6 +200,27 @@ def test_token_pulled_while_running_then_plugged_back(rig: Rig, tmp_path: Path) 
     rig.plug(away)
     assert_healthy(rig)
     assert_issues_and_verifies(rig, "dev-pulled", csr)
+
+
+def test_token_storage_gone_under_a_live_session(rig: Rig, tmp_path: Path) -> None:
+    """The module does not notice: the logged-in session breaks on the next call."""
+    csr0, _ = new_csr("dev-live")
+    assert_issues_and_verifies(rig, "dev-live", csr0)
+    away = rig.unplug(tmp_path)
+    csr, _ = new_csr("dev-broken")
+    r = rig.post("dev-broken", csr)
+    body = assert_problem(r, 503, r.json()["code"])
+    assert body["code"] in ("hsm-token-unavailable", "hsm-token-not-found"), body
+    assert body["code"] != "sign-failed"
+    assert_nothing_half_recorded(rig.settings, "dev-broken")
+    body = rig.healthz().json()
+    assert body["status"] == 503 and body["part"] == "token", body
+    with pytest.raises((TokenUnavailable, TokenNotFound)):
+        open_keystore(rig.settings).health()
+
+    rig.plug(away)
+    assert_healthy(rig)
+    assert_issues_and_verifies(rig, "dev-broken", csr)
 
 
 def test_session_closed_under_the_key_store_is_reopened(rig: Rig) -> None:
