@@ -15,6 +15,8 @@ retries once, so the station recovers without a restart when the token returns.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import os
 import threading
 import time
@@ -66,6 +68,9 @@ _BROKEN_SESSION = (
     p11e.DeviceError,
 )
 _CRYPTOKI_NOT_INITIALIZED = 0x190
+# Digests of user PINs a token refused, per token (see KeyStore._login).
+_PIN_KEY = os.urandom(32)
+_REFUSED_PINS: dict[str, bytes] = {}
 _OPEN_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.2)
 
 
@@ -204,18 +209,38 @@ class KeyStore:
         session = _SESSIONS.get(key)
         if session is not None:
             return session
-        pin = self.uri.read_pin()
+        session = self._login(token, self.uri.read_pin())
+        _SESSIONS[key] = session
+        return session
+
+    def _login(self, token: Any, pin: str | None) -> Any:
+        """Open the logged-in session; a PIN the token refused is never offered again.
+
+        Real HSMs lock the user PIN after a few failures, and the station retries
+        on every request and health probe: it would lock the PIN within a minute.
+        Only a digest of the refused PIN is kept, keyed per process.
+        """
+        who = f"{self.module}|{token.label}|{_text(token.serial)}"
+        digest = hmac.new(_PIN_KEY, (pin or "").encode(), hashlib.sha256).digest()
+        if _REFUSED_PINS.get(who) == digest:
+            raise WrongPin(
+                f"token {token.label!r} refused this user PIN before; the station will not "
+                "offer it again (repeated failures lock the PIN): correct the file pin-source "
+                "names"
+            )
         try:
-            session = token.open(rw=True, user_pin=pin)
+            session = _open_with_pin(token, pin)
         except p11e.PinIncorrect:
+            _REFUSED_PINS[who] = digest
             raise WrongPin(
                 f"token {token.label!r} refused the user PIN; check pin-source in the key URI "
                 "(repeated failures lock the PIN)"
             ) from None
-        except p11e.PinLocked:
+        except (p11e.PinLocked, p11e.UserPinNotInitialized) as exc:
+            state = "locked" if isinstance(exc, p11e.PinLocked) else "not initialised"
             raise PinLocked(
-                f"the user PIN of token {token.label!r} is locked; the security officer must "
-                "reset it with the token's tools before the station can sign"
+                f"the user PIN of token {token.label!r} is {state}; the security officer must "
+                "set it with the token's tools before the station can sign"
             ) from None
         except p11e.UserAlreadyLoggedIn:
             # Another part of this process logged in outside the registry.
@@ -226,7 +251,7 @@ class KeyStore:
             ) from None
         finally:
             pin = None
-        _SESSIONS[key] = session
+        _REFUSED_PINS.pop(who, None)
         return session
 
     def _drop_session(self) -> None:
@@ -460,6 +485,11 @@ class _KeyRef:
 
     def sign(self, data: bytes, mechanism: Mechanism) -> bytes:
         return self.store.raw_sign(self.label, self.key_id, data, mechanism)
+
+
+def _open_with_pin(token: Any, pin: str | None) -> Any:
+    """C_OpenSession + C_Login as user: the one place a PIN reaches the token."""
+    return token.open(rw=True, user_pin=pin)
 
 
 def _text(value: bytes | str) -> str:

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pkcs11
@@ -28,9 +30,9 @@ from cryptography import x509
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from hsm import Pkcs11Uri, reset_module
+from hsm import Pkcs11Uri, WrongPin, reset_module
 from hsm import keystore as keystore_module
-from hsm.errors import TokenNotFound, TokenUnavailable
+from hsm.errors import PinLocked, TokenNotFound, TokenUnavailable
 from hsm.softhsm import ensure_dev_token
 from station.ca import init_ca, open_ca, open_keystore
 from station.errors import NotFoundError
@@ -144,6 +146,46 @@ def assert_healthy(rig: Rig) -> None:
 # ------------------------------------------------------------------ wrong PIN
 
 
+def test_wrong_pin_is_refused_once_not_retried_and_recovers(
+    tmp_path: Path, softhsm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, label, pin_file = _own_ca(tmp_path, softhsm_dir)
+    assert init_ca(settings).status == "created"
+    bearer = _ledger_setup(settings)
+    good_pin = pin_file.read_text()
+    pin_file.write_text("not-the-pin")
+    reset_module(MODULE)  # the station starts with no session, as after a restart
+    # A spy on the one function that hands a PIN to the token (the call goes through).
+    logins: list[str] = []
+    real_open = keystore_module._open_with_pin
+
+    def spy(token: Any, pin: str | None) -> Any:
+        logins.append(token.label)
+        return real_open(token, pin)
+
+    monkeypatch.setattr(keystore_module, "_open_with_pin", spy)
+
+    with pytest.raises(WrongPin) as excinfo:
+        open_keystore(settings).health()
+    assert "not-the-pin" not in str(excinfo.value)
+
+    with TestClient(create_app(settings)) as client:
+        rig = Rig(settings, label, pin_file, _token_dir(softhsm_dir, label), client, bearer)
+        for _ in range(3):
+            body = assert_problem(rig.healthz(), 503, "hsm-wrong-pin")
+            assert body["part"] == "token"
+        csr, _ = new_csr("dev-pin")
+        assert_problem(rig.post("dev-pin", csr), 503, "hsm-wrong-pin")
+        assert_nothing_half_recorded(settings, "dev-pin")
+        # A real HSM locks the PIN after a few failures: the same refused PIN is
+        # never offered again (health probes every few seconds would lock it).
+        assert logins == [label], logins
+
+        pin_file.write_text(good_pin)  # the operator fixes the PIN file
+        assert_healthy(rig)
+        assert_issues_and_verifies(rig, "dev-pin", csr)
+
+
 def test_softhsm_never_locks_a_pin(tmp_path: Path, softhsm_dir: Path) -> None:
     """SoftHSM 2.6.1 answers CKR_PIN_INCORRECT forever and then accepts the right PIN."""
     _settings, label, pin_file = _own_ca(tmp_path, softhsm_dir)
@@ -156,6 +198,56 @@ def test_softhsm_never_locks_a_pin(tmp_path: Path, softhsm_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------ locked PIN
+
+
+def test_pin_not_usable_is_pin_locked_and_recovers_when_the_so_sets_it(
+    tmp_path: Path, softhsm_dir: Path, ca_home: Path
+) -> None:
+    label = f"nopin-{secrets.token_hex(4)}"
+    so_pin = secrets.token_urlsafe(12)
+    free = next(
+        s
+        for s in pkcs11.lib(MODULE).get_slots()
+        if not s.get_token().flags & pkcs11.TokenFlag.TOKEN_INITIALIZED
+    )
+    # A throwaway test token: the SO PIN in argv is acceptable here (never in the station).
+    # pkcs11-tool initialises the token without a user PIN (softhsm2-util always sets one).
+    subprocess.run(
+        ["pkcs11-tool", "--module", MODULE, "--slot", str(free.slot_id), "--init-token",
+         "--label", label, "--so-pin", so_pin],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    reset_module(MODULE)
+    pin_file = tmp_path / "user.pin"
+    pin_file.write_text(secrets.token_urlsafe(12))
+    uri = Pkcs11Uri(token=label, object="ca", module_path=MODULE, pin_source=str(pin_file))
+    settings = Settings(data_dir=tmp_path / "data", ca_key_uri=uri.to_string(), station_id="f")
+    settings.data_dir.mkdir(parents=True)
+    # Some CA certificate on disk, so that opening the CA reaches the token's login.
+    shutil.copy(ca_home / "ca.pem", settings.ca_cert_path)
+    bearer = _ledger_setup(settings)
+
+    with pytest.raises(PinLocked) as excinfo:
+        open_keystore(settings).health()
+    assert "security officer" in str(excinfo.value)
+
+    with TestClient(create_app(settings)) as client:
+        rig = Rig(settings, label, pin_file, _token_dir(softhsm_dir, label), client, bearer)
+        body = assert_problem(rig.healthz(), 503, "hsm-pin-locked")
+        assert body["part"] == "token"
+        csr, _ = new_csr("dev-locked")
+        assert_problem(rig.post("dev-locked", csr), 503, "hsm-pin-locked")
+        assert_nothing_half_recorded(settings, "dev-locked")
+
+        # The security officer sets the user PIN; the key ceremony makes the CA key.
+        token = pkcs11.lib(MODULE).get_token(token_label=label)
+        with token.open(rw=True, so_pin=so_pin) as so:
+            so.init_pin(pin_file.read_text())
+        settings.ca_cert_path.unlink()
+        assert init_ca(settings).status == "created"
+
+        assert_healthy(rig)
+        assert_issues_and_verifies(rig, "dev-locked", csr)
 
 
 # ------------------------------------------------------------------ token missing / removed
