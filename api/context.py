@@ -102,6 +102,13 @@ class Station:
                 self._ca = TimedCA(open_ca(self.settings), self.metrics.hsm_sign_seconds.observe)
             return self._ca
 
+    def forget_ca(self) -> None:
+        """Drop the open CA after an HSM failure: the next use opens it again, so a
+        key and certificate replaced meanwhile (`station init --force`) are picked up
+        without a restart."""
+        with self._lock:
+            self._ca = None
+
     def close(self) -> None:
         with self._lock:
             if self._ledger is not None:
@@ -115,13 +122,19 @@ class Station:
         checks: dict[str, dict[str, str]] = {}
         ok = {"status": "ok"}
         try:
-            self.ca.health()
+            try:
+                self.ca.health()
+            except KeyNotFound:
+                # Perhaps only the open CA is stale (key and certificate replaced).
+                self.forget_ca()
+                self.ca.health()
             checks["token"] = ok
             checks["key"] = ok
         except KeyNotFound as exc:
             checks["token"] = ok
             checks["key"] = {"status": "failing", "code": exc.code, "detail": str(exc)}
         except HsmError as exc:
+            self.forget_ca()
             checks["token"] = {"status": "failing", "code": exc.code, "detail": str(exc)}
             checks["key"] = {"status": "unknown"}
         except StationError as exc:

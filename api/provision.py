@@ -22,6 +22,8 @@ def issue(
             # The ledger abandoned the intent as sign-failed; the token's own reason
             # (hsm-token-not-found, hsm-key-not-found, ...) tells the operator what to fix.
             exc = exc.__cause__
+        if isinstance(exc, HsmError):
+            station.forget_ca()
         code = exc.code
         detail = exc.message if isinstance(exc, StationError) else str(exc)
         m.failures.labels(code=code).inc()

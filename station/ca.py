@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -89,7 +90,18 @@ class CertificateAuthority:
         return str(self.keystore.uri)
 
     def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate:
-        return builder.sign(self.key, self.hash_algorithm)
+        cert = builder.sign(self.key, self.hash_algorithm)
+        # The token finds the key by its URI on every signature: if the key was
+        # replaced (`station init --force` while this CA was open), the new key would
+        # sign under the old certificate's name. Such a certificate never leaves.
+        try:
+            cert.verify_directly_issued_by(self.certificate)
+        except (InvalidSignature, ValueError, TypeError):
+            raise KeyNotFound(
+                f"the key named by {self.key_uri} no longer belongs to the CA certificate "
+                "(replaced?); the station opens the CA again on its next use"
+            ) from None
+        return cert
 
     def issue(
         self,
@@ -167,8 +179,13 @@ class CertificateAuthority:
         return certificate.public_bytes(serialization.Encoding.PEM) + self.chain_pem
 
     def health(self) -> None:
-        """Raise an HsmError naming the cause unless the token answers and the key is there."""
+        """Raise an HsmError naming the cause unless the token answers and holds this CA's key."""
         self.keystore.health()
+        if _spki(self.keystore.private_key()) != _spki(self.certificate):
+            raise KeyNotFound(
+                f"the key named by {self.key_uri} no longer belongs to the CA certificate "
+                "(replaced?)"
+            )
 
     def describe(self) -> dict[str, str]:
         key = self.key

@@ -32,7 +32,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from hsm import Pkcs11Uri, WrongPin, reset_module
 from hsm import keystore as keystore_module
-from hsm.errors import PinLocked, TokenNotFound, TokenUnavailable
+from hsm.errors import KeyNotFound, PinLocked, TokenNotFound, TokenUnavailable
 from hsm.softhsm import ensure_dev_token
 from station.ca import init_ca, open_ca, open_keystore
 from station.errors import NotFoundError
@@ -326,3 +326,43 @@ def test_session_closed_under_the_key_store_is_reopened(rig: Rig) -> None:
 
 
 # ------------------------------------------------------------------ key deleted
+
+
+def test_key_deleted_then_replaced_by_a_new_ca(rig: Rig) -> None:
+    csr0, _ = new_csr("dev-k0")
+    assert_issues_and_verifies(rig, "dev-k0", csr0)
+    open_keystore(rig.settings).delete_key()
+
+    with pytest.raises(KeyNotFound):
+        open_keystore(rig.settings).health()
+    csr, _ = new_csr("dev-k1")
+    assert_problem(rig.post("dev-k1", csr), 503, "hsm-key-not-found")
+    assert_nothing_half_recorded(rig.settings, "dev-k1")
+    body = assert_problem(rig.healthz(), 503, "hsm-key-not-found")
+    assert body["part"] == "key"
+
+    # Recovery: a new CA key and certificate (station init --force), same running app.
+    assert init_ca(rig.settings, force=True).status == "replaced"
+    assert_healthy(rig)
+    assert_issues_and_verifies(rig, "dev-k1", csr)
+
+
+def test_key_replaced_between_requests_is_never_used_with_the_old_certificate(
+    rig: Rig,
+) -> None:
+    """No health probe in between: the app still holds the old CA certificate."""
+    csr0, _ = new_csr("dev-r0")
+    assert_issues_and_verifies(rig, "dev-r0", csr0)
+    assert init_ca(rig.settings, force=True).status == "replaced"
+    csr, _ = new_csr("dev-r1")
+    r = rig.post("dev-r1", csr)
+    if r.status_code == 201:
+        # Acceptable only if it verifies under the CA certificate the app now serves.
+        chain = x509.load_pem_x509_certificates(r.json()["chain"].encode())
+        ca_on_disk = x509.load_pem_x509_certificate(rig.settings.ca_cert_path.read_bytes())
+        chain[0].verify_directly_issued_by(chain[1])
+        chain[0].verify_directly_issued_by(ca_on_disk)
+        return
+    assert_problem(r, 503, "hsm-key-not-found")
+    assert_nothing_half_recorded(rig.settings, "dev-r1")
+    assert_issues_and_verifies(rig, "dev-r1", csr)
