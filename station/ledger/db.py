@@ -10,6 +10,8 @@ advisory lock, which is also what keeps the audit chain linear.
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,18 @@ def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
 
 
+_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, threading.RLock] = weakref.WeakKeyDictionary()
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def _write_lock(engine: Engine) -> threading.RLock:
+    with _WRITE_LOCKS_GUARD:
+        lock = _WRITE_LOCKS.get(engine)
+        if lock is None:
+            lock = _WRITE_LOCKS[engine] = threading.RLock()
+        return lock
+
+
 @contextlib.contextmanager
 def write_transaction(engine: Engine, *, durable: bool = True) -> Iterator[Connection]:
     """One serialised write transaction: commits on success, rolls back on error.
@@ -75,9 +89,14 @@ def write_transaction(engine: Engine, *, durable: bool = True) -> Iterator[Conne
     next durable commit syncs it along with its own (same WAL file), so a
     certificate is never returned before what led to it is on disk. Issuance
     uses it for the intent: losing an intent in a power cut loses nothing that
-    ever left the station.
+    ever left the station. On PostgreSQL the same is ``synchronous_commit = off``
+    for that transaction: a later synchronous commit flushes the WAL past it.
+
+    Writers of this process queue on a lock of their own before asking the
+    database for its write lock, so a waiting thread is woken the moment the
+    writer before it is done instead of sleeping in SQLite's busy handler.
     """
-    with engine.connect() as conn:
+    with _write_lock(engine), engine.connect() as conn:
         conn = conn.execution_options(ledger_write=True)
         relaxed = not durable and engine.dialect.name == "sqlite"
         # On the driver connection: SQLAlchemy would wrap the PRAGMA in a transaction.
@@ -88,6 +107,8 @@ def write_transaction(engine: Engine, *, durable: bool = True) -> Iterator[Conne
             with conn.begin():
                 if engine.dialect.name == "postgresql":
                     conn.exec_driver_sql(_LOCK_SQL)
+                    if not durable:
+                        conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                 yield conn
         finally:
             if raw is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ from station import policy
 from station.errors import ConflictError, NotFoundError, PolicyError, StationError
 from station.ledger import audit
 from station.ledger.db import make_engine, upgrade, write_transaction
+from station.ledger.groupcommit import GroupCommitter
 from station.ledger.records import (
     AuditReport,
     Batch,
@@ -248,6 +250,16 @@ def _subject_for(template: str, device_id: str, csr: x509.CertificateSigningRequ
     return expected
 
 
+@dataclass(frozen=True, slots=True)
+class _CertCommit:
+    """A signed certificate waiting for its durable commit."""
+
+    cert_id: int
+    device_pk: int
+    device_id: str
+    cert: x509.Certificate
+
+
 class Ledger:
     """Batches, devices, certificates, the whitelist and the audit chain.
 
@@ -276,6 +288,7 @@ class Ledger:
             self._owns_engine = False
         self.station_id = station_id
         self.backdate_seconds = backdate_seconds
+        self._writes = GroupCommitter(self.engine)
         if migrate:
             upgrade(self.engine)
 
@@ -524,7 +537,8 @@ class Ledger:
         from station.ca import new_serial
 
         now = _now()
-        with write_transaction(self.engine, durable=False) as conn:
+
+        def write(conn: Connection) -> IssueResult | tuple[int, int, int, x509.Name, datetime, int]:
             b = conn.execute(_BATCH_BY_NAME, {"name": batch_name}).first()
             if b is None:
                 raise NotFoundError(f"no batch named {batch_name!r}", code="unknown-batch")
@@ -618,7 +632,10 @@ class Ledger:
                 {"serial": serial_hex(serial), "batch": batch_name, "public_key_sha256": pk},
                 now=now,
             )
-        return cert_id, device_pk, serial, subject, now, b.days
+            return cert_id, device_pk, serial, subject, now, b.days
+
+        # Not durable: losing an intent in a power cut loses nothing that left the station.
+        return self._writes.submit(write, durable=False)
 
     def _reuse(
         self,
@@ -647,41 +664,48 @@ class Ledger:
     def _commit_certificate(
         self, cert_id: int, device_pk: int, device_id: str, cert: x509.Certificate
     ) -> str:
-        now = _now()
+        """Make the signed certificate durable; returns its fingerprint.
+
+        Concurrent callers share one durable commit (see groupcommit.py).
+        """
+        c = _CertCommit(cert_id, device_pk, device_id, cert)
+        return self._writes.submit(lambda conn: self._apply_commit(conn, c, _now()), durable=True)
+
+    def _apply_commit(self, conn: Connection, c: _CertCommit, now: datetime) -> str:
+        cert = c.cert
         fingerprint = cert.fingerprint(hashes.SHA256()).hex()
         pem = cert.public_bytes(serialization.Encoding.PEM).decode()
         serial = serial_hex(cert.serial_number)
-        with write_transaction(self.engine) as conn:
-            done = conn.execute(
-                _MARK_ISSUED,
-                {
-                    "cid": cert_id,
-                    "pem": pem,
-                    "fp": fingerprint,
-                    "nb": cert.not_valid_before_utc,
-                    "na": cert.not_valid_after_utc,
-                    "now": now,
-                },
+        done = conn.execute(
+            _MARK_ISSUED,
+            {
+                "cid": c.cert_id,
+                "pem": pem,
+                "fp": fingerprint,
+                "nb": cert.not_valid_before_utc,
+                "na": cert.not_valid_after_utc,
+                "now": now,
+            },
+        )
+        if done.rowcount != 1:
+            raise ConflictError(
+                f"intent {serial} was resolved elsewhere; certificate discarded",
+                code="intent-resolved",
             )
-            if done.rowcount != 1:
-                raise ConflictError(
-                    f"intent {serial} was resolved elsewhere; certificate discarded",
-                    code="intent-resolved",
-                )
-            conn.execute(_DEVICE_ISSUED, {"did": device_pk, "now": now, "station": self.station_id})
-            audit.append(
-                conn,
-                self.station_id,
-                "cert.issued",
-                device_id,
-                {
-                    "serial": serial,
-                    "fingerprint": fingerprint,
-                    "not_after": cert.not_valid_after_utc.isoformat(),
-                    "device_state": DeviceState.ISSUED.value,
-                },
-                now=now,
-            )
+        conn.execute(_DEVICE_ISSUED, {"did": c.device_pk, "now": now, "station": self.station_id})
+        audit.append(
+            conn,
+            self.station_id,
+            "cert.issued",
+            c.device_id,
+            {
+                "serial": serial,
+                "fingerprint": fingerprint,
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "device_state": DeviceState.ISSUED.value,
+            },
+            now=now,
+        )
         return fingerprint
 
     def _abandon(
