@@ -5,6 +5,8 @@ In one run, on one CA key in one SoftHSM token:
     (bench/issuance.py's station path, no database);
   * ledger: Ledger.issue() on the same CSRs (every board its own key): intent committed,
     signed, certificate committed; SQLite file (WAL, synchronous=FULL) and PostgreSQL;
+    once by one issuer, once by --threads concurrent issuers (as the serial ports and
+    HTTP clients issue), who share commits;
   * whitelist export: N verified boards bulk-inserted (not through the HSM), then
     `whitelist export` as CSV: time, and peak Python memory (tracemalloc) at N and N/10
     to show it does not grow with N.
@@ -24,6 +26,7 @@ import os
 import secrets
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -60,10 +63,25 @@ def make_csrs(n: int, prefix: str) -> list[tuple[str, bytes]]:
     return out
 
 
-def rate(fn: Callable[[str, bytes], object], csrs: list[tuple[str, bytes]]) -> float:
+def rate(
+    fn: Callable[[str, bytes], object], csrs: list[tuple[str, bytes]], threads: int = 1
+) -> float:
+    """Certificates per second, the CSRs shared out over `threads` concurrent issuers."""
+    parts = [csrs[i::threads] for i in range(threads)]
+
+    def work(part: list[tuple[str, bytes]]) -> None:
+        for device, pem in part:
+            fn(device, pem)
+
     t0 = time.perf_counter()
-    for device, pem in csrs:
-        fn(device, pem)
+    if threads == 1:
+        work(csrs)
+    else:
+        pool = [threading.Thread(target=work, args=(p,)) for p in parts]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
     return len(csrs) / (time.perf_counter() - t0)
 
 
@@ -193,6 +211,12 @@ def main() -> int:
     parser.add_argument("--export-count", type=int, default=100_000, help="whitelist size")
     parser.add_argument("--pg-url", help="PostgreSQL URL (default: start a temporary server)")
     parser.add_argument("--no-pg", action="store_true", help="SQLite only")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=8,
+        help="concurrent issuers for the grouped-commit figure (ports or HTTP clients)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args()
 
@@ -255,17 +279,31 @@ def main() -> int:
                 for device, pem in make_csrs(20, f"warm-{kind}"):
                     led.issue("B", device, pem, ca)
                 csrs = make_csrs(args.count, kind)
+                many = make_csrs(args.count, f"{kind}-t")
 
                 def through_ledger(device: str, pem: bytes, led: Any = led) -> object:
                     return led.issue("B", device, pem, ca)
 
                 ledger_rate = rate(through_ledger, csrs)
+                groups0, jobs0 = led._writes.groups, led._writes.jobs
+                grouped_rate = rate(through_ledger, many, args.threads)
+                per_commit = (led._writes.jobs - jobs0) / max(1, led._writes.groups - groups0)
                 assert led.audit_verify() is None
             figures[f"ledger_{kind}_certs_per_s"] = round(ledger_rate, 1)
             figures[f"ledger_{kind}_vs_bare"] = round(ledger_rate / bare_rate, 3)
+            figures[f"ledger_{kind}_{args.threads}_threads_certs_per_s"] = round(grouped_rate, 1)
+            figures[f"ledger_{kind}_{args.threads}_threads_vs_bare"] = round(
+                grouped_rate / bare_rate, 3
+            )
+            figures[f"ledger_{kind}_writes_per_commit"] = round(per_commit, 1)
             say(
                 f"through the ledger, {kind + ':':<11} {ledger_rate:8.1f} certificates/s"
-                f"  ({ledger_rate / bare_rate:.2f} of bare)"
+                f"  ({ledger_rate / bare_rate:.2f} of bare), one issuer"
+            )
+            say(
+                f"through the ledger, {kind + ':':<11} {grouped_rate:8.1f} certificates/s"
+                f"  ({grouped_rate / bare_rate:.2f} of bare), {args.threads} issuers, "
+                f"{per_commit:.1f} writes per commit"
             )
 
         n = args.export_count
