@@ -38,7 +38,8 @@ API_VERSION = "1"
 
 
 def _warm(station: Station) -> None:
-    """Open the ledger and the CA in this (worker) process; failures show in /healthz."""
+    """Open the ledger and the CA in this (worker) process, then recover this
+    station's orphaned intents; failures show in /healthz."""
     try:
         station.ledger  # noqa: B018
     except Exception as exc:
@@ -47,6 +48,15 @@ def _warm(station: Station) -> None:
         station.ca  # noqa: B018
     except Exception as exc:
         log.warning("CA not available at start-up: %s", exc)
+        return
+    try:
+        # Intents a killed worker left would refuse their boards (issuance-in-progress).
+        report = station.recover()
+    except Exception as exc:
+        log.warning("start-up recovery failed: %s", exc)
+    else:
+        if report.resigned or report.failed:
+            log.info("recovered %d intent(s), %d failed", len(report.resigned), len(report.failed))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -25,6 +25,8 @@ from station.ca import CertificateAuthority, open_ca
 from station.errors import StationError
 from station.ledger import Ledger
 from station.ledger.db import ping
+from station.ledger.records import RecoveryReport
+from station.line.recovery import StationLock, recover_at_startup
 from station.settings import Settings
 
 RATE_WINDOW_S = 60.0
@@ -81,6 +83,7 @@ class Station:
         self._lock = threading.Lock()
         self._ledger: Ledger | None = None
         self._ca: CertificateAuthority | None = None
+        self._station_lock: StationLock | None = None
         self.metrics = Metrics(lambda: self.ledger.counts())
         self.line = LineView(settings.data_dir / FILE_NAME)
         self.activity = Activity()
@@ -102,6 +105,19 @@ class Station:
                 self._ca = TimedCA(open_ca(self.settings), self.metrics.hsm_sign_seconds.observe)
             return self._ca
 
+    def recover(self) -> RecoveryReport:
+        """Start-up recovery of the intents a killed process of this station left.
+
+        Holds the station's shared lock until close(), so a worker that starts
+        later leaves this one's young intents alone (station.line.recovery).
+        """
+        report, lock = recover_at_startup(self.ledger, self.ca, self.settings.data_dir)
+        with self._lock:
+            if self._station_lock is not None:
+                self._station_lock.close()
+            self._station_lock = lock
+        return report
+
     def forget_ca(self) -> None:
         """Drop the open CA after an HSM failure: the next use opens it again, so a
         key and certificate replaced meanwhile (`station init --force`) are picked up
@@ -111,6 +127,9 @@ class Station:
 
     def close(self) -> None:
         with self._lock:
+            if self._station_lock is not None:
+                self._station_lock.close()
+                self._station_lock = None
             if self._ledger is not None:
                 self._ledger.close()
                 self._ledger = None

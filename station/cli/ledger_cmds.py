@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import getpass
 import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import IO, Annotated, ParamSpec, TypeVar
 
@@ -28,10 +28,6 @@ batch_app = typer.Typer(help="Production batches: create, list, show, close.", n
 device_app = typer.Typer(help="Boards in the ledger.", no_args_is_help=True)
 whitelist_app = typer.Typer(help="Serials of verified, unrevoked boards.", no_args_is_help=True)
 audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
-
-# An intent older than this at start-up belongs to a crashed run, not to a
-# concurrent `station sign` of the same station still signing it.
-RECOVERY_GRACE = timedelta(seconds=30)
 
 
 @contextmanager
@@ -178,6 +174,7 @@ def sign_cmd(
     """
     from station import policy
     from station.ca import open_ca
+    from station.line.recovery import recover_at_startup
 
     if (batch is None) != (device is None):
         raise fail("usage", "--batch and --device go together", 2)
@@ -187,8 +184,8 @@ def sign_cmd(
         raise fail("unreadable-csr", f"cannot read {csr}: {exc.strerror}") from None
     cfg = settings()
     ca = open_ca(cfg)
-    with _ledger() as led:
-        led.recover(ca, older_than=RECOVERY_GRACE)
+    # Recovery first (intents a killed run left); the lock is held while signing.
+    with _ledger() as led, contextlib.closing(recover_at_startup(led, ca, cfg.data_dir)[1]):
         if batch is None:
             parsed = policy.load_csr(data)
             cn = policy.common_name(parsed.subject)

@@ -16,8 +16,10 @@ from station.ca import open_ca
 from station.cli.common import cli_errors, console, fail, settings
 from station.errors import ConflictError, StationError
 from station.ledger import BatchState, Ledger
+from station.ledger.records import RecoveryReport
 from station.line import LineDriver, LineStatus, ProvisionContext, open_port_client
 from station.line.driver import BoardRecord, glob_ports
+from station.line.recovery import recover_at_startup
 from station.line.status import STATUS_FILE
 from station.line.view import run_with_view
 
@@ -93,9 +95,15 @@ def run_cmd(
         record = ledger.get_batch(batch)
         if record.state != BatchState.OPEN.value:
             raise ConflictError(f"batch {batch!r} is closed", code="batch-closed")
-        ctx = ProvisionContext(ledger, open_ca(s), record)
+        ca = open_ca(s)
+        # Intents a killed run of this station left would refuse their boards
+        # (issuance-in-progress) until recovered; the lock is held while the line runs.
+        recovered, lock = recover_at_startup(ledger, ca, s.data_dir)
+        _print_recovery(recovered)
+        ctx = ProvisionContext(ledger, ca, record)
         status = LineStatus(batch, s.data_dir / STATUS_FILE)
         with contextlib.ExitStack() as stack:
+            stack.callback(lock.close)
             ports: Callable[[], list[str]]
             if simulate:
                 boards = stack.enter_context(
@@ -122,6 +130,17 @@ def run_cmd(
         _print_run(records, ledger, batch)
     if any(r.outcome.result == "failed" for r in records):
         raise typer.Exit(1)
+
+
+def _print_recovery(report: RecoveryReport) -> None:
+    if report.resigned:
+        console.print(
+            f"recovered {len(report.resigned)} certificate(s) a stopped run had signed: "
+            + ", ".join(report.resigned),
+            highlight=False,
+        )
+    for serial, code in report.failed:
+        console.print(f"intent {serial} could not be recovered: {code}", highlight=False)
 
 
 def _print_run(records: list[BoardRecord], ledger: Ledger, batch: str) -> None:
