@@ -366,3 +366,15 @@ def test_key_replaced_between_requests_is_never_used_with_the_old_certificate(
     assert_problem(r, 503, "hsm-key-not-found")
     assert_nothing_half_recorded(rig.settings, "dev-r1")
     assert_issues_and_verifies(rig, "dev-r1", csr)
+
+
+def test_health_after_the_key_was_replaced_serves_the_new_ca(rig: Rig) -> None:
+    csr0, _ = new_csr("dev-h0")
+    assert_issues_and_verifies(rig, "dev-h0", csr0)
+    assert init_ca(rig.settings, force=True).status == "replaced"
+    assert_healthy(rig)  # the stale CA is noticed and reopened by the probe
+    r = rig.client.get("/v1/ca", headers={"Authorization": f"Bearer {rig.bearer}"})
+    assert r.status_code == 200, r.text
+    assert rig.settings.ca_cert_path.read_text().strip() in r.text.replace("\\n", "\n")
+    csr, _ = new_csr("dev-h1")
+    assert_issues_and_verifies(rig, "dev-h1", csr)
