@@ -14,8 +14,9 @@ import logging
 import re
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -106,37 +107,25 @@ def se_key_name(device_id: str) -> str:
 
 
 _T = TypeVar("_T")
+_OVERLAP_WORKERS = 8
+_overlap_pool: ThreadPoolExecutor | None = None
+_overlap_lock = threading.Lock()
 
 
-class _Overlap(Generic[_T]):
-    """A ledger call run in its own thread while the board works on the wire.
+def _overlap(call: Callable[..., _T], *args: Any) -> Future[_T]:
+    """Run a ledger call beside the serial line instead of after it.
 
-    The serial line is the slow part of a board (a chain is ~125 ms at 115200
-    baud); ledger writes that do not depend on the board's answer run beside it
-    instead of after it. ``wait()`` joins without raising (for ``finally``),
-    ``result()`` joins and raises what the call raised."""
-
-    def __init__(self, call: Callable[..., _T], *args: Any) -> None:
-        self._call, self._args = call, args
-        self._value: _T | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="ledger-overlap", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._value = self._call(*self._args)
-        except BaseException as exc:  # handed to the caller by result()
-            self._error = exc
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    def result(self) -> _T:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value  # type: ignore[return-value]
+    The wire is the slow part of a board (a chain is ~125 ms at 115200 baud);
+    ledger writes that do not depend on the board's next answer run meanwhile.
+    A pool shared by every port: a thread started per call costs its start-up
+    handshake (milliseconds when the GIL is busy) on the board's critical path."""
+    global _overlap_pool
+    with _overlap_lock:
+        if _overlap_pool is None:
+            _overlap_pool = ThreadPoolExecutor(
+                _OVERLAP_WORKERS, thread_name_prefix="ledger-overlap"
+            )
+    return _overlap_pool.submit(call, *args)
 
 
 def _wipe(buffer: bytearray) -> None:
@@ -265,11 +254,11 @@ def _steps(
     # step 6 is made in the ledger while the chain is on the wire.
     report(STEP_CHAIN)
     expected = hashlib.sha256(issued.chain_pem).digest()
-    challenge = _Overlap(ledger.create_challenge, device_id)
+    challenge = _overlap(ledger.create_challenge, device_id)
     try:
         digest = client.put_chain(issued.chain_pem)
     finally:
-        challenge.wait()
+        wait([challenge])
     if digest != expected:
         message = f"board stored sha256 {digest.hex()}, the station sent {expected.hex()}"
         _record_failure(ledger, device_id, "chain-mismatch", message)
@@ -279,11 +268,11 @@ def _steps(
     # 6. proof of possession; the ledger records the installed chain while the board
     # signs, and has it committed before the proof is checked. 7. verified + whitelisted
     report(STEP_PROVE)
-    installed = _Overlap(ledger.mark_installed, device_id, digest.hex())
+    installed = _overlap(ledger.mark_installed, device_id, digest.hex())
     try:
         signature = client.prove(nonce)
     finally:
-        installed.wait()
+        wait([installed])
     installed.result()
     ledger.verify_proof(device_id, nonce, signature)
     return Outcome(device_id, "verified", serial=serial, reused=issued.reused)
