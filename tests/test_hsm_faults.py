@@ -35,7 +35,7 @@ from hsm import keystore as keystore_module
 from hsm.errors import KeyNotFound, PinLocked, TokenNotFound, TokenUnavailable
 from hsm.softhsm import ensure_dev_token
 from station.ca import init_ca, open_ca, open_keystore
-from station.errors import NotFoundError
+from station.errors import NotFoundError, StationError
 from station.ledger import Ledger
 from station.settings import Settings
 from tests.test_api_helpers import TEMPLATE, assert_problem, new_csr
@@ -378,3 +378,20 @@ def test_health_after_the_key_was_replaced_serves_the_new_ca(rig: Rig) -> None:
     assert rig.settings.ca_cert_path.read_text().strip() in r.text.replace("\\n", "\n")
     csr, _ = new_csr("dev-h1")
     assert_issues_and_verifies(rig, "dev-h1", csr)
+
+
+def test_ledger_chains_the_hsm_error_under_sign_failed(rig: Rig) -> None:
+    """What the API's reason code relies on (api/provision.py), and what the serial line
+    and CLI see today: the ledger reports sign-failed with the HsmError as __cause__, and
+    marks the board failed although the fault is the station's."""
+    ca = open_ca(rig.settings)
+    open_keystore(rig.settings).delete_key()
+    csr, _ = new_csr("dev-l0")
+    with Ledger.from_settings(rig.settings) as ledger:
+        with pytest.raises(StationError) as excinfo:
+            ledger.issue(BATCH, "dev-l0", csr.encode(), ca)
+        assert excinfo.value.code == "sign-failed"
+        assert isinstance(excinfo.value.__cause__, KeyNotFound)
+        device = ledger.get_device("dev-l0")
+        assert (device.state, device.failure_code) == ("failed", "sign-failed")
+        assert [c.state for c in ledger.certificates("dev-l0")] == ["failed"]
