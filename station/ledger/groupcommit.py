@@ -76,17 +76,20 @@ class GroupCommitter:
         results: list[tuple[_Job, Any]] = []
         try:
             with write_transaction(self._engine, durable=any(j.durable for j in group)) as conn:
-                for job in group:
-                    savepoint = conn.begin_nested()
-                    try:
-                        value = job.fn(conn)
-                    except Exception as exc:  # that job alone fails; the rest commit
-                        savepoint.rollback()
-                        job.error = exc
-                    else:
-                        savepoint.commit()
-                        results.append((job, value))
-        except BaseException as exc:  # the commit itself failed: nobody's write is there
+                if len(group) == 1:  # alone: its failure rolls back the transaction itself
+                    results.append((group[0], group[0].fn(conn)))
+                else:
+                    for job in group:
+                        savepoint = conn.begin_nested()
+                        try:
+                            value = job.fn(conn)
+                        except Exception as exc:  # that job alone fails; the rest commit
+                            savepoint.rollback()
+                            job.error = exc
+                        else:
+                            savepoint.commit()
+                            results.append((job, value))
+        except BaseException as exc:  # a lone job's refusal, or the commit itself failed
             for job in group:
                 job.error = job.error or exc
             return
