@@ -240,9 +240,7 @@ def main() -> int:
             "http", product="bench", planned_count=10**7, key_mode="board-ecc",
             subject_template=TEMPLATE,
         )  # fmt: skip
-        from api.auth import ledger_role
-
-        token = ledger.create_token("bench", ledger_role("board"))
+        token = ledger.create_token("bench", "board")
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
