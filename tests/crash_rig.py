@@ -35,7 +35,7 @@ from station.whitelist import serial_hex
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAIN_FILE = "deviceCertAndCACert.crt"
-TEMPLATE = "/O=company/OU=line/CN={device_id}/C=US"
+TEMPLATE = "/O=company/OU=team/CN={device_id}/C=US"
 LAUNCH = "from station.cli import main; main()"
 # The station as `station`, with a pause between the HSM signature and the ledger
 # commit (Ledger.after_sign, the ledger's test seam): the window in which a kill
