@@ -605,10 +605,12 @@ class SimulatedLine:
     station: the measure of the station at 32 or 64 ports. When the station
     says HELLO after it has worked with a board, that board is unplugged and the
     next one of the port's queue plugged in; a port whose queue is empty goes
-    quiet. ``keys`` is the agent's key backend (``station.line.simkeys``;
-    None: the OpenSSL CLI). ``corrupt`` flips bytes with that probability,
-    both directions. ``compute_seconds[hardware_id]`` is the board's own time
-    in ``Agent.handle``; ``cpu_seconds`` the thread's CPU time so far.
+    quiet. Boards keep their files under ``base_dir`` (default: the temporary
+    directory; /dev/shm keeps their fsyncs off the disk). ``keys`` is the
+    agent's key backend (``station.line.simkeys``; None: the OpenSSL CLI).
+    ``corrupt`` flips bytes with that probability, both directions.
+    ``compute_seconds[hardware_id]`` is the board's own time in
+    ``Agent.handle``; ``cpu_seconds`` the thread's CPU time so far.
     """
 
     def __init__(
@@ -621,12 +623,13 @@ class SimulatedLine:
         keys: Any = None,
         corrupt: float = 0.0,
         seed: int | None = None,
+        base_dir: Path | None = None,
     ) -> None:
         self.baudrate = baudrate
         self.keys = keys
         self.corrupt = corrupt
         self._rng = random.Random(seed)  # noqa: S311 - simulated line noise
-        self._work = Path(tempfile.mkdtemp(prefix="simline-"))
+        self._work = Path(tempfile.mkdtemp(prefix="simline-", dir=base_dir))
         self.base_dir = self._work
         self.compute_seconds: dict[str, float] = {}
         self.cpu_seconds = 0.0
@@ -703,6 +706,89 @@ class SimulatedLine:
         shutil.rmtree(self._work, ignore_errors=True)
 
     def __enter__(self) -> SimulatedLine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _serve_line_in_child(conn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    line = SimulatedLine(*args, **kwargs)
+    try:
+        conn.send(line.ports)
+        while True:
+            request = conn.recv()
+            conn.send(
+                {
+                    "plugged": line.plugged(),
+                    "waiting": line.waiting(),
+                    "compute_seconds": dict(line.compute_seconds),
+                    "cpu_seconds": time.process_time(),
+                }
+            )
+            if request == "close":
+                return
+    finally:
+        line.close()
+
+
+class SimulatedLineProcess:
+    """A SimulatedLine in a child process, so the rig does not share the station's GIL.
+
+    Same arguments and reading methods as SimulatedLine; ``keys`` must be
+    picklable (``station.line.simkeys.CryptographyKeys()`` is). ``cpu_seconds``
+    is the child's CPU time."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_conn = context.Pipe()
+        self._proc = context.Process(
+            target=_serve_line_in_child, args=(child_conn, args, kwargs), daemon=True
+        )
+        self._proc.start()
+        child_conn.close()
+        self._last: dict[str, Any] = {}
+        if not self._conn.poll(60):
+            self._proc.kill()
+            raise RuntimeError("the simulated line's process did not start")
+        self.ports: list[str] = self._conn.recv()
+
+    def _stats(self, request: str = "stats") -> dict[str, Any]:
+        if self._proc.is_alive() and not self._conn.closed:
+            self._conn.send(request)
+            self._last = self._conn.recv()
+        return self._last
+
+    def plugged(self) -> dict[str, list[str]]:
+        return dict(self._stats()["plugged"])
+
+    def waiting(self) -> dict[str, int]:
+        return dict(self._stats()["waiting"])
+
+    @property
+    def compute_seconds(self) -> dict[str, float]:
+        return dict(self._stats()["compute_seconds"])
+
+    @property
+    def cpu_seconds(self) -> float:
+        return float(self._stats()["cpu_seconds"])
+
+    def close(self) -> None:
+        """Stop the child (its line closes its ptys and files). Idempotent; the last
+        figures stay readable."""
+        if self._conn.closed:
+            return
+        with contextlib.suppress(OSError, EOFError):
+            self._stats("close")
+        self._conn.close()
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+
+    def __enter__(self) -> SimulatedLineProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
