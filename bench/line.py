@@ -1,14 +1,26 @@
 """The serial line: time per board against the wire, boards per minute against ports.
 
-In one run, with simulated boards (the real agent behind a pty throttled to the baud rate):
-  * per board, one port at a time: seconds from hello to verified, against the
-    wire-time floor = bytes the station's port actually sent and received x 10 bits / baud
-    (8N1; request and reply never overlap, so the floor is the sum);
-  * throughput: P boards on P ports at once, P in 1, 8, 32, 64; boards per minute
-    against linear scaling of the one-port rate.
+In one run:
+  * per board, one port, one board at a time, the real agent in its own process
+    (OpenSSL CLI for the key, CSR and proof) behind a pty throttled to the baud rate:
+    seconds from hello to verified split into
+      wire floor     = bytes the station's port sent and received x 10 bits / baud
+                       (8N1; request and reply never overlap, so the floor is the sum),
+      board compute  = the board's turnarounds seen by the simulated cable (last
+                       request byte in, first reply byte out: the agent and its tools),
+      overhead       = the rest: the station (ledger, HSM, policy) and the protocol;
+    and the ledger's share of the overhead (time inside Ledger calls on the line's path);
+  * throughput: P ports at once, P in 1, 8, 32, 64, each port provisioning --per-port
+    boards in turn, on SimulatedLine (one thread serving every pty with the real
+    Agent.handle, boards keyed in-process with station.line.simkeys), so that the
+    rig costs little next to the station; boards per minute from the first hello to
+    the last verdict, against P x the one-port rate, with the CPU seconds of the
+    station and of the rig per board.
 
     python bench/line.py [--mode board-ecc] [--baud 115200] [--boards 5]
-                         [--ports 1,8,32,64] [--json]
+                         [--ports 1,8,32,64] [--per-port 4] [--corrupt 0.0] [--json]
+
+--corrupt P flips each byte on the line with probability P (both directions, both rigs).
 """
 
 from __future__ import annotations
@@ -18,7 +30,9 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,13 +40,56 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from firmware_hooks.simboard import simulate_boards  # noqa: E402
+from firmware_hooks.simboard import (  # noqa: E402
+    Faults,
+    SimulatedLine,
+    SimulatedLineProcess,
+    simulate_boards,
+)
 from station.ca import init_ca  # noqa: E402
 from station.ledger import Ledger  # noqa: E402
 from station.line import LineDriver, ProvisionContext, open_port_client  # noqa: E402
+from station.line.simkeys import CryptographyKeys  # noqa: E402
 from station.settings import Settings  # noqa: E402
 
 TEMPLATE = "/O=company/OU=team/CN={device_id}/C=US"
+LINE_CALLS = (
+    "get_device",
+    "register_device",
+    "mark_key_ready",
+    "issue",
+    "mark_installed",
+    "create_challenge",
+    "verify_proof",
+    "mark_failed",
+)
+
+
+class TimedLedger:
+    """The ledger with the seconds spent inside the line's calls added up, per thread."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._local = threading.local()
+        self.seconds: dict[int, float] = {}
+
+    def thread_seconds(self) -> float:
+        return self.seconds.get(threading.get_ident(), 0.0)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._ledger, name)
+        if name not in LINE_CALLS:
+            return value
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return value(*args, **kwargs)
+            finally:
+                ident = threading.get_ident()
+                self.seconds[ident] = self.seconds.get(ident, 0.0) + (time.perf_counter() - started)
+
+        return timed
 
 
 def _batch(ledger: Ledger, mode: str, planned: int, tag: str) -> Any:
@@ -42,21 +99,101 @@ def _batch(ledger: Ledger, mode: str, planned: int, tag: str) -> Any:
     )
 
 
-def _run(
-    ctx: ProvisionContext, n: int, baud: int, prefix: str
-) -> tuple[float, list[Any], list[float]]:
-    """Wall seconds, the driver's records, and each record's board compute seconds."""
-    with simulate_boards(n, id_prefix=prefix, baudrate=baud) as boards:
-        ports = [b.port for b in boards]
-        driver = LineDriver(
-            ctx, lambda: ports, client_factory=lambda p: open_port_client(p, baudrate=baud)
-        )
-        started = time.monotonic()
-        records = driver.run(until=lambda d: len(d.records) >= n, timeout=900)
-        wall = time.monotonic() - started
-        by_port = {b.port: b for b in boards}
-        compute = [by_port[r.port].board_seconds(r.started, r.started + r.seconds) for r in records]
-    return wall, records, compute
+def _drive(ctx: ProvisionContext, ports: list[str], n: int, baud: int | None) -> list[Any]:
+    driver = LineDriver(
+        ctx,
+        lambda: ports,
+        client_factory=lambda p: open_port_client(p, baudrate=baud or 115200),
+    )
+    return driver.run(until=lambda d: len(d.records) >= n, timeout=1800)
+
+
+def per_board(
+    ledger: Ledger, ca: Any, mode: str, baud: int, corrupt: float, prefix: str
+) -> dict[str, Any]:
+    """One board on one port, the real agent process: where its time goes."""
+    timed = TimedLedger(ledger)
+    ctx = ProvisionContext(timed, ca, _batch(ledger, mode, 1, "one"))  # type: ignore[arg-type]
+    faults = Faults(corrupt=corrupt, seed=1) if corrupt else None
+    with simulate_boards(1, id_prefix=prefix, baudrate=baud, faults=faults) as boards:
+        (r,) = _drive(ctx, [boards[0].port], 1, baud)
+        compute = boards[0].board_seconds(r.started, r.started + r.seconds)
+    floor = (r.tx + r.rx) * 10 / baud
+    overhead = r.seconds - floor - compute
+    ledger_s = sum(timed.seconds.values())
+    return {
+        "result": r.outcome.result,
+        "seconds": r.seconds,
+        "tx": r.tx,
+        "rx": r.rx,
+        "wire_floor_s": floor,
+        "board_compute_s": compute,
+        "overhead_s": overhead,
+        "ledger_s": ledger_s,
+        "overhead_to_wire": overhead / floor,
+        "ratio": r.seconds / floor,
+    }
+
+
+def throughput(
+    ledger: Ledger,
+    ca: Any,
+    mode: str,
+    baud: int | None,
+    ports: int,
+    per_port: int,
+    corrupt: float,
+    prefix: str,
+    rig_process: bool = True,
+) -> dict[str, Any]:
+    """P ports at once on SimulatedLine, ``per_port`` boards each; the rig in a child
+    process unless ``rig_process`` is false (then it shares the station's GIL)."""
+    n = ports * per_port
+    timed = TimedLedger(ledger)
+    ctx = ProvisionContext(timed, ca, _batch(ledger, mode, n, f"p{ports}"))  # type: ignore[arg-type]
+    rig_class = SimulatedLineProcess if rig_process else SimulatedLine
+    shm = Path("/dev/shm")
+    with rig_class(
+        ports,
+        per_port,
+        id_prefix=prefix,
+        baudrate=baud,
+        keys=CryptographyKeys(),
+        corrupt=corrupt,
+        seed=1,
+        base_dir=shm if shm.is_dir() else None,  # the boards' fsyncs are not the station's
+    ) as line:
+        cpu0, rig0 = time.process_time(), line.cpu_seconds
+        records = _drive(ctx, line.ports, n, baud)
+        rig = line.cpu_seconds - rig0
+        cpu = time.process_time() - cpu0 - (0.0 if rig_process else rig)
+        compute = sum(line.compute_seconds.values())
+        stuck = {p: w for p, w in line.waiting().items() if w}
+    first = min(r.started for r in records)
+    last = max(r.started + r.seconds for r in records)
+    wall = last - first
+    ok = sum(r.outcome.result == "verified" for r in records)
+    return {
+        "ports": ports,
+        "boards": n,
+        "verified": ok,
+        "failed": {
+            code: sum(r.outcome.code == code for r in records)
+            for code in {r.outcome.code for r in records if r.outcome.result != "verified"}
+        },
+        "wall_s": wall,
+        "boards_per_min": ok / wall * 60,
+        "mean_seconds_per_board": sum(r.seconds for r in records) / len(records),
+        "station_cpu_s": cpu,
+        "rig_cpu_s": rig,
+        "rig_cpu_share": rig / (cpu + rig) if cpu + rig else 0.0,
+        "station_cpu_ms_per_board": cpu / n * 1000,
+        "board_compute_ms_per_board": compute / n * 1000,
+        "ledger_ms_per_board": sum(timed.seconds.values()) / n * 1000,
+        "station_cores": cpu / wall,
+        "rig_cores": rig / wall,
+        "ports_with_boards_left": len(stuck),
+    }
 
 
 def main() -> None:
@@ -65,11 +202,24 @@ def main() -> None:
     parser.add_argument("--baud", type=int, default=115200)
     parser.add_argument("--boards", type=int, default=5, help="boards timed one at a time")
     parser.add_argument("--ports", default="1,8,32,64")
+    parser.add_argument("--per-port", type=int, default=4, help="boards per port (throughput)")
+    parser.add_argument(
+        "--rig-in-process",
+        action="store_true",
+        help="run the simulated line in the station's process (it then shares the GIL)",
+    )
+    parser.add_argument("--corrupt", type=float, default=0.0, help="byte corruption probability")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="where the CA and the SQLite ledger live (default: a temporary directory; "
+        "/dev/shm takes the disk's fsync out of the ledger's commits)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    port_counts = [int(p) for p in args.ports.split(",")]
+    port_counts = [int(p) for p in args.ports.split(",") if p]
 
-    with tempfile.TemporaryDirectory(prefix="bench-line-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-line-", dir=args.data_dir) as tmp:
         os.environ.pop("SOFTHSM2_CONF", None)
         settings = Settings(data_dir=Path(tmp), station_id="bench", ca_key_uri=None)
         outcome = init_ca(settings)
@@ -78,68 +228,75 @@ def main() -> None:
         ledger = Ledger.from_settings(settings)
         stamp = datetime.now().strftime("%H%M%S")
 
-        # Time per board, one port, one board at a time.
-        per_board = []
-        for i in range(args.boards):
-            ctx = ProvisionContext(ledger, ca, _batch(ledger, args.mode, 1, f"one{i}"))
-            _, records, compute = _run(ctx, 1, args.baud, f"B{stamp}{i:02d}")
-            r = records[0]
-            floor = (r.tx + r.rx) * 10 / args.baud
-            overhead = r.seconds - floor - compute[0]
-            per_board.append(
-                {"result": r.outcome.result, "seconds": r.seconds, "tx": r.tx, "rx": r.rx,
-                 "wire_floor_s": floor, "board_compute_s": compute[0],
-                 "overhead_s": overhead, "overhead_to_wire": overhead / floor,
-                 "ratio": r.seconds / floor}
-            )  # fmt: skip
+        runs = [
+            per_board(ledger, ca, args.mode, args.baud, args.corrupt, f"B{stamp}{i:02d}")
+            for i in range(args.boards)
+        ]
         keys = ("seconds", "tx", "rx", "wire_floor_s", "board_compute_s", "overhead_s",
-                "overhead_to_wire", "ratio")  # fmt: skip
-        mean = {k: sum(p[k] for p in per_board) / len(per_board) for k in keys}
+                "ledger_s", "overhead_to_wire", "ratio")  # fmt: skip
+        mean = {k: sum(r[k] for r in runs) / len(runs) for k in keys} if runs else {}
 
-        # Throughput with P ports at once.
         scaling = []
-        base_rate = None
+        base_rate: float | None = None
         for p in port_counts:
-            ctx = ProvisionContext(ledger, ca, _batch(ledger, args.mode, p, f"p{p}"))
-            wall, records, _ = _run(ctx, p, args.baud, f"T{stamp}P{p:02d}")
-            ok = sum(r.outcome.result == "verified" for r in records)
-            rate = ok / wall * 60
-            if base_rate is None:
-                base_rate = rate / p
-            linear = base_rate * p
-            scaling.append(
-                {"ports": p, "verified": ok, "wall_s": wall, "boards_per_min": rate,
-                 "linear_boards_per_min": linear, "ratio_to_linear": rate / linear}
+            s = throughput(
+                ledger, ca, args.mode, args.baud, p, args.per_port, args.corrupt,
+                f"T{stamp}P{p}", rig_process=not args.rig_in_process,
             )  # fmt: skip
+            if base_rate is None:
+                base_rate = s["boards_per_min"] / p
+            s["linear_boards_per_min"] = base_rate * p
+            s["ratio_to_linear"] = s["boards_per_min"] / s["linear_boards_per_min"]
+            scaling.append(s)
         ledger.close()
 
     report = {
         "mode": args.mode,
         "baud": args.baud,
+        "corrupt": args.corrupt,
         "cpus": os.cpu_count(),
-        "per_board": per_board,
+        "data_dir": str(args.data_dir or tempfile.gettempdir()),
+        "load_average_after": os.getloadavg(),
+        "per_board": runs,
         "per_board_mean": mean,
         "scaling": scaling,
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"mode {args.mode}, {args.baud} baud, {os.cpu_count()} CPUs")
-    print(
-        f"per board: {mean['seconds']:.3f} s for {mean['tx']:.0f} B out + {mean['rx']:.0f} B in; "
-        f"wire floor {mean['wire_floor_s']:.3f} s; ratio {mean['ratio']:.2f}x the floor"
-    )
-    print(
-        f"  = wire floor {mean['wire_floor_s'] * 1000:.1f} ms"
-        f" + board compute {mean['board_compute_s'] * 1000:.1f} ms"
-        f" + station and protocol overhead {mean['overhead_s'] * 1000:.1f} ms;"
-        f" overhead / wire = {mean['overhead_to_wire']:.1%}"
-    )
+    _print(args, mean, scaling, print)
+
+
+def _print(
+    args: argparse.Namespace,
+    mean: dict[str, float],
+    scaling: list[dict[str, Any]],
+    out: Callable[[str], None],
+) -> None:
+    out(f"mode {args.mode}, {args.baud} baud, corrupt {args.corrupt}, {os.cpu_count()} CPUs")
+    if mean:
+        out(
+            f"per board (real agent, OpenSSL CLI): {mean['seconds'] * 1000:.1f} ms for "
+            f"{mean['tx']:.0f} B out + {mean['rx']:.0f} B in ({mean['ratio']:.2f}x the floor)"
+        )
+        out(
+            f"  = wire floor {mean['wire_floor_s'] * 1000:.1f} ms"
+            f" + board compute {mean['board_compute_s'] * 1000:.1f} ms"
+            f" + station and protocol overhead {mean['overhead_s'] * 1000:.1f} ms"
+            f" (of which inside the ledger on the critical path, at most"
+            f" {mean['ledger_s'] * 1000:.1f} ms of ledger calls, some overlapped with the wire)"
+        )
+        out(f"  overhead / wire floor = {mean['overhead_to_wire']:.1%}")
     for s in scaling:
-        print(
-            f"{s['ports']:3d} ports: {s['verified']:3d} verified in {s['wall_s']:6.2f} s = "
-            f"{s['boards_per_min']:7.1f} boards/min; linear {s['linear_boards_per_min']:7.1f}; "
-            f"ratio {s['ratio_to_linear']:.2f}"
+        out(
+            f"{s['ports']:3d} ports x {args.per_port}: {s['verified']:4d}/{s['boards']} verified"
+            f" in {s['wall_s']:6.2f} s = {s['boards_per_min']:7.0f} boards/min;"
+            f" linear {s['linear_boards_per_min']:7.0f}; ratio {s['ratio_to_linear']:.2f};"
+            f" {s['mean_seconds_per_board'] * 1000:.0f} ms/board;"
+            f" station {s['station_cores']:.2f} cores, {s['station_cpu_ms_per_board']:.1f}"
+            f" CPU ms/board; rig {s['rig_cores']:.2f} cores ({s['rig_cpu_share']:.0%} of CPU);"
+            f" ledger {s['ledger_ms_per_board']:.1f} ms/board"
+            + (f"; failed {s['failed']}" if s["failed"] else "")
         )
 
 
