@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
-from firmware_hooks.agent import CHAIN_FILE, default_hardware_id
+from firmware_hooks.agent import CHAIN_FILE, OPENSSL_REQ, default_hardware_id
 from firmware_hooks.host import BoardClient
 from firmware_hooks.link import Link
 from firmware_hooks.protocol import (
@@ -33,6 +33,7 @@ from firmware_hooks.protocol import (
     encode_tlv,
 )
 from firmware_hooks.simboard import SimulatedBoard
+from station.line.simkeys import CryptographyKeys
 from tests.fixtures.boards import board_client, sim_board, sim_board_factory  # noqa: F401
 
 SUBJECT = "/O=company/OU=team/CN=dev-0001/C=US"
@@ -463,3 +464,60 @@ def test_the_stream_decoder_sees_replies_as_whole_messages(
     decoder = MessageDecoder()
     decoder.feed(encode_message(reply))
     assert decoder.next_message() == reply
+
+
+# --------------------------------------------------------------------------- simulated key backend
+
+
+def _openssl_subject_der(tmp_path, subject: str) -> bytes:
+    key = tmp_path / "ref.key"
+    subprocess.run(
+        ["openssl", "ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", str(key)],
+        check=True,
+    )
+    csr = subprocess.run(
+        ["openssl", "req", "-new", "-key", str(key), "-subj", subject, *OPENSSL_REQ],
+        check=True,
+        capture_output=True,
+    ).stdout
+    return x509.load_der_x509_csr(csr).subject.public_bytes()
+
+
+def test_the_in_process_key_backend_makes_what_openssl_makes(
+    sim_board_factory: Callable[..., SimulatedBoard],  # noqa: F811
+    ca: TestCA,
+    tmp_path,
+) -> None:
+    board = sim_board_factory(mode="thread", baudrate=None, keys=CryptographyKeys())
+    subject = "/O=company/OU=team \\/ line 2/CN=dev-0001/C=US"
+    with BoardClient.open(board.port, timeouts=FAST) as client:
+        csr = x509.load_der_x509_csr(client.generate_key_csr(subject))
+        assert csr.is_signature_valid
+        assert csr.subject.public_bytes() == _openssl_subject_der(tmp_path, subject)
+        key_file = board.key_dir / "deviceCert.key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        cert = ca.issue(csr)
+        client.put_chain(ca.chain_pem(cert))
+        nonce = os.urandom(32)
+        cert_key = cert.public_key()
+        assert isinstance(cert_key, ec.EllipticCurvePublicKey)
+        cert_key.verify(client.prove(nonce), nonce, ec.ECDSA(hashes.SHA256()))
+    assert _leftovers(board) == []
+
+
+def test_a_key_backend_failure_is_keygen_failed_and_leaves_no_file(
+    sim_board_factory: Callable[..., SimulatedBoard],  # noqa: F811
+) -> None:
+    board = sim_board_factory(mode="thread", baudrate=None, keys=CryptographyKeys())
+    with BoardClient.open(board.port, timeouts=FAST) as client:
+        with pytest.raises(BoardError) as refused:
+            client.generate_key_csr("/O=company/XX=unknown/CN=dev-0001")
+        assert refused.value.code == ErrorCode.KEYGEN_FAILED
+        assert "unknown or malformed attribute" in str(refused.value)
+        assert client.status()["state"] == "idle"
+    assert os.listdir(board.key_dir) == []
+
+
+def test_a_key_backend_needs_an_in_process_board() -> None:
+    with pytest.raises(ValueError, match="mode='thread'"):
+        SimulatedBoard(keys=CryptographyKeys())
