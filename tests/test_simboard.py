@@ -18,7 +18,14 @@ from firmware_hooks.protocol import (
     Timeout,
     UnexpectedReply,
 )
-from firmware_hooks.simboard import Faults, SimulatedBoard, simulate_boards
+from firmware_hooks.simboard import (
+    Faults,
+    SimulatedBoard,
+    SimulatedLine,
+    SimulatedLineProcess,
+    simulate_boards,
+)
+from station.line.simkeys import CryptographyKeys
 from tests.fixtures.boards import sim_board_factory  # noqa: F401
 
 SUBJECT = "/O=company/OU=team/CN=dev-0001/C=US"
@@ -211,3 +218,69 @@ def test_faults_can_target_one_direction_only(
             client.hello()
         assert client.link.bad_frames == 0  # nothing garbled came back: the board stayed quiet
     assert os.path.exists(board.port)
+
+
+def test_the_cable_sees_how_long_the_board_took_to_answer(
+    sim_board_factory: Callable[..., SimulatedBoard],  # noqa: F811
+) -> None:
+    board = sim_board_factory(baudrate=None)
+    with BoardClient.open(board.port) as client:
+        started = time.monotonic()
+        client.hello()
+        client.generate_key_csr(SUBJECT)  # two OpenSSL processes on the board
+        ended = time.monotonic()
+    assert len(board.turnarounds) == 2
+    assert all(started <= t <= ended for t, _ in board.turnarounds)
+    hello, keygen = (seconds for _, seconds in board.turnarounds)
+    assert 0 < hello < keygen
+    assert board.board_seconds(started, ended) == hello + keygen
+    assert board.board_seconds(ended + 1) == 0
+
+
+def test_a_simulated_line_swaps_in_the_next_board_when_the_station_is_done() -> None:
+    keys = CryptographyKeys()
+    with SimulatedLine(2, 2, id_prefix="HUB", baudrate=None, keys=keys) as line:
+        assert len(set(line.ports)) == 2 and all(p.startswith("/dev/pts/") for p in line.ports)
+        with BoardClient.open(line.ports[0], timeouts=SHORT, retries=0) as client:
+            assert client.hello().hardware_id == "HUB-000-0000"
+            assert client.hello().hardware_id == "HUB-000-0000"  # hellos alone swap nothing
+            assert client.status()["state"] == "idle"
+            client.generate_key_csr(SUBJECT)
+            assert client.hello().hardware_id == "HUB-000-0001"  # worked with: swapped
+            assert client.status()["state"] == "idle"  # a fresh board
+            client.generate_key_csr(SUBJECT)
+            with pytest.raises(Timeout):
+                client.hello()  # the port's queue is empty: nothing answers
+        assert line.waiting() == {line.ports[0]: 0, line.ports[1]: 1}
+        assert line.plugged()[line.ports[0]] == ["HUB-000-0000", "HUB-000-0001"]
+        assert set(line.compute_seconds) == {"HUB-000-0000", "HUB-000-0001", "HUB-001-0000"}
+        assert line.compute_seconds["HUB-000-0000"] > 0
+
+
+def test_a_simulated_line_is_throttled_and_corrupts_when_asked() -> None:
+    with (
+        SimulatedLine(1, 1, baudrate=38400) as line,
+        BoardClient.open(line.ports[0], timeouts=SHORT) as client,
+    ):
+        started = time.monotonic()
+        client.hello()
+        elapsed = time.monotonic() - started
+        # A HELLO is 15 bytes, its reply more than 60: each crosses the line in turn.
+        assert elapsed >= client.link.transmit_time(15 + 60)
+    with (
+        SimulatedLine(1, 1, baudrate=None, corrupt=1.0, seed=3) as line,
+        BoardClient.open(line.ports[0], timeouts=SHORT, retries=1) as client,
+        pytest.raises(Timeout),
+    ):
+        client.hello()
+
+
+def test_a_simulated_line_runs_in_its_own_process() -> None:
+    with SimulatedLineProcess(3, 1, id_prefix="PROC", baudrate=None) as line:
+        assert len(line.ports) == 3
+        with BoardClient.open(line.ports[2], timeouts=SHORT) as client:
+            assert client.hello().hardware_id == "PROC-002-0000"
+        assert line.waiting() == dict.fromkeys(line.ports, 0)
+        assert line.cpu_seconds > 0
+    line.close()  # idempotent
+    assert not any(os.path.exists(p) for p in line.ports)
