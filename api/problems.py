@@ -98,7 +98,61 @@ async def _handler(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(request, exc)
 
 
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "RFC 9457 problem details; code is the station's stable reason code",
+    "type": "object",
+    "required": ["type", "title", "status", "detail", "code"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer", "minimum": 400, "maximum": 599},
+        "detail": {"type": "string"},
+        "code": {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]*$"},
+        "errors": {"type": "array", "items": {"type": "object"}},
+    },
+}
+_PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+
+
+def _problem_response(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {PROBLEM_JSON: {"schema": _PROBLEM_REF}}}
+
+
+def document(app: FastAPI) -> None:
+    """Say in the OpenAPI schema what the handler does: every error is problem+json.
+
+    Each operation gets a ``default`` problem response (401, 403, 404, 409, 413,
+    415, 503, ... with the reason code in ``code``), and FastAPI's own 422
+    (documented as its HTTPValidationError JSON) is replaced by the problem."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if getattr(app.state, "problems_documented", False) and app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components["Problem"] = PROBLEM_SCHEMA
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                responses = operation.setdefault("responses", {})
+                if "422" in responses:
+                    responses["422"] = _problem_response("the request is not valid")
+                for status, response in responses.items():
+                    if status.startswith(("4", "5")) and "content" not in response:
+                        response["content"] = {PROBLEM_JSON: {"schema": _PROBLEM_REF}}
+                responses.setdefault("default", _problem_response("an error (problem details)"))
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+        app.state.problems_documented = True
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install(app: FastAPI) -> None:
+    document(app)
     for exc_type in (
         StationError,
         HsmError,
