@@ -6,12 +6,14 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from station.ledger import TOKEN_ROLES, KeyMode
+
 
 class BatchIn(BaseModel):
     name: str = Field(min_length=1, max_length=128)
     product: str = Field(min_length=1, max_length=128)
     planned_count: int = Field(ge=1)
-    key_mode: str = "board-ecc"
+    key_mode: str = Field(default="board-ecc", json_schema_extra={"enum": list(KeyMode)})
     subject_template: str = Field(
         min_length=1, description="e.g. /O=company/OU=team/CN={device_id}/C=US, or * as presented"
     )
@@ -87,7 +89,7 @@ class RevokeIn(BaseModel):
 
 class TokenIn(BaseModel):
     name: str = Field(min_length=1, max_length=128)
-    role: str
+    role: str = Field(json_schema_extra={"enum": list(TOKEN_ROLES)})
 
 
 class TokenOut(BaseModel):

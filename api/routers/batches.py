@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Annotated
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Query, status
 
 from api.auth import OperatorUp, Reader
 from api.context import StationDep
 from api.schemas import BatchIn, BatchOut
+from station.ledger import BatchState
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -28,7 +30,11 @@ def create_batch(body: BatchIn, station: StationDep, who: OperatorUp) -> BatchOu
 
 
 @router.get("", response_model=list[BatchOut])
-def list_batches(station: StationDep, _: Reader, state: str | None = None) -> list[BatchOut]:
+def list_batches(
+    station: StationDep,
+    _: Reader,
+    state: Annotated[str | None, Query(json_schema_extra={"enum": list(BatchState)})] = None,
+) -> list[BatchOut]:
     return [BatchOut(**asdict(b)) for b in station.ledger.list_batches(state=state)]
 
 

@@ -13,6 +13,7 @@ from api.auth import Admin, BoardUp, Reader
 from api.context import StationDep
 from api.schemas import ChallengeOut, DeviceOut, ProofIn, RevokeIn
 from station.errors import StationError
+from station.ledger import DeviceState
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
@@ -29,7 +30,7 @@ def list_devices(
     station: StationDep,
     _: Reader,
     batch: str | None = None,
-    state: str | None = None,
+    state: Annotated[str | None, Query(json_schema_extra={"enum": list(DeviceState)})] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[DeviceOut]:

@@ -7,7 +7,9 @@ JSON stream the device table from the ledger; HTML and PDF are rendered whole.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from api.auth import Reader
@@ -54,7 +56,7 @@ def get_report(
     request: Request,
     station: StationDep,
     _: Reader,
-    format: str | None = None,
+    format: Annotated[str | None, Query(json_schema_extra={"enum": list(Format)})] = None,
 ) -> StreamingResponse:
     fmt = pick_format(format, request.headers.get("accept", ""))
     ledger = station.ledger
