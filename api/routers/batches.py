@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, status
 from api.auth import OperatorUp, Reader
 from api.context import StationDep
 from api.schemas import BatchIn, BatchOut
+from station.errors import PolicyError
 from station.ledger import BatchState
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -35,6 +36,10 @@ def list_batches(
     _: Reader,
     state: Annotated[str | None, Query(json_schema_extra={"enum": list(BatchState)})] = None,
 ) -> list[BatchOut]:
+    if state is not None and state not in set(BatchState):
+        # The ledger filters by any string: an unknown state would list nothing, silently.
+        states = ", ".join(BatchState)
+        raise PolicyError(f"state {state!r} is not one of {states}", code="bad-state")
     return [BatchOut(**asdict(b)) for b in station.ledger.list_batches(state=state)]
 
 
