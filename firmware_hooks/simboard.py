@@ -605,7 +605,8 @@ class SimulatedLine:
     station: the measure of the station at 32 or 64 ports. When the station
     says HELLO after it has worked with a board, that board is unplugged and the
     next one of the port's queue plugged in; a port whose queue is empty goes
-    quiet. Boards keep their files under ``base_dir`` (default: the temporary
+    quiet. ``boards_per_port`` is one count for every port or a count per port.
+    Boards keep their files under ``base_dir`` (default: the temporary
     directory; /dev/shm keeps their fsyncs off the disk). ``keys`` is the
     agent's key backend (``station.line.simkeys``; None: the OpenSSL CLI).
     ``corrupt`` flips bytes with that probability, both directions.
@@ -616,7 +617,7 @@ class SimulatedLine:
     def __init__(
         self,
         ports: int,
-        boards_per_port: int = 1,
+        boards_per_port: int | Sequence[int] = 1,
         *,
         id_prefix: str = "SIM",
         baudrate: int | None = DEFAULT_BAUD,
@@ -637,8 +638,15 @@ class SimulatedLine:
         self._closed = False
         self._ports: list[_HubPort] = []
         try:
-            for p in range(ports):
-                ids = [f"{id_prefix}-{p:03d}-{b:04d}" for b in range(boards_per_port)]
+            counts = (
+                [boards_per_port] * ports
+                if isinstance(boards_per_port, int)
+                else list(boards_per_port)
+            )
+            if len(counts) != ports:
+                raise ValueError(f"{len(counts)} board counts for {ports} ports")
+            for p, count in enumerate(counts):
+                ids = [f"{id_prefix}-{p:03d}-{b:04d}" for b in range(count)]
                 self._ports.append(_HubPort(self, ids))
         except BaseException:
             self.close()
