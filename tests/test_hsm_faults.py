@@ -395,3 +395,32 @@ def test_ledger_chains_the_hsm_error_under_sign_failed(rig: Rig) -> None:
         device = ledger.get_device("dev-l0")
         assert (device.state, device.failure_code) == ("failed", "sign-failed")
         assert [c.state for c in ledger.certificates("dev-l0")] == ["failed"]
+
+
+# ------------------------------------------------------------------ found on the way (ledger)
+
+
+def test_ledger_list_devices_finds_each_live_certificate_by_device(
+    station_settings: Settings,
+) -> None:
+    """REPRODUCER for the ledger's owner; fails until station/ledger/ is fixed.
+
+    Ledger.list_devices (GET /v1/devices, `station device list`, reports, exports)
+    left-joins certificates ON device_pk = devices.id AND state = 'issued'. On SQLite
+    the only index on device_pk is partial (uq_certificates_live_device, WHERE state
+    IN ('intent', 'issued')), which the planner may not use for state = 'issued', so it
+    searches ix_certificates_state_station_id by state: every issued certificate for
+    every device. After the 10-minute soak (111,194 boards) listing 2,000 devices took
+    4 minutes; the whole batch would take hours. A plain index on device_pk, or the
+    join condition matching the partial index, fixes the plan.
+    """
+    from station.ledger.schema import devices
+    from station.ledger.service import _DEVICE_SELECT
+
+    with Ledger.from_settings(station_settings) as ledger:
+        stmt = _DEVICE_SELECT.where(devices.c.batch_id == 1).order_by(devices.c.id)
+        sql = str(stmt.compile(ledger.engine, compile_kwargs={"literal_binds": True}))
+        with ledger.engine.connect() as conn:
+            plan = [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+    cert_steps = [p for p in plan if "certificates" in p]
+    assert cert_steps and not any("(state=?)" in p for p in cert_steps), plan
