@@ -183,6 +183,7 @@ def throughput(
         },
         "wall_s": wall,
         "boards_per_min": ok / wall * 60,
+        "verdicts_per_min": len(records) / wall * 60,  # verified or failed with a reason
         "mean_seconds_per_board": sum(r.seconds for r in records) / len(records),
         "station_cpu_s": cpu,
         "rig_cpu_s": rig,
@@ -246,7 +247,10 @@ def main() -> None:
             if base_rate is None:
                 base_rate = s["boards_per_min"] / p
             s["linear_boards_per_min"] = base_rate * p
-            s["ratio_to_linear"] = s["boards_per_min"] / s["linear_boards_per_min"]
+            # None when the one-port run verified nothing (a cable too noisy for any board).
+            s["ratio_to_linear"] = (
+                s["boards_per_min"] / s["linear_boards_per_min"] if base_rate else None
+            )
             scaling.append(s)
         ledger.close()
 
@@ -265,6 +269,10 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     _print(args, mean, scaling, print)
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _print(
@@ -291,12 +299,16 @@ def _print(
         out(
             f"{s['ports']:3d} ports x {args.per_port}: {s['verified']:4d}/{s['boards']} verified"
             f" in {s['wall_s']:6.2f} s = {s['boards_per_min']:7.0f} boards/min;"
-            f" linear {s['linear_boards_per_min']:7.0f}; ratio {s['ratio_to_linear']:.2f};"
+            f" linear {s['linear_boards_per_min']:7.0f}; ratio {_ratio(s['ratio_to_linear'])};"
             f" {s['mean_seconds_per_board'] * 1000:.0f} ms/board;"
             f" station {s['station_cores']:.2f} cores, {s['station_cpu_ms_per_board']:.1f}"
             f" CPU ms/board; rig {s['rig_cores']:.2f} cores ({s['rig_cpu_share']:.0%} of CPU);"
             f" ledger {s['ledger_ms_per_board']:.1f} ms/board"
-            + (f"; failed {s['failed']}" if s["failed"] else "")
+            + (
+                f"; failed {s['failed']}, {s['verdicts_per_min']:.0f} verdicts/min"
+                if s["failed"]
+                else ""
+            )
         )
 
 
