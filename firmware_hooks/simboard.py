@@ -571,7 +571,9 @@ class _HubPort:
             try:
                 written = os.write(self.master, piece)
             except BlockingIOError:
-                return  # the station is not reading; try again on the next turn
+                # The station is not reading: try again a little later, not in a busy loop.
+                self.outbound[0] = (now + 0.005, piece)
+                return
             except OSError:
                 self.outbound.clear()
                 return
