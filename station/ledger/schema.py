@@ -160,6 +160,10 @@ certificates = Table(
         postgresql_where=text("state IN ('intent', 'issued')"),
     ),
     Index(None, "state", "station_id"),
+    # A device's certificates, whatever their state: the partial index above does
+    # not serve joins on device_pk with state = 'issued' (SQLite's planner then
+    # scans every issued certificate per device).
+    Index(None, "device_pk"),
 )
 
 whitelist = Table(
