@@ -712,7 +712,8 @@ class Ledger:
         self, cert_id: int, device_pk: int, device_id: str, serial: int, code: str, message: str
     ) -> None:
         now = _now()
-        with write_transaction(self.engine) as conn:
+
+        def write(conn: Connection) -> None:
             conn.execute(
                 certificates.update()
                 .where(certificates.c.id == cert_id, certificates.c.state == CertState.INTENT.value)
@@ -727,6 +728,8 @@ class Ledger:
                 now=now,
             )
             self._fail(conn, device_pk, device_id, code, message, now)
+
+        self._writes.submit(write, durable=True)
 
     def recover(
         self,
@@ -805,8 +808,11 @@ class Ledger:
         """
         policy.check_device_id(device_id)
         now = _now()
-        with write_transaction(self.engine) as conn:
+
+        def write(conn: Connection) -> None:
             self._enrol(conn, batch, device_id, now)
+
+        self._writes.submit(write, durable=False)
         return self.get_device(device_id)
 
     def _enrol(self, conn: Connection, batch: str, device_id: str, now: datetime) -> _Row:
@@ -867,7 +873,8 @@ class Ledger:
         already-provisioned (a verified board), bad-state.
         """
         now = _now()
-        with write_transaction(self.engine) as conn:
+
+        def write(conn: Connection) -> None:
             if batch is not None:
                 policy.check_device_id(device_id)
                 d = self._enrol(conn, batch, device_id, now)
@@ -880,12 +887,15 @@ class Ledger:
                 )
             self._require(d, device_id, DeviceState.KEY_READY)
             self._transition(conn, d.id, device_id, d.state, DeviceState.KEY_READY, now)
+
+        self._writes.submit(write, durable=False)
         return self.get_device(device_id)
 
     def mark_installed(self, device_id: str, chain_sha256: str) -> Device:
         """The board stored the chain and reported its digest. Codes: unknown-device, bad-state."""
         now = _now()
-        with write_transaction(self.engine) as conn:
+
+        def write(conn: Connection) -> None:
             d = self._device_row(conn, device_id)
             self._require(d, device_id, DeviceState.INSTALLED)
             self._transition(
@@ -897,6 +907,8 @@ class Ledger:
                 now,
                 chain_sha256=chain_sha256.lower(),
             )
+
+        self._writes.submit(write, durable=False)
         return self.get_device(device_id)
 
     def mark_verified(self, device_id: str) -> Device:
@@ -906,9 +918,12 @@ class Ledger:
         on an already verified board). Codes: unknown-device, bad-state.
         """
         now = _now()
-        with write_transaction(self.engine) as conn:
+
+        def write(conn: Connection) -> None:
             d = self._device_row(conn, device_id)
             self._verify(conn, d, device_id, now)
+
+        self._writes.submit(write, durable=True)
         return self.get_device(device_id)
 
     def _verify(self, conn: Connection, d: _Row, device_id: str, now: datetime) -> None:
@@ -928,9 +943,12 @@ class Ledger:
         A verified board that fails leaves the whitelist. Codes: unknown-device.
         """
         now = _now()
-        with write_transaction(self.engine) as conn:
+
+        def write(conn: Connection) -> None:
             d = self._device_row(conn, device_id)
             self._fail(conn, d.id, device_id, code, message, now)
+
+        self._writes.submit(write, durable=False)
         return self.get_device(device_id)
 
     def _fail(
@@ -975,7 +993,8 @@ class Ledger:
         if not reason:
             raise PolicyError("a revocation needs a reason", code="bad-reason")
         now = _now()
-        with write_transaction(self.engine) as conn:
+
+        def write(conn: Connection) -> None:
             d = self._device_row(conn, device_id)
             if d.cert_id is None or d.cert_state != CertState.ISSUED.value:
                 raise NotFoundError(
@@ -983,6 +1002,8 @@ class Ledger:
                 )
             self._revoke_cert(conn, d.cert_id, d.id, device_id, d.serial, reason, now)
             self._transition(conn, d.id, device_id, d.state, DeviceState.REVOKED, now)
+
+        self._writes.submit(write, durable=True)
         return self.get_device(device_id)
 
     def _revoke_cert(
@@ -1078,13 +1099,16 @@ class Ledger:
         """A fresh 32-byte nonce for the board to sign; single use, expires after ``ttl``."""
         nonce = secrets.token_bytes(32)
         now = _now()
-        with write_transaction(self.engine) as conn:
+
+        def write(conn: Connection) -> None:
             d = self._device_row(conn, device_id)
             conn.execute(
                 challenges.insert().values(
                     nonce=nonce.hex(), device_pk=d.id, created_at=now, expires_at=now + ttl
                 )
             )
+
+        self._writes.submit(write, durable=False)
         return nonce
 
     def verify_proof(self, device_id: str, nonce: bytes, signature: bytes) -> Device:
@@ -1094,8 +1118,9 @@ class Ledger:
         Codes: no-challenge, challenge-expired, bad-proof, unknown-device, bad-state.
         """
         now = _now()
-        failure: StationError | None = None
-        with write_transaction(self.engine) as conn:
+
+        def write(conn: Connection) -> StationError | None:
+            failure: StationError | None = None
             d = self._device_row(conn, device_id)
             ch = conn.execute(
                 select(challenges).where(
@@ -1128,6 +1153,10 @@ class Ledger:
                 audit.append(
                     conn, self.station_id, "proof.refused", device_id, {"code": failure.code}
                 )
+            return failure
+
+        # Durable: a good proof whitelists the board; a refused one burns the nonce.
+        failure = self._writes.submit(write, durable=True)
         if failure is not None:
             raise failure
         return self.get_device(device_id)
