@@ -139,3 +139,37 @@ def test_listing_batches_in_an_unknown_state_is_refused(fuzz_app: tuple[FastAPI,
         assert [
             b["name"] for b in client.get("/v1/batches?state=open", headers=headers).json()
         ] == ["B1"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/devices?offset=99999999999999999999", None),
+        (f"/v1/devices?offset={2**63}", None),
+        ("/v1/batches", {"name": "big", "product": "p", "planned_count": 2**31,
+                         "subject_template": TEMPLATE}),
+        ("/v1/batches", {"name": "huge", "product": "p", "planned_count": 10**30,
+                         "subject_template": TEMPLATE}),
+        ("/v1/tokens", {"name": "line-1\n2026-11-29 admin logged in", "role": "qa"}),
+        ("/v1/tokens", {"name": "nul\u0000", "role": "qa"}),
+        ("/v1/batches", {"name": "t", "product": "p", "planned_count": 1,
+                         "subject_template": "/CN={device_id}" + "/O=x" * 5000}),
+    ],
+    ids=["offset-huge", "offset-2^63", "planned-2^31", "planned-10^30", "token-newline",
+         "token-nul", "template-5000-attributes"],
+)  # fmt: skip
+def test_out_of_range_values_are_422_not_500(
+    fuzz_app: tuple[FastAPI, str], path: str, body: object
+) -> None:
+    """Hand-made after the fuzzing: numbers past the database's integers were HTTP 500;
+    control characters in a token name and a 20 kB subject template were accepted."""
+    from fastapi.testclient import TestClient
+
+    app, token = fuzz_app
+    with TestClient(app, raise_server_exceptions=False) as client:
+        headers = {"Authorization": f"Bearer {token}"}
+        if body is None:
+            r = client.get(path, headers=headers)
+        else:
+            r = client.post(path, json=body, headers=headers)
+        assert r.status_code == 422 and r.json()["code"] == "invalid-request", r.text
