@@ -17,6 +17,8 @@ from station.ledger import DeviceState
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
+INT64_MAX = 2**63 - 1  # the largest OFFSET SQLite and PostgreSQL take
+
 
 def _b64(value: str, field: str) -> bytes:
     try:
@@ -32,7 +34,7 @@ def list_devices(
     batch: str | None = None,
     state: Annotated[str | None, Query(json_schema_extra={"enum": list(DeviceState)})] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
 ) -> list[DeviceOut]:
     devices = station.ledger.list_devices(batch, state, limit=limit, offset=offset)
     return [DeviceOut(**asdict(d)) for d in devices]
