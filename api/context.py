@@ -26,7 +26,7 @@ from station.errors import StationError
 from station.ledger import Ledger
 from station.ledger.db import ping
 from station.ledger.records import RecoveryReport
-from station.line.recovery import StationLock, recover_at_startup
+from station.recovery import StationLock, recover_at_startup
 from station.settings import Settings
 
 RATE_WINDOW_S = 60.0
@@ -109,7 +109,7 @@ class Station:
         """Start-up recovery of the intents a killed process of this station left.
 
         Holds the station's shared lock until close(), so a worker that starts
-        later leaves this one's young intents alone (station.line.recovery).
+        later leaves this one's young intents alone (station.recovery).
         """
         report, lock = recover_at_startup(self.ledger, self.ca, self.settings.data_dir)
         with self._lock:

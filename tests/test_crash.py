@@ -25,7 +25,7 @@ from cryptography import x509
 
 from station.ca import CertificateAuthority
 from station.ledger import Ledger
-from station.line.recovery import recover_at_startup
+from station.recovery import recover_at_startup
 from station.settings import Settings
 from tests.crash_rig import LAUNCH, TEMPLATE, Station, crash_rig, station_env
 from tests.fixtures.hsm import settings_for

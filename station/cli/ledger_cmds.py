@@ -174,7 +174,7 @@ def sign_cmd(
     """
     from station import policy
     from station.ca import open_ca
-    from station.line.recovery import recover_at_startup
+    from station.recovery import recover_at_startup
 
     if (batch is None) != (device is None):
         raise fail("usage", "--batch and --device go together", 2)

@@ -19,9 +19,9 @@ from station.ledger import BatchState, Ledger
 from station.ledger.records import RecoveryReport
 from station.line import LineDriver, LineStatus, ProvisionContext, open_port_client
 from station.line.driver import BoardRecord, glob_ports
-from station.line.recovery import recover_at_startup
 from station.line.status import STATUS_FILE
 from station.line.view import run_with_view
+from station.recovery import recover_at_startup
 
 line_app = typer.Typer(
     help="The serial line: provision boards on serial ports.", no_args_is_help=True
