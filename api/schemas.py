@@ -12,7 +12,7 @@ from station.ledger import TOKEN_ROLES, KeyMode
 class BatchIn(BaseModel):
     name: str = Field(min_length=1, max_length=128)
     product: str = Field(min_length=1, max_length=128)
-    planned_count: int = Field(ge=1)
+    planned_count: int = Field(ge=1, le=2**31 - 1)  # the ledger's column is a 32-bit INTEGER
     key_mode: str = Field(default="board-ecc", json_schema_extra={"enum": list(KeyMode)})
     subject_template: str = Field(
         min_length=1, description="e.g. /O=company/OU=team/CN={device_id}/C=US, or * as presented"
