@@ -88,7 +88,8 @@ class RevokeIn(BaseModel):
 
 
 class TokenIn(BaseModel):
-    name: str = Field(min_length=1, max_length=128)
+    # Printed by `station token list` and in logs: no control characters (log injection).
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
     role: str = Field(json_schema_extra={"enum": list(TOKEN_ROLES)})
 
 
