@@ -15,7 +15,9 @@ class BatchIn(BaseModel):
     planned_count: int = Field(ge=1, le=2**31 - 1)  # the ledger's column is a 32-bit INTEGER
     key_mode: str = Field(default="board-ecc", json_schema_extra={"enum": list(KeyMode)})
     subject_template: str = Field(
-        min_length=1, description="e.g. /O=company/OU=team/CN={device_id}/C=US, or * as presented"
+        min_length=1,
+        max_length=1024,
+        description="e.g. /O=company/OU=team/CN={device_id}/C=US, or * as presented",
     )
     days: int = Field(default=3650, ge=1, le=36500)
 
