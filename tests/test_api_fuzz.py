@@ -27,7 +27,7 @@ from api.app import create_app
 from station.ledger import Ledger
 from station.settings import Settings
 
-EXAMPLES_PER_OPERATION = 25
+EXAMPLES_PER_OPERATION = 60
 
 # Two settings, each for a reason:
 # - the API ignores query parameters it does not know, like most HTTP APIs, so
