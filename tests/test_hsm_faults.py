@@ -403,7 +403,7 @@ def test_ledger_chains_the_hsm_error_under_sign_failed(rig: Rig) -> None:
 def test_ledger_list_devices_finds_each_live_certificate_by_device(
     station_settings: Settings,
 ) -> None:
-    """REPRODUCER for the ledger's owner; fails until station/ledger/ is fixed.
+    """Found by the soak, fixed in the ledger by 86044ab (index on device_pk); kept as a guard.
 
     Ledger.list_devices (GET /v1/devices, `station device list`, reports, exports)
     left-joins certificates ON device_pk = devices.id AND state = 'issued'. On SQLite
@@ -411,8 +411,7 @@ def test_ledger_list_devices_finds_each_live_certificate_by_device(
     IN ('intent', 'issued')), which the planner may not use for state = 'issued', so it
     searches ix_certificates_state_station_id by state: every issued certificate for
     every device. After the 10-minute soak (111,194 boards) listing 2,000 devices took
-    4 minutes; the whole batch would take hours. A plain index on device_pk, or the
-    join condition matching the partial index, fixes the plan.
+    4 minutes; the whole batch would have taken hours.
     """
     from station.ledger.schema import devices
     from station.ledger.service import _DEVICE_SELECT
