@@ -343,3 +343,32 @@ def test_os_pty_is_available() -> None:
     master, slave = os.openpty()
     os.close(master)
     os.close(slave)
+
+
+def test_a_request_to_a_board_that_never_reads_ends_in_timeout() -> None:
+    """A board whose agent stopped reading: the request's bytes fill the pty and the
+    retries' writes used to block forever (no write timeout), past every request timeout."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    port = serial.Serial(os.ttyname(slave), timeout=0.05)
+    os.close(slave)
+    outcome: list[BaseException] = []
+
+    def request() -> None:
+        link = Link(port)
+        chain = p.encode_tlv([(p.Tag.CHAIN, b"A" * 3000)])
+        try:
+            link.request(p.MsgType.PUT_CHAIN, chain, timeout=0.2, retries=3)
+        except BaseException as exc:  # any outcome is recorded and checked below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=request, daemon=True)
+    try:
+        worker.start()
+        worker.join(20)
+        assert not worker.is_alive(), "the request still blocks in write()"
+        assert len(outcome) == 1 and isinstance(outcome[0], p.Timeout), outcome
+    finally:
+        os.close(master)  # unblocks a stuck write, so the thread ends either way
+        worker.join(5)
+        port.close()
