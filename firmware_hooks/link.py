@@ -42,6 +42,17 @@ _TRANSPORT_ERRORS = (OSError, ValueError, TypeError, _TermiosError)
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.05
+# A write that cannot hand its bytes to the port for this long means the far end
+# stopped reading (its buffer is full): without it write() blocks forever, past
+# every request timeout. Generous: a full pty buffer drains in ~1.5 s at 115200 baud.
+WRITE_TIMEOUT = 5.0
+
+try:
+    from serial import SerialTimeoutException as _WriteTimeout
+except ImportError:  # pragma: no cover - the codec and link work on any port-like object
+
+    class _WriteTimeout(Exception):  # type: ignore[no-redef]
+        pass
 
 
 class SerialLike(Protocol):
@@ -85,10 +96,13 @@ class Link:
         *,
         baudrate: int | None = None,
         poll_interval: float = POLL_INTERVAL,
+        write_timeout: float = WRITE_TIMEOUT,
     ) -> None:
         self.port = port
         self.baudrate = baudrate if baudrate is not None else getattr(port, "baudrate", None)
         port.timeout = poll_interval
+        if hasattr(port, "write_timeout"):
+            port.write_timeout = write_timeout
         self._decoder = MessageDecoder()
         self._seq = secrets.randbelow(0x10000)
         self.last_error: ProtocolError | None = None
@@ -100,6 +114,11 @@ class Link:
         try:
             self.port.write(data)
             self.port.flush()
+        except _WriteTimeout as exc:  # before _TRANSPORT_ERRORS: it is an OSError too
+            raise Timeout(
+                f"the port took no bytes for {getattr(self.port, 'write_timeout', '?')} s: "
+                "the far end is not reading"
+            ) from exc
         except _TRANSPORT_ERRORS as exc:
             raise Disconnected(f"write failed: {exc}") from exc
 

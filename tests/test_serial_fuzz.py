@@ -350,13 +350,14 @@ def test_a_request_to_a_board_that_never_reads_ends_in_timeout() -> None:
     retries' writes used to block forever (no write timeout), past every request timeout."""
     master, slave = os.openpty()
     tty.setraw(slave)
-    port = serial.Serial(os.ttyname(slave), timeout=0.05)
+    port = serial.Serial(os.ttyname(slave), baudrate=921600, timeout=0.05)
     os.close(slave)
     outcome: list[BaseException] = []
 
     def request() -> None:
         link = Link(port)
-        chain = p.encode_tlv([(p.Tag.CHAIN, b"A" * 3000)])
+        # Four attempts of 6 kB: more than a pty holds (about 16 kB here).
+        chain = p.encode_tlv([(p.Tag.CHAIN, b"A" * 6000)])
         try:
             link.request(p.MsgType.PUT_CHAIN, chain, timeout=0.2, retries=3)
         except BaseException as exc:  # any outcome is recorded and checked below
