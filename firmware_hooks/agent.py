@@ -53,7 +53,9 @@ from firmware_hooks.protocol import (
     Message,
     MsgType,
     Tag,
+    Timeout,
     UnsupportedVersion,
+    encode_message,
     encode_tlv,
     error_payload,
     response_type,
@@ -173,17 +175,11 @@ class Agent:
                 request = link.receive(0.2)
             except UnsupportedVersion as exc:
                 log.warning("request in protocol version %d refused", exc.version)
-                link.send(
-                    Message(
-                        MsgType.ERROR,
-                        exc.seq,
-                        error_payload(
-                            ErrorCode.UNSUPPORTED_VERSION,
-                            f"protocol version {exc.version} not supported; "
-                            f"supported: {PROTOCOL_VERSION}",
-                        ),
-                    )
+                refusal = error_payload(
+                    ErrorCode.UNSUPPORTED_VERSION,
+                    f"protocol version {exc.version} not supported; supported: {PROTOCOL_VERSION}",
                 )
+                self._write(link, encode_message(Message(MsgType.ERROR, exc.seq, refusal)))
                 continue
             if request is None:
                 continue
@@ -192,10 +188,20 @@ class Agent:
                 # A retry of the request just answered: replay, never run it twice.
                 self._replay.hits += 1
                 log.info("replaying the reply to seq %d", request.seq)
-                link.write(self._replay.wire)
+                self._write(link, self._replay.wire)
                 continue
             reply = self.handle(request)
-            self._replay.key, self._replay.wire = key, link.send(reply)
+            self._replay.key, self._replay.wire = key, encode_message(reply)
+            self._write(link, self._replay.wire)
+
+    @staticmethod
+    def _write(link: Link, wire: bytes) -> None:
+        """Send a reply; if the station is not reading (write timeout), drop it and keep
+        serving: the station's retry of the request gets it from the replay cache."""
+        try:
+            link.write(wire)
+        except Timeout as exc:
+            log.warning("reply dropped: %s", exc)
 
     # ------------------------------------------------------------------ dispatch
 

@@ -373,3 +373,52 @@ def test_a_request_to_a_board_that_never_reads_ends_in_timeout() -> None:
         os.close(master)  # unblocks a stuck write, so the thread ends either way
         worker.join(5)
         port.close()
+
+
+def test_the_agent_survives_a_station_that_stops_reading(tmp_path: Path) -> None:
+    """The station sends requests but reads no replies until the pty is full: the agent's
+    write times out (Link's write_timeout); it must keep serving, not die."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    board_port = serial.Serial(os.ttyname(slave), timeout=0.05)
+    os.close(slave)
+    agent = Agent(AgentConfig(key_dir=tmp_path / "keys", hardware_id="DEAF-STATION"))
+    stop = threading.Event()
+    died: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            agent.serve(board_port, stop)
+        except BaseException as exc:  # recorded: the agent must not end this way
+            died.append(exc)
+
+    worker = threading.Thread(target=serve, daemon=True)
+    worker.start()
+    try:
+        # STATUS replies are ~250 bytes: 200 of them overflow the pty while nobody reads.
+        for seq in range(200):
+            os.write(master, p.encode_message(p.Message(p.MsgType.STATUS, seq)))
+        # Past the agent's first write timeout (5 s): a dropped reply, or a dead agent.
+        deadline = time.monotonic() + 7
+        while time.monotonic() < deadline and worker.is_alive():
+            time.sleep(0.2)
+        assert worker.is_alive(), f"the agent stopped serving: {died!r}"
+        # The station reads again: everything queued, then a fresh HELLO is answered.
+        decoder = p.MessageDecoder()
+        os.write(master, p.encode_message(p.Message(p.MsgType.HELLO, 4242)))
+        answered = False
+        end = time.monotonic() + 15
+        while time.monotonic() < end and not answered:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                decoder.feed(os.read(master, 65536))
+                answered = any(
+                    isinstance(m, p.Message) and m.seq == 4242 and m.type == p.MsgType.HELLO_OK
+                    for m in drain(decoder)
+                )
+        assert answered, "no answer to a HELLO once the station reads again"
+    finally:
+        stop.set()
+        worker.join(10)
+        board_port.close()
+        os.close(master)
