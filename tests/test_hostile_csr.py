@@ -345,17 +345,11 @@ def test_a_good_csr_still_works_after_the_hostile_ones(paths: Paths) -> None:
     assert r.status_code == 201, r.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="station sign without --batch creates the adhoc batch (and an audit row) before "
-    "the CSR is checked; fix in station/cli/ledger_cmds.py (check_csr before "
-    "ensure_adhoc_batch), then drop this mark",
-)
 def test_adhoc_sign_of_a_refused_csr_leaves_the_ledger_unchanged(
     station_env: Settings, tmp_path: Path
 ) -> None:
-    """Reproducer for the lead: on a ledger without the adhoc batch, a CSR with a bad
-    signature is refused (bad-signature) but the adhoc batch and its audit row stay."""
+    """On a ledger without the adhoc batch, a CSR with a bad signature is refused
+    (bad-signature) before the adhoc batch (and its audit row) is created."""
     with Ledger.from_settings(station_env) as led:
         led.list_batches()  # creates the schema
     before = ledger_dump(station_env)

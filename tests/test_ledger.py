@@ -368,6 +368,12 @@ def test_api_tokens_store_only_a_hash(ledger: Ledger) -> None:
     assert ledger.lookup_token(token) is None
 
 
+@pytest.mark.parametrize("name", ["", "evil\nINFO forged", "nul\x00", "x" * 129])
+def test_token_names_are_printable(ledger: Ledger, name: str) -> None:
+    with refused("bad-token-name"):
+        ledger.create_token(name, "qa")
+
+
 def test_adhoc_batch_takes_the_subject_as_presented(
     ledger: Ledger, ca: CertificateAuthority
 ) -> None:

@@ -188,6 +188,8 @@ def sign_cmd(
     with _ledger() as led, contextlib.closing(recover_at_startup(led, ca, cfg.data_dir)[1]):
         if batch is None:
             parsed = policy.load_csr(data)
+            # Refuse a bad CSR before the adhoc batch exists: a refusal changes nothing.
+            policy.check_csr(parsed)
             cn = policy.common_name(parsed.subject)
             if cn is None:
                 raise fail("missing-cn", "the CSR has no single CN to name the device")

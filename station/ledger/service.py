@@ -1315,8 +1315,11 @@ class Ledger:
     def create_token(self, name: str, role: str) -> str:
         """A new bearer token for the HTTP API; only its SHA-256 is stored.
 
-        Codes: bad-role, token-exists.
+        Codes: bad-token-name, bad-role, token-exists.
         """
+        # Names are printed and logged: no control characters (log injection).
+        if not 1 <= len(name) <= 128 or not name.isprintable():
+            raise PolicyError("a token name is 1-128 printable characters", code="bad-token-name")
         if role not in TOKEN_ROLES:
             raise PolicyError(
                 f"role {role!r} is not one of {', '.join(TOKEN_ROLES)}", code="bad-role"
