@@ -3,13 +3,15 @@
 python-pkcs11 initialises the module with ``C_Initialize(NULL)``, so SoftHSM
 runs without mutexes while the GIL is released during every call: two threads
 signing at once can crash the process. Every PKCS#11 call in this process goes
-through one lock. A single thread still signs ~6,000 EC P-256 digests a second,
-well above what the certificate builder around it can use; for more throughput
-run more processes (each logs in once).
+through one lock. A single thread still signs 12,000-17,000 EC P-256 digests a
+second, well above what the certificate builder around it can use; for more
+throughput run more processes (each logs in once).
 
 A broken session (token removed, session closed, module re-initialised) is
-detected on the next call: the store drops its handles, logs in again and
-retries once, so the station recovers without a restart when the token returns.
+detected on the next call: the store drops its handles, logs in again (starting
+the module anew if a fresh session fails too) and retries with a short backoff
+(about half a second in all), so the station recovers without a restart when the
+token returns. A PIN the token refused is never offered again (see _login).
 """
 
 from __future__ import annotations
