@@ -3,7 +3,8 @@
 In one run, on one fresh data directory with its own SoftHSM token and SQLite ledger:
   * in-process: ``Ledger.issue`` called directly (policy, ledger, HSM), one thread;
   * HTTP: ``station serve`` in a subprocess on 127.0.0.1 (``--workers 2`` by default),
-    driven by a load generator in its own process (threads, one httpx.Client each),
+    driven by a load generator in its own process (asyncio, one keep-alive
+    connection per client, requests built before timing; uvloop when installed),
     POST /v1/certificates with JSON, a fresh device key per request.
 
 The HTTP rate is reported next to the in-process rate as a ratio. Every level runs
@@ -23,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -71,57 +71,120 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 # ---------------------------------------------------------------- load generator
+#
+# The generator shares the machine's cores with the server, so it must cost little:
+# asyncio over raw streams (one keep-alive HTTP/1.1 connection per client, like wrk),
+# every request (headers and JSON body) built before timing starts, responses read
+# by Content-Length. httpx in threads cost about a millisecond of CPU per request.
+
+
+def build_request(host: str, token: str, batch: str, device_id: str, pem: str) -> bytes:
+    body = json.dumps({"batch": batch, "device_id": device_id, "csr": pem}).encode()
+    head = (
+        f"POST /v1/certificates HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class ResponseError(Exception):
+    pass
+
+
+async def read_response(reader: Any) -> tuple[int, bytes, bool]:
+    """(status, body, keep_alive) of one HTTP/1.1 response with a Content-Length."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    lower = head.lower()
+    at = lower.find(b"\r\ncontent-length:")
+    if at < 0:
+        raise ResponseError("no-content-length")
+    length = int(lower[at + 17 : lower.index(b"\r\n", at + 2)])
+    body = await reader.readexactly(length)
+    return status, body, b"\r\nconnection: close\r\n" not in lower
+
+
+def _error_code(status: int, body: bytes) -> str:
+    try:
+        return str(json.loads(body).get("code", status))
+    except (ValueError, AttributeError):
+        return str(status)
+
+
+async def _drive(
+    host: str, port: int, requests: list[bytes], clients: int, duration: float
+) -> tuple[list[float], dict[str, int], float]:
+    import asyncio
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    pending = iter(requests)
+    stop_at = time.perf_counter() + duration
+
+    async def client() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while time.perf_counter() < stop_at:
+                request = next(pending, None)
+                if request is None:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    writer.write(request)
+                    status, body, keep_alive = await read_response(reader)
+                except (OSError, EOFError, asyncio.IncompleteReadError, ResponseError) as exc:
+                    code = str(exc) if isinstance(exc, ResponseError) else type(exc).__name__
+                    errors[code] = errors.get(code, 0) + 1
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
+                    continue
+                if status == 201:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    code = _error_code(status, body)
+                    errors[code] = errors.get(code, 0) + 1
+                if not keep_alive:
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
+        finally:
+            writer.close()
+
+    start = time.perf_counter()
+    stop_at = start + duration
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return latencies, errors, time.perf_counter() - start
 
 
 def _load(
     url: str, token: str, batch: str, clients: int, duration: float, budget: int, out: Any
 ) -> None:
-    """Runs in its own process: `clients` threads posting CSRs for `duration` seconds."""
-    import httpx
+    """Runs in its own process: `clients` keep-alive connections posting CSRs."""
+    import asyncio
+    import resource
+    from urllib.parse import urlsplit
 
-    csrs = [(f"c{clients}-{i:06d}", csr_pem(f"c{clients}-{i:06d}")) for i in range(budget)]
-    lock = threading.Lock()
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    next_index = [0]
-    start = time.perf_counter()
-    stop_at = start + duration
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    requests = [
+        build_request(
+            f"{host}:{port}", token, batch, f"c{clients}-{i:06d}", csr_pem(f"c{clients}-{i:06d}")
+        )
+        for i in range(budget)
+    ]
+    try:
+        import uvloop
 
-    def worker() -> None:
-        headers = {"Authorization": f"Bearer {token}"}
-        with httpx.Client(base_url=url, headers=headers, timeout=30.0) as client:
-            while time.perf_counter() < stop_at:
-                with lock:
-                    i = next_index[0]
-                    next_index[0] += 1
-                if i >= len(csrs):
-                    return
-                device_id, pem = csrs[i]
-                t0 = time.perf_counter()
-                try:
-                    r = client.post(
-                        "/v1/certificates",
-                        json={"batch": batch, "device_id": device_id, "csr": pem},
-                    )
-                    ok = r.status_code == 201
-                    code = "" if ok else str(r.json().get("code", r.status_code))
-                except httpx.HTTPError as exc:
-                    ok, code = False, type(exc).__name__
-                dt = time.perf_counter() - t0
-                with lock:
-                    if ok:
-                        latencies.append(dt)
-                    else:
-                        errors[code] = errors.get(code, 0) + 1
-
-    start = time.perf_counter()
-    stop_at = start + duration
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
+        loop_name = "uvloop"
+        run = uvloop.run
+    except ImportError:
+        loop_name = "asyncio"
+        run = asyncio.run
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    latencies, errors, elapsed = run(_drive(host, port, requests, clients, duration))
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    answered = len(latencies) + sum(errors.values())
     latencies.sort()
     out.put(
         {
@@ -133,20 +196,58 @@ def _load(
             "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
             "mean_ms": round(statistics.fmean(latencies) * 1000, 2) if latencies else None,
             "errors": errors,
+            "budget_exhausted": answered >= budget,
+            "client_loop": loop_name,
+            # CPU of the load generator over the timed window: share of one core,
+            # and per answered request.
+            "client_cpu_share": round(cpu / elapsed, 3),
+            "client_cpu_us_per_request": round(cpu / answered * 1e6, 1) if answered else None,
         }
     )
 
 
-def run_level(url: str, token: str, batch: str, clients: int, duration: float) -> dict[str, Any]:
+def _proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of pid and its direct children (the uvicorn workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def one(p: str) -> tuple[int, float]:
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid, cpu = one(entry)
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(entry) == pid or ppid == pid:
+            total += cpu
+    return total
+
+
+def run_level(
+    url: str, token: str, batch: str, clients: int, duration: float, server_pid: int | None = None
+) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     budget = max(200, int(duration * 1500))
     proc = ctx.Process(
         target=_load, args=(url, token, batch, clients, duration, budget, queue), daemon=True
     )
+    # The server's CPU is read around the whole level (CSR making included, but the
+    # server is idle then); the generator's own CPU is measured inside it.
+    cpu0 = _proc_cpu_seconds(server_pid) if server_pid else 0.0
     proc.start()
     result: dict[str, Any] = queue.get(timeout=duration + 120)
     proc.join(10)
+    if server_pid:
+        cpu = _proc_cpu_seconds(server_pid) - cpu0
+        answered = result["certificates"] + sum(result["errors"].values())
+        result["server_cpu_share"] = round(cpu / result["seconds"], 3)
+        result["server_cpu_ms_per_request"] = round(cpu / answered * 1e3, 3) if answered else None
     return result
 
 
@@ -260,7 +361,7 @@ def main() -> int:
     )
     try:
         wait_healthy(url, server)
-        levels = [run_level(url, token, "http", n, duration) for n in LEVELS]
+        levels = [run_level(url, token, "http", n, duration, server.pid) for n in LEVELS]
     finally:
         server.terminate()
         try:
@@ -281,11 +382,15 @@ def main() -> int:
     print(f"in-process Ledger.issue: {inproc['per_second']} certs/s "
           f"(p50 {inproc['p50_ms']} ms, p99 {inproc['p99_ms']} ms)")  # fmt: skip
     print(f"HTTP, station serve --workers {args.workers}:")
-    print(f"{'clients':>8} {'certs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>7}  errors")
+    print(
+        f"{'clients':>8} {'certs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>7}"
+        f" {'client cpu':>10} {'server cpu ms/req':>17}  errors"
+    )
     for lv in levels:
         print(
             f"{lv['clients']:>8} {lv['per_second']:>9} {lv['p50_ms']:>8} {lv['p99_ms']:>8} "
-            f"{lv['ratio_to_in_process']:>7}  {lv['errors'] or ''}"
+            f"{lv['ratio_to_in_process']:>7} {lv['client_cpu_share']:>10}"
+            f" {lv.get('server_cpu_ms_per_request', ''):>17}  {lv['errors'] or ''}"
         )
     return 0
 
