@@ -72,6 +72,7 @@ class TimedLedger:
         self._ledger = ledger
         self._local = threading.local()
         self.seconds: dict[int, float] = {}
+        self.cpu_seconds: dict[int, float] = {}  # the calling thread's CPU time inside them
 
     def thread_seconds(self) -> float:
         return self.seconds.get(threading.get_ident(), 0.0)
@@ -82,12 +83,15 @@ class TimedLedger:
             return value
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             try:
                 return value(*args, **kwargs)
             finally:
                 ident = threading.get_ident()
                 self.seconds[ident] = self.seconds.get(ident, 0.0) + (time.perf_counter() - started)
+                self.cpu_seconds[ident] = self.cpu_seconds.get(ident, 0.0) + (
+                    time.thread_time() - cpu
+                )
 
         return timed
 
@@ -191,6 +195,7 @@ def throughput(
         "station_cpu_ms_per_board": cpu / n * 1000,
         "board_compute_ms_per_board": compute / n * 1000,
         "ledger_ms_per_board": sum(timed.seconds.values()) / n * 1000,
+        "ledger_cpu_ms_per_board": sum(timed.cpu_seconds.values()) / n * 1000,
         "station_cores": cpu / wall,
         "rig_cores": rig / wall,
         "ports_with_boards_left": len(stuck),
@@ -304,6 +309,7 @@ def _print(
             f" station {s['station_cores']:.2f} cores, {s['station_cpu_ms_per_board']:.1f}"
             f" CPU ms/board; rig {s['rig_cores']:.2f} cores ({s['rig_cpu_share']:.0%} of CPU);"
             f" ledger {s['ledger_ms_per_board']:.1f} ms/board"
+            f" ({s['ledger_cpu_ms_per_board']:.1f} CPU ms)"
             + (
                 f"; failed {s['failed']}, {s['verdicts_per_min']:.0f} verdicts/min"
                 if s["failed"]
