@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +20,7 @@ from station.ledger import BatchState, Ledger
 from station.ledger.records import RecoveryReport
 from station.line import LineDriver, LineStatus, ProvisionContext, open_port_client
 from station.line.driver import BoardRecord, glob_ports
+from station.line.procs import ProcessLine
 from station.line.status import STATUS_FILE
 from station.line.view import run_with_view
 from station.recovery import recover_at_startup
@@ -80,6 +82,14 @@ def run_cmd(
     ] = None,
     live: Annotated[bool, typer.Option("--live/--no-live", help="Live terminal view.")] = True,
     timeout: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes the ports are shared out among (each its own HSM "
+            "session and ledger connection); 1 runs every port in this process.",
+        ),
+    ] = 1,
 ) -> None:
     """Provision every board plugged into the line, all ports at once.
 
@@ -117,12 +127,23 @@ def run_cmd(
             else:
                 fixed = list(port or [])
                 ports = lambda: fixed  # noqa: E731
-            driver = LineDriver(
-                ctx,
-                ports,
-                status=status,
-                client_factory=lambda path: open_port_client(path, baudrate=baud),
-            )
+            driver: LineDriver | ProcessLine
+            if processes > 1:
+                driver = ProcessLine(
+                    s,
+                    batch,
+                    ports,
+                    processes=processes,
+                    status=status,
+                    client_factory=functools.partial(open_port_client, baudrate=baud),
+                )
+            else:
+                driver = LineDriver(
+                    ctx,
+                    ports,
+                    status=status,
+                    client_factory=lambda path: open_port_client(path, baudrate=baud),
+                )
             until = None if count is None else (lambda d: len(d.records) >= count)
             records = run_with_view(
                 driver, console, live=live and console.is_terminal, until=until, timeout=timeout

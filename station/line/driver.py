@@ -127,6 +127,7 @@ class LineDriver:
         client_factory: ClientFactory | None = None,
         rescan_interval: float = RESCAN_INTERVAL,
         poll_interval: float = POLL_INTERVAL,
+        on_record: Callable[[BoardRecord], None] | None = None,
     ) -> None:
         self.ctx = ctx
         self.ports = ports
@@ -134,6 +135,7 @@ class LineDriver:
         self.client_factory = client_factory or open_port_client
         self.rescan_interval = rescan_interval
         self.poll_interval = poll_interval
+        self.on_record = on_record  # called in the port's thread as each board finishes
         self.records: list[BoardRecord] = []
         self._records_lock = threading.Lock()
         self._workers: dict[str, _Worker] = {}
@@ -272,8 +274,11 @@ class LineDriver:
             )
             seconds = time.monotonic() - started
             tx, rx = (counter.tx - tx0, counter.rx - rx0) if counter else (0, 0)
+            record = BoardRecord(path, outcome, seconds, tx, rx, started)
             with self._records_lock:
-                self.records.append(BoardRecord(path, outcome, seconds, tx, rx, started))
+                self.records.append(record)
+            if self.on_record is not None:
+                self.on_record(record)
             self.status.finished(path, device_id, outcome.result, outcome.code, outcome.message)
             log.info(
                 "%s: %s %s %s %s", path, device_id, outcome.result, outcome.code, outcome.message

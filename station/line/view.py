@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 
-from station.line.driver import BoardRecord, LineDriver
+from station.line.driver import BoardRecord
 from station.line.status import LineStatus
 
 _STEP_STYLE = {"verified": "green", "failed": "bold red", "skipped": "yellow", "waiting": "dim"}
@@ -52,12 +53,26 @@ def render(status: LineStatus) -> RenderableType:
     return Group(*parts)
 
 
+class LineRunner(Protocol):
+    """What the view drives: a LineDriver (one process) or a ProcessLine (several)."""
+
+    status: LineStatus
+
+    def run(
+        self,
+        *,
+        until: Any = None,
+        timeout: float | None = None,
+        tick: Callable[[], None] | None = None,
+    ) -> list[BoardRecord]: ...
+
+
 def run_with_view(
-    driver: LineDriver,
+    driver: LineRunner,
     console: Console,
     *,
     live: bool,
-    until: Callable[[LineDriver], bool] | None = None,
+    until: Callable[[Any], bool] | None = None,
     timeout: float | None = None,
 ) -> list[BoardRecord]:
     """Run the driver, redrawing the view four times a second when ``live``."""
