@@ -18,7 +18,8 @@ In one run:
     station and of the rig per board.
 
     python bench/line.py [--mode board-ecc] [--baud 115200] [--boards 5]
-                         [--ports 1,8,32,64] [--per-port 4] [--corrupt 0.0] [--json]
+                         [--ports 1,8,32,64] [--per-port 4] [--corrupt 0.0]
+                         [--processes 1] [--json]
 
 --corrupt P flips each byte on the line with probability P (both directions, both rigs).
 """
@@ -26,6 +27,7 @@ In one run:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -49,6 +51,7 @@ from firmware_hooks.simboard import (  # noqa: E402
 from station.ca import init_ca  # noqa: E402
 from station.ledger import Ledger  # noqa: E402
 from station.line import LineDriver, ProvisionContext, open_port_client  # noqa: E402
+from station.line.procs import ProcessLine  # noqa: E402
 from station.line.simkeys import CryptographyKeys  # noqa: E402
 from station.settings import Settings  # noqa: E402
 
@@ -149,12 +152,17 @@ def throughput(
     corrupt: float,
     prefix: str,
     rig_process: bool = True,
+    processes: int = 1,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     """P ports at once on SimulatedLine, ``per_port`` boards each; the rig in a child
-    process unless ``rig_process`` is false (then it shares the station's GIL)."""
+    process unless ``rig_process`` is false (then it shares the station's GIL).
+    ``processes`` > 1: the station's ports shared out among that many worker
+    processes (``station line run --processes``), which open ``settings``."""
     n = ports * per_port
     timed = TimedLedger(ledger)
-    ctx = ProvisionContext(timed, ca, _batch(ledger, mode, n, f"p{ports}"))  # type: ignore[arg-type]
+    batch = _batch(ledger, mode, n, f"p{ports}")
+    ctx = ProvisionContext(timed, ca, batch)  # type: ignore[arg-type]
     rig_class = SimulatedLineProcess if rig_process else SimulatedLine
     shm = Path("/dev/shm")
     with rig_class(
@@ -167,10 +175,27 @@ def throughput(
         seed=1,
         base_dir=shm if shm.is_dir() else None,  # the boards' fsyncs are not the station's
     ) as line:
+        workers: list[Any] = []
         cpu0, rig0 = time.process_time(), line.cpu_seconds
-        records = _drive(ctx, line.ports, n, baud)
+        if processes > 1:
+            assert settings is not None
+            station = ProcessLine(
+                settings,
+                batch.name,
+                lambda: line.ports,
+                processes=processes,
+                client_factory=functools.partial(open_port_client, baudrate=baud or 115200),
+                measure_ledger=True,
+            )
+            station.start()  # the workers' start-up (imports, HSM login) is not the line's
+            cpu0 = time.process_time()
+            records = station.run(until=lambda d: len(d.records) >= n, timeout=1800)
+            workers = station.worker_stats
+        else:
+            records = _drive(ctx, line.ports, n, baud)
         rig = line.cpu_seconds - rig0
         cpu = time.process_time() - cpu0 - (0.0 if rig_process else rig)
+        cpu += sum(w.cpu_seconds for w in workers)
         compute = sum(line.compute_seconds.values())
         stuck = {p: w for p, w in line.waiting().items() if w}
     first = min(r.started for r in records)
@@ -194,8 +219,17 @@ def throughput(
         "rig_cpu_share": rig / (cpu + rig) if cpu + rig else 0.0,
         "station_cpu_ms_per_board": cpu / n * 1000,
         "board_compute_ms_per_board": compute / n * 1000,
-        "ledger_ms_per_board": sum(timed.seconds.values()) / n * 1000,
-        "ledger_cpu_ms_per_board": sum(timed.cpu_seconds.values()) / n * 1000,
+        "processes": processes,
+        "ledger_ms_per_board": (
+            sum(timed.seconds.values()) + sum(w.ledger_seconds for w in workers)
+        )
+        / n
+        * 1000,
+        "ledger_cpu_ms_per_board": (
+            sum(timed.cpu_seconds.values()) + sum(w.ledger_cpu_seconds for w in workers)
+        )
+        / n
+        * 1000,
         "station_cores": cpu / wall,
         "rig_cores": rig / wall,
         "ports_with_boards_left": len(stuck),
@@ -215,6 +249,12 @@ def main() -> None:
         help="run the simulated line in the station's process (it then shares the GIL)",
     )
     parser.add_argument("--corrupt", type=float, default=0.0, help="byte corruption probability")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="station worker processes the ports are shared out among (line run --processes)",
+    )
     parser.add_argument(
         "--data-dir",
         type=Path,
@@ -248,6 +288,7 @@ def main() -> None:
             s = throughput(
                 ledger, ca, args.mode, args.baud, p, args.per_port, args.corrupt,
                 f"T{stamp}P{p}", rig_process=not args.rig_in_process,
+                processes=args.processes, settings=settings,
             )  # fmt: skip
             if base_rate is None:
                 base_rate = s["boards_per_min"] / p
@@ -263,6 +304,7 @@ def main() -> None:
         "mode": args.mode,
         "baud": args.baud,
         "corrupt": args.corrupt,
+        "processes": args.processes,
         "cpus": os.cpu_count(),
         "data_dir": str(args.data_dir or tempfile.gettempdir()),
         "load_average_after": os.getloadavg(),
@@ -286,7 +328,10 @@ def _print(
     scaling: list[dict[str, Any]],
     out: Callable[[str], None],
 ) -> None:
-    out(f"mode {args.mode}, {args.baud} baud, corrupt {args.corrupt}, {os.cpu_count()} CPUs")
+    out(
+        f"mode {args.mode}, {args.baud} baud, corrupt {args.corrupt}, {os.cpu_count()} CPUs,"
+        f" station in {args.processes} process(es)"
+    )
     if mean:
         out(
             f"per board (real agent, OpenSSL CLI): {mean['seconds'] * 1000:.1f} ms for "
