@@ -7,6 +7,7 @@ subject equal to the one the station built itself.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -162,19 +163,23 @@ def check_name_characters(name: x509.Name) -> None:
         if len(rdn) != 1:
             raise PolicyError("multi-valued subject RDNs are not accepted", code="bad-subject")
     for attr in name:
-        value = attr.value
-        if not isinstance(value, str):
-            raise PolicyError("subject attributes must be text", code="bad-subject")
-        if len(value) == 0 or len(value) > MAX_ATTRIBUTE_CHARS:
-            raise PolicyError(
-                f"subject attribute {attr.oid._name} must be 1 to {MAX_ATTRIBUTE_CHARS} chars",
-                code="bad-subject",
-            )
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-            raise PolicyError(
-                f"subject attribute {attr.oid._name} contains control characters",
-                code="bad-subject",
-            )
+        _check_attribute(attr)
+
+
+def _check_attribute(attr: x509.NameAttribute) -> None:
+    value = attr.value
+    if not isinstance(value, str):
+        raise PolicyError("subject attributes must be text", code="bad-subject")
+    if len(value) == 0 or len(value) > MAX_ATTRIBUTE_CHARS:
+        raise PolicyError(
+            f"subject attribute {attr.oid._name} must be 1 to {MAX_ATTRIBUTE_CHARS} chars",
+            code="bad-subject",
+        )
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise PolicyError(
+            f"subject attribute {attr.oid._name} contains control characters",
+            code="bad-subject",
+        )
 
 
 def public_key_sha256(obj: x509.CertificateSigningRequest | x509.Certificate) -> str:
@@ -205,23 +210,42 @@ def parse_subject(text: str) -> x509.Name:
         raise PolicyError(
             "a subject starts with '/', as in /O=company/CN=name", code="bad-template"
         )
-    attributes = []
-    for part in text[1:].split("/"):
-        key, eq, value = part.partition("=")
-        if not eq or not value:
-            raise PolicyError(f"subject part {part!r} is not KEY=value", code="bad-template")
-        oid = SUBJECT_ATTRS.get(key)
-        if oid is None:
-            raise PolicyError(
-                f"subject attribute {key!r} is not one of {', '.join(SUBJECT_ATTRS)}",
-                code="bad-template",
-            )
-        if oid == NameOID.COUNTRY_NAME and len(value) != 2:
-            raise PolicyError("C= takes a two-letter country code", code="bad-template")
-        attributes.append(x509.RelativeDistinguishedName([x509.NameAttribute(oid, value)]))
-    name = x509.Name(attributes)
-    check_name_characters(name)
-    return name
+    return x509.Name([_parse_rdn(part) for part in text[1:].split("/")])
+
+
+def _parse_rdn(part: str) -> x509.RelativeDistinguishedName:
+    """One ``KEY=value`` part of a subject, checked."""
+    key, eq, value = part.partition("=")
+    if not eq or not value:
+        raise PolicyError(f"subject part {part!r} is not KEY=value", code="bad-template")
+    oid = SUBJECT_ATTRS.get(key)
+    if oid is None:
+        raise PolicyError(
+            f"subject attribute {key!r} is not one of {', '.join(SUBJECT_ATTRS)}",
+            code="bad-template",
+        )
+    if oid == NameOID.COUNTRY_NAME and len(value) != 2:
+        raise PolicyError("C= takes a two-letter country code", code="bad-template")
+    attr = x509.NameAttribute(oid, value)
+    _check_attribute(attr)
+    return x509.RelativeDistinguishedName([attr])
+
+
+@functools.lru_cache(maxsize=128)
+def _template_parts(template: str) -> tuple[tuple[x509.RelativeDistinguishedName | None, str], ...]:
+    """A template parsed once: its fixed parts as checked RDNs, the device's parts as text.
+
+    Issuance fills a template per certificate; only the parts naming the
+    device are parsed again (``None`` in the first slot).
+    """
+    if not template.startswith("/"):
+        raise PolicyError(
+            "a subject starts with '/', as in /O=company/CN=name", code="bad-template"
+        )
+    return tuple(
+        (None, part) if "{device_id}" in part else (_parse_rdn(part), part)
+        for part in template[1:].split("/")
+    )
 
 
 def format_subject(name: x509.Name) -> str:
@@ -246,11 +270,12 @@ def subject_from_template(template: str, device_id: str) -> x509.Name:
     check_device_id(device_id)
     if "/" in device_id:  # pragma: no cover - excluded by DEVICE_ID_RE, kept as a guard
         raise PolicyError("a device id may not contain '/'", code="bad-device-id")
-    try:
-        text = template.replace("{device_id}", device_id)
-    except (ValueError, KeyError, IndexError):  # pragma: no cover
-        raise PolicyError("the subject template is malformed", code="bad-template") from None
-    return parse_subject(text)
+    return x509.Name(
+        [
+            rdn if rdn is not None else _parse_rdn(part.replace("{device_id}", device_id))
+            for rdn, part in _template_parts(template)
+        ]
+    )
 
 
 def check_subject(csr: x509.CertificateSigningRequest, expected: x509.Name) -> None:

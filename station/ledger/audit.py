@@ -17,12 +17,10 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
+from station.ledger.rawsql import Raw
 from station.ledger.schema import audit_log
 
 GENESIS = "0" * 64
-
-_INSERT = audit_log.insert()
-_LAST = select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
 
 
 def canonical(value: Any) -> str:
@@ -36,8 +34,15 @@ def entry_hash(
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+_LAST_SQL = "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+_INSERT_SQL = (
+    "INSERT INTO audit_log (seq, at, station_id, action, entity, detail, prev_hash, hash) "
+    "VALUES (:seq, :at, :station_id, :action, :entity, :detail, :prev_hash, :hash)"
+)
+
+
 def append(
-    conn: Connection,
+    conn: Connection | Raw,
     station_id: str,
     action: str,
     entity: str,
@@ -46,13 +51,14 @@ def append(
     now: datetime | None = None,
 ) -> int:
     """Append one entry; must run inside a ledger write transaction. Returns its seq."""
-    last = conn.execute(_LAST).first()
+    raw = conn if isinstance(conn, Raw) else Raw(conn)
+    last = raw.one(_LAST_SQL)
     seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
     at = (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="microseconds")
     body = canonical(detail or {})
     digest = entry_hash(seq, at, station_id, action, entity, body, prev)
-    conn.execute(
-        _INSERT,
+    raw.run(
+        _INSERT_SQL,
         {
             "seq": seq,
             "at": at,

@@ -8,20 +8,43 @@ so far, runs each in its own savepoint inside one transaction and commits once,
 durably if any of them needs it; writes that arrive meanwhile form the next
 group. A lone caller pays what it would without grouping: nothing waits for
 company. Results are handed out only after the commit returned.
+
+On a SQLite file the disk sync is also taken out of the write lock: a group
+commits with ``synchronous=NORMAL`` (its frames are written to the WAL, not yet
+synced), hands the lead to the next group, and only then syncs the WAL file
+itself (:func:`~station.ledger.db.sync_log`) before its callers get their
+results. That is what ``synchronous=FULL`` does at commit, moved to where the
+next group can write meanwhile; a sync that fails fails every job of the
+group (``ledger-sync-failed``), so nothing is handed out undurable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 
-from station.ledger.db import write_transaction
+from station.errors import StationError
+from station.ledger.db import pipelined_sync, sync_log, write_transaction
+from station.ledger.rawsql import Raw
 
 T = TypeVar("T")
+
+# A kept connection idle longer than this goes back to the pool, whose checkout
+# tests it (a PostgreSQL restart would otherwise fail the next group).
+_IDLE_SECONDS = 5.0
+
+
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
 
 
 @dataclass
@@ -31,6 +54,10 @@ class _Job:
     result: Any = None
     error: BaseException | None = None
     done: bool = False
+    # Held until the job is done or its thread must lead; released to wake it.
+    # One lock per job, so a finished group wakes its own threads and the next
+    # leader, not every waiting thread.
+    wake: threading.Lock = field(default_factory=_held_lock)
 
 
 class GroupCommitter:
@@ -41,57 +68,164 @@ class GroupCommitter:
         self._max = max_group
         self._queue: list[_Job] = []
         self._busy = False
-        self._cv = threading.Condition()
+        self._mutex = threading.Lock()
+        # The leader's connection, kept between groups (only a leader uses it);
+        # dropped after any failure so a broken one is never reused.
+        self._conn: Connection | None = None
+        self._pid = os.getpid()
+        self._used = 0.0
+        self._pipelined = pipelined_sync(engine)
+        self._sync_cv = threading.Condition()
+        self._commit_no = 0  # durable-pending commits made (pipelined mode)
+        self._synced_no = 0  # the last of them known to be on disk
+        self._syncing = False
+        self.syncs = 0
         self.groups = 0  # commits made, for benchmarks and tests
         self.jobs = 0
+
+    def close(self) -> None:
+        """Give the kept connection back (Ledger.close calls this)."""
+        while True:
+            with self._mutex:
+                if not self._busy:
+                    self._drop()
+                    return
+            time.sleep(0.01)
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pid == os.getpid():
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def submit(self, fn: Callable[[Connection], T], *, durable: bool) -> T:
         """Run fn inside a write transaction; return its result once committed."""
         job = _Job(fn, durable)
-        with self._cv:
+        with self._mutex:
             self._queue.append(job)
-            while not job.done:
-                if self._busy:
-                    self._cv.wait()
-                    continue
-                self._busy = True
-                group = self._queue[: self._max]
-                del self._queue[: len(group)]
-                self._cv.release()
-                try:
-                    self._run(group)
-                finally:
-                    self._cv.acquire()
-                    for j in group:
-                        j.done = True
-                    self._busy = False
-                    self.groups += 1
-                    self.jobs += len(group)
-                    self._cv.notify_all()
+            lead = not self._busy
+            self._busy = True
+        if not lead:
+            job.wake.acquire()  # done, or handed the lead (oldest job waiting)
+        if not job.done:
+            self._lead(job)
         if job.error is not None:
             raise job.error
         return job.result
 
-    def _run(self, group: list[_Job]) -> None:
-        results: list[tuple[_Job, Any]] = []
+    def _lead(self, own: _Job) -> None:
+        """Commit the oldest waiting jobs (the leader's own among them) as one group."""
+        group: list[_Job] = []
+        handed = False
         try:
-            with write_transaction(self._engine, durable=any(j.durable for j in group)) as conn:
+            with self._mutex:
+                group = self._queue[: self._max]
+                del self._queue[: len(group)]
+            commit_no = self._run(group)
+            # The next group may write while this one waits for the disk.
+            self._hand_off()
+            handed = True
+            if commit_no:
+                self._sync(group, commit_no)
+        finally:
+            if not handed:
+                self._hand_off()
+            with self._mutex:
+                for j in group:
+                    j.done = True
+                self.groups += 1
+                self.jobs += len(group)
+            for j in group:
+                if j is not own:
+                    j.wake.release()
+
+    def _hand_off(self) -> None:
+        with self._mutex:
+            successor = self._queue[0] if self._queue else None
+            self._busy = successor is not None
+        if successor is not None:
+            successor.wake.release()
+
+    def _sync(self, group: list[_Job], commit_no: int) -> None:
+        """Wait until the log is synced past commit ``commit_no``; one sync covers many.
+
+        One thread syncs at a time, covering every commit made before it
+        started; groups that committed meanwhile wait for it to end, then one
+        of them syncs for all of them.
+        """
+        try:
+            with self._sync_cv:
+                while self._synced_no < commit_no:
+                    if self._syncing:
+                        self._sync_cv.wait()
+                        continue
+                    self._syncing = True
+                    target = self._commit_no
+                    self._sync_cv.release()
+                    try:
+                        sync_log(self._engine)
+                    finally:
+                        self._sync_cv.acquire()
+                        self._syncing = False
+                        self._sync_cv.notify_all()
+                    self._synced_no = max(self._synced_no, target)
+                    self.syncs += 1
+        except OSError as exc:
+            error = StationError(
+                f"the ledger could not sync its log to disk: {exc}",
+                code="ledger-sync-failed",
+                http_status=503,
+            )
+            for job in group:
+                job.error = job.error or error
+
+    def _connection(self) -> Connection:
+        if self._pid != os.getpid():  # forked: the parent's connection is not ours
+            self._conn, self._pid = None, os.getpid()
+        now = time.monotonic()
+        if self._conn is not None and now - self._used > _IDLE_SECONDS:
+            self._drop()  # idle a while: let the pool check it (pre-ping) before reuse
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        self._used = now
+        return self._conn
+
+    def _run(self, group: list[_Job]) -> int:
+        """Run and commit the group; its commit number when it still needs the log synced."""
+        results: list[tuple[_Job, Any]] = []
+        durable = any(j.durable for j in group)
+        try:
+            with write_transaction(
+                self._engine,
+                durable=durable and not self._pipelined,
+                connection=self._connection(),
+            ) as conn:
                 if len(group) == 1:  # alone: its failure rolls back the transaction itself
                     results.append((group[0], group[0].fn(conn)))
                 else:
+                    # Savepoints on the driver cursor: SQLAlchemy's begin_nested()
+                    # costs an execution context per statement, twice per job.
+                    cur = Raw(conn)
                     for job in group:
-                        savepoint = conn.begin_nested()
+                        cur.run("SAVEPOINT ledger_job")
                         try:
                             value = job.fn(conn)
                         except Exception as exc:  # that job alone fails; the rest commit
-                            savepoint.rollback()
+                            cur.run("ROLLBACK TO SAVEPOINT ledger_job")
+                            cur.run("RELEASE SAVEPOINT ledger_job")
                             job.error = exc
                         else:
-                            savepoint.commit()
+                            cur.run("RELEASE SAVEPOINT ledger_job")
                             results.append((job, value))
         except BaseException as exc:  # a lone job's refusal, or the commit itself failed
+            self._drop()
             for job in group:
                 job.error = job.error or exc
-            return
+            return 0
         for job, value in results:
             job.result = value
+        if not (durable and self._pipelined):
+            return 0
+        with self._sync_cv:
+            self._commit_no += 1
+            return self._commit_no

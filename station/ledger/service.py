@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections import namedtuple
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,7 +30,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from sqlalchemy import Connection, CursorResult, Engine, and_, bindparam, func, select
+from sqlalchemy import Connection, CursorResult, Engine, and_, func, select
 from sqlalchemy.exc import IntegrityError
 
 from station import policy
@@ -37,6 +38,7 @@ from station.errors import ConflictError, NotFoundError, PolicyError, StationErr
 from station.ledger import audit
 from station.ledger.db import make_engine, upgrade, write_transaction
 from station.ledger.groupcommit import GroupCommitter
+from station.ledger.rawsql import Raw
 from station.ledger.records import (
     AuditReport,
     Batch,
@@ -78,79 +80,81 @@ _LIVE = (CertState.INTENT.value, CertState.ISSUED.value)
 # Result rows are untyped tuples as far as mypy can tell.
 _Row = Any
 
-# Hot-path statements, built once (SQLAlchemy caches their compiled form).
-_BATCH_BY_NAME = select(
-    batches.c.id,
-    batches.c.name,
-    batches.c.state,
-    batches.c.planned_count,
-    batches.c.device_count,
-    batches.c.subject_template,
-    batches.c.days,
-).where(batches.c.name == bindparam("name"))
-
-_DEVICE_WITH_LIVE_CERT = (
-    select(
-        devices.c.id,
-        devices.c.batch_id,
-        devices.c.state,
-        certificates.c.id.label("cert_id"),
-        certificates.c.serial,
-        certificates.c.state.label("cert_state"),
-        certificates.c.public_key_sha256,
-        certificates.c.pem,
-        certificates.c.fingerprint,
-    )
-    .select_from(
-        devices.outerjoin(
-            certificates,
-            and_(certificates.c.device_pk == devices.c.id, certificates.c.state.in_(_LIVE)),
-        )
-    )
-    .where(devices.c.device_id == bindparam("device_id"))
+# Hot-path statements, run on the driver cursor (see rawsql.py). Row shapes
+# are named tuples, so the code reads them like SQLAlchemy rows.
+_BatchRow = namedtuple(
+    "_BatchRow", "id name state planned_count device_count subject_template days"
+)
+_SQL_BATCH = (
+    "SELECT id, name, state, planned_count, device_count, subject_template, days "
+    "FROM batches WHERE name = :name"
 )
 
-_KEY_HOLDER = (
-    select(devices.c.device_id, certificates.c.serial)
-    .select_from(certificates.join(devices, devices.c.id == certificates.c.device_pk))
-    .where(
-        certificates.c.public_key_sha256 == bindparam("pk"),
-        certificates.c.state != CertState.FAILED.value,
-    )
-    .limit(1)
+_DeviceRow = namedtuple(
+    "_DeviceRow",
+    "id batch_id state cert_id serial cert_state public_key_sha256 pem fingerprint",
+)
+_SQL_DEVICE = (
+    "SELECT d.id, d.batch_id, d.state, c.id, c.serial, c.state, c.public_key_sha256, "
+    "c.pem, c.fingerprint FROM devices d LEFT OUTER JOIN certificates c "
+    "ON c.device_pk = d.id AND c.state IN ('intent', 'issued') "
+    "WHERE d.device_id = :device_id"
 )
 
-_INSERT_INTENT = certificates.insert()
-_BATCH_COUNT = (
-    batches.update()
-    .where(batches.c.id == bindparam("bid"))
-    .values(device_count=batches.c.device_count + bindparam("delta"))
+_SQL_KEY_HOLDER = (
+    "SELECT d.device_id, c.serial FROM certificates c JOIN devices d ON d.id = c.device_pk "
+    "WHERE c.public_key_sha256 = :pk AND c.state != 'failed' LIMIT 1"
 )
-_INSERT_DEVICE = devices.insert()
+_SQL_BATCH_COUNT = "UPDATE batches SET device_count = device_count + :delta WHERE id = :bid"
+_SQL_INSERT_DEVICE = (
+    "INSERT INTO devices (device_id, batch_id, state, attempts, station_id, created_at, "
+    "updated_at) VALUES (:device_id, :batch_id, 'new', 0, :station_id, :now, :now) "
+    "RETURNING id"
+)
+_SQL_MOVE_DEVICE = "UPDATE devices SET batch_id = :bid WHERE id = :did"
+_SQL_INSERT_INTENT = (
+    "INSERT INTO certificates (serial, device_pk, batch_id, station_id, state, csr_der, "
+    "public_key_sha256, subject, sign_time, days, backdate_seconds, created_at) "
+    "VALUES (:serial, :device_pk, :batch_id, :station_id, 'intent', :csr_der, :pk, "
+    ":subject, :now, :days, :backdate, :now) RETURNING id"
+)
+_SQL_MARK_ISSUED = (
+    "UPDATE certificates SET state = 'issued', pem = :pem, fingerprint = :fp, "
+    "not_before = :nb, not_after = :na, issued_at = :now WHERE id = :cid AND state = 'intent'"
+)
+_SQL_DEVICE_ISSUED = (
+    "UPDATE devices SET state = 'issued', issued_at = :now, updated_at = :now, "
+    "station_id = :station WHERE id = :did"
+)
+_SQL_INSERT_CHALLENGE = (
+    "INSERT INTO challenges (nonce, device_pk, created_at, expires_at) "
+    "VALUES (:nonce, :did, :now, :expires)"
+)
+_SQL_WHITELIST_ADD = (
+    "INSERT INTO whitelist (serial, device_pk, batch_id, added_at) "
+    "VALUES (:serial, :did, :bid, :now)"
+)
+# Which timestamp column a step stamps (fixed names: safe to format into SQL).
+_STAMP = {
+    DeviceState.KEY_READY: "key_ready_at",
+    DeviceState.ISSUED: "issued_at",
+    DeviceState.INSTALLED: "installed_at",
+    DeviceState.VERIFIED: "verified_at",
+    DeviceState.REVOKED: "revoked_at",
+}
 
-_MARK_ISSUED = (
-    certificates.update()
-    .where(certificates.c.id == bindparam("cid"), certificates.c.state == CertState.INTENT.value)
-    .values(
-        state=CertState.ISSUED.value,
-        pem=bindparam("pem"),
-        fingerprint=bindparam("fp"),
-        not_before=bindparam("nb"),
-        not_after=bindparam("na"),
-        issued_at=bindparam("now"),
-    )
-)
 
-_DEVICE_ISSUED = (
-    devices.update()
-    .where(devices.c.id == bindparam("did"))
-    .values(
-        state=DeviceState.ISSUED.value,
-        issued_at=bindparam("now"),
-        updated_at=bindparam("now"),
-        station_id=bindparam("station"),
-    )
-)
+def _batch_row(conn: Connection | Raw, name: str) -> Any:
+    raw = conn if isinstance(conn, Raw) else Raw(conn)
+    row = raw.one(_SQL_BATCH, {"name": name})
+    return None if row is None else _BatchRow._make(row)
+
+
+def _device_by_id(conn: Connection | Raw, device_id: str) -> Any:
+    raw = conn if isinstance(conn, Raw) else Raw(conn)
+    row = raw.one(_SQL_DEVICE, {"device_id": device_id})
+    return None if row is None else _DeviceRow._make(row)
+
 
 _DEVICE_COLUMNS = (
     devices.c.device_id,
@@ -302,6 +306,7 @@ class Ledger:
         )
 
     def close(self) -> None:
+        self._writes.close()
         if self._owns_engine:
             self.engine.dispose()
 
@@ -341,7 +346,7 @@ class Ledger:
             policy.validate_template(subject_template)
         now = _now()
         with write_transaction(self.engine) as conn:
-            if conn.execute(_BATCH_BY_NAME, {"name": name}).first() is not None:
+            if _batch_row(conn, name) is not None:
                 raise ConflictError(f"batch {name!r} already exists", code="batch-exists")
             conn.execute(
                 batches.insert().values(
@@ -394,7 +399,7 @@ class Ledger:
         """Close a batch: no more issuance in it. Codes: unknown-batch, batch-closed."""
         now = _now()
         with write_transaction(self.engine) as conn:
-            row = conn.execute(_BATCH_BY_NAME, {"name": name}).first()
+            row = _batch_row(conn, name)
             if row is None:
                 raise NotFoundError(f"no batch named {name!r}", code="unknown-batch")
             if row.state == BatchState.CLOSED.value:
@@ -539,13 +544,14 @@ class Ledger:
         now = _now()
 
         def write(conn: Connection) -> IssueResult | tuple[int, int, int, x509.Name, datetime, int]:
-            b = conn.execute(_BATCH_BY_NAME, {"name": batch_name}).first()
+            raw = Raw(conn)
+            b = _batch_row(raw, batch_name)
             if b is None:
                 raise NotFoundError(f"no batch named {batch_name!r}", code="unknown-batch")
             if b.state != BatchState.OPEN.value:
                 raise ConflictError(f"batch {batch_name!r} is closed", code="batch-closed")
             subject = _subject_for(b.subject_template, device_id, csr)
-            d = conn.execute(_DEVICE_WITH_LIVE_CERT, {"device_id": device_id}).first()
+            d = _device_by_id(raw, device_id)
 
             if d is not None and d.cert_id is not None:
                 if d.cert_state == CertState.INTENT.value:
@@ -564,68 +570,60 @@ class Ledger:
                     )
                 self._revoke_cert(conn, d.cert_id, d.id, device_id, d.serial, "reprovisioned", now)
 
-            holder = conn.execute(_KEY_HOLDER, {"pk": pk}).first()
+            holder = raw.one(_SQL_KEY_HOLDER, {"pk": pk})
             if holder is not None:
                 raise ConflictError(
-                    f"this public key is already certified (device {holder.device_id!r}, "
-                    f"serial {holder.serial}); every board needs its own key",
+                    f"this public key is already certified (device {holder[0]!r}, "
+                    f"serial {holder[1]}); every board needs its own key",
                     code="duplicate-key",
                 )
 
+            ts = raw.ts(now)
             if d is None or d.batch_id != b.id:
                 if b.device_count >= b.planned_count:
                     raise ConflictError(
                         f"batch {batch_name!r} already has its {b.planned_count} devices",
                         code="batch-full",
                     )
-                conn.execute(_BATCH_COUNT, {"bid": b.id, "delta": 1})
+                raw.run(_SQL_BATCH_COUNT, {"bid": b.id, "delta": 1})
             if d is None:
-                device_pk = _pk(
-                    conn.execute(
-                        _INSERT_DEVICE,
+                device_pk = int(
+                    raw.value(
+                        _SQL_INSERT_DEVICE,
                         {
                             "device_id": device_id,
                             "batch_id": b.id,
-                            "state": DeviceState.NEW.value,
-                            "attempts": 0,
                             "station_id": self.station_id,
-                            "created_at": now,
-                            "updated_at": now,
+                            "now": ts,
                         },
                     )
                 )
             else:
                 device_pk = d.id
                 if d.batch_id != b.id:
-                    conn.execute(
-                        batches.update()
-                        .where(batches.c.id == d.batch_id)
-                        .values(device_count=batches.c.device_count - 1)
-                    )
-                    conn.execute(devices.update().where(devices.c.id == d.id).values(batch_id=b.id))
+                    raw.run(_SQL_BATCH_COUNT, {"bid": d.batch_id, "delta": -1})
+                    raw.run(_SQL_MOVE_DEVICE, {"bid": b.id, "did": d.id})
 
             serial = new_serial()
-            cert_id = _pk(
-                conn.execute(
-                    _INSERT_INTENT,
+            cert_id = int(
+                raw.value(
+                    _SQL_INSERT_INTENT,
                     {
                         "serial": serial_hex(serial),
                         "device_pk": device_pk,
                         "batch_id": b.id,
                         "station_id": self.station_id,
-                        "state": CertState.INTENT.value,
                         "csr_der": csr_der,
-                        "public_key_sha256": pk,
+                        "pk": pk,
                         "subject": subject.rfc4514_string(),
-                        "sign_time": now,
+                        "now": ts,
                         "days": b.days,
-                        "backdate_seconds": self.backdate_seconds,
-                        "created_at": now,
+                        "backdate": self.backdate_seconds,
                     },
                 )
             )
             audit.append(
-                conn,
+                raw,
                 self.station_id,
                 "cert.intent",
                 device_id,
@@ -676,15 +674,17 @@ class Ledger:
         fingerprint = cert.fingerprint(hashes.SHA256()).hex()
         pem = cert.public_bytes(serialization.Encoding.PEM).decode()
         serial = serial_hex(cert.serial_number)
-        done = conn.execute(
-            _MARK_ISSUED,
+        raw = Raw(conn)
+        ts = raw.ts(now)
+        done = raw.run(
+            _SQL_MARK_ISSUED,
             {
                 "cid": c.cert_id,
                 "pem": pem,
                 "fp": fingerprint,
-                "nb": cert.not_valid_before_utc,
-                "na": cert.not_valid_after_utc,
-                "now": now,
+                "nb": raw.ts(cert.not_valid_before_utc),
+                "na": raw.ts(cert.not_valid_after_utc),
+                "now": ts,
             },
         )
         if done.rowcount != 1:
@@ -692,9 +692,9 @@ class Ledger:
                 f"intent {serial} was resolved elsewhere; certificate discarded",
                 code="intent-resolved",
             )
-        conn.execute(_DEVICE_ISSUED, {"did": c.device_pk, "now": now, "station": self.station_id})
+        raw.run(_SQL_DEVICE_ISSUED, {"did": c.device_pk, "now": ts, "station": self.station_id})
         audit.append(
-            conn,
+            raw,
             self.station_id,
             "cert.issued",
             c.device_id,
@@ -816,10 +816,11 @@ class Ledger:
         return self.get_device(device_id)
 
     def _enrol(self, conn: Connection, batch: str, device_id: str, now: datetime) -> _Row:
-        b = conn.execute(_BATCH_BY_NAME, {"name": batch}).first()
+        raw = Raw(conn)
+        b = _batch_row(raw, batch)
         if b is None:
             raise NotFoundError(f"no batch named {batch!r}", code="unknown-batch")
-        d = conn.execute(_DEVICE_WITH_LIVE_CERT, {"device_id": device_id}).first()
+        d = _device_by_id(raw, device_id)
         if d is not None and d.batch_id == b.id:
             return d
         if b.state != BatchState.OPEN.value:
@@ -833,36 +834,23 @@ class Ledger:
             raise ConflictError(
                 f"batch {batch!r} already has its {b.planned_count} devices", code="batch-full"
             )
-        conn.execute(
-            batches.update()
-            .where(batches.c.id == b.id)
-            .values(device_count=batches.c.device_count + 1)
-        )
+        raw.run(_SQL_BATCH_COUNT, {"bid": b.id, "delta": 1})
         if d is None:
-            conn.execute(
-                _INSERT_DEVICE,
+            raw.run(
+                _SQL_INSERT_DEVICE,
                 {
                     "device_id": device_id,
                     "batch_id": b.id,
-                    "state": DeviceState.NEW.value,
-                    "attempts": 0,
                     "station_id": self.station_id,
-                    "created_at": now,
-                    "updated_at": now,
+                    "now": raw.ts(now),
                 },
             )
-            audit.append(
-                conn, self.station_id, "device.enrol", device_id, {"batch": batch}, now=now
-            )
+            audit.append(raw, self.station_id, "device.enrol", device_id, {"batch": batch}, now=now)
         else:
-            conn.execute(
-                batches.update()
-                .where(batches.c.id == d.batch_id)
-                .values(device_count=batches.c.device_count - 1)
-            )
-            conn.execute(devices.update().where(devices.c.id == d.id).values(batch_id=b.id))
-            audit.append(conn, self.station_id, "device.move", device_id, {"batch": batch}, now=now)
-        row = conn.execute(_DEVICE_WITH_LIVE_CERT, {"device_id": device_id}).first()
+            raw.run(_SQL_BATCH_COUNT, {"bid": d.batch_id, "delta": -1})
+            raw.run(_SQL_MOVE_DEVICE, {"bid": b.id, "did": d.id})
+            audit.append(raw, self.station_id, "device.move", device_id, {"batch": batch}, now=now)
+        row = _device_by_id(raw, device_id)
         assert row is not None
         return row
 
@@ -930,10 +918,10 @@ class Ledger:
         if d.state == DeviceState.VERIFIED.value:
             return
         self._require(d, device_id, DeviceState.VERIFIED)
-        conn.execute(
-            whitelist.insert().values(
-                serial=d.serial, device_pk=d.id, batch_id=d.batch_id, added_at=now
-            )
+        raw = Raw(conn)
+        raw.run(
+            _SQL_WHITELIST_ADD,
+            {"serial": d.serial, "did": d.id, "bid": d.batch_id, "now": raw.ts(now)},
         )
         self._transition(conn, d.id, device_id, d.state, DeviceState.VERIFIED, now, serial=d.serial)
 
@@ -1061,25 +1049,24 @@ class Ledger:
         now: datetime,
         **detail: Any,
     ) -> None:
-        values: dict[str, Any] = {
+        raw = Raw(conn)
+        ts = raw.ts(now)
+        sets = "state = :state, updated_at = :now, station_id = :station"
+        params: dict[str, Any] = {
             "state": new.value,
-            "updated_at": now,
-            "station_id": self.station_id,
+            "now": ts,
+            "station": self.station_id,
+            "did": device_pk,
         }
-        stamp = {
-            DeviceState.KEY_READY: "key_ready_at",
-            DeviceState.ISSUED: "issued_at",
-            DeviceState.INSTALLED: "installed_at",
-            DeviceState.VERIFIED: "verified_at",
-            DeviceState.REVOKED: "revoked_at",
-        }.get(new)
+        stamp = _STAMP.get(new)
         if stamp:
-            values[stamp] = now
+            sets += f", {stamp} = :now"
         if "chain_sha256" in detail:
-            values["chain_sha256"] = detail["chain_sha256"]
-        conn.execute(devices.update().where(devices.c.id == device_pk).values(**values))
+            sets += ", chain_sha256 = :chain"
+            params["chain"] = detail["chain_sha256"]
+        raw.run(f"UPDATE devices SET {sets} WHERE id = :did", params)  # noqa: S608 - fixed names
         audit.append(
-            conn,
+            raw,
             self.station_id,
             "device.state",
             device_id,
@@ -1088,7 +1075,7 @@ class Ledger:
         )
 
     def _device_row(self, conn: Connection, device_id: str) -> _Row:
-        d = conn.execute(_DEVICE_WITH_LIVE_CERT, {"device_id": device_id}).first()
+        d = _device_by_id(conn, device_id)
         if d is None:
             raise NotFoundError(f"no device {device_id!r} in the ledger", code="unknown-device")
         return d
@@ -1102,10 +1089,15 @@ class Ledger:
 
         def write(conn: Connection) -> None:
             d = self._device_row(conn, device_id)
-            conn.execute(
-                challenges.insert().values(
-                    nonce=nonce.hex(), device_pk=d.id, created_at=now, expires_at=now + ttl
-                )
+            raw = Raw(conn)
+            raw.run(
+                _SQL_INSERT_CHALLENGE,
+                {
+                    "nonce": nonce.hex(),
+                    "did": d.id,
+                    "now": raw.ts(now),
+                    "expires": raw.ts(now + ttl),
+                },
             )
 
         self._writes.submit(write, durable=False)
@@ -1294,7 +1286,7 @@ class Ledger:
         return rows()
 
     def _batch_id(self, conn: Connection, name: str) -> int:
-        row = conn.execute(_BATCH_BY_NAME, {"name": name}).first()
+        row = _batch_row(conn, name)
         if row is None:
             raise NotFoundError(f"no batch named {name!r}", code="unknown-batch")
         return int(row.id)

@@ -1,0 +1,86 @@
+"""The ledger's hot statements, run on the database driver's own cursor.
+
+Issuing one certificate takes about a dozen statements. Through SQLAlchemy
+Core each costs some 70 microseconds of Python before the driver sees it
+(compiled-cache lookup, parameter processing, execution context, events),
+which made the ledger, not the HSM, the limit of the issue path. The hot path
+(issuance, the line's steps, the audit log) therefore runs fixed SQL text on
+the driver's cursor of the *same* connection, inside the transaction
+SQLAlchemy opened: same transaction, same savepoints, same locks.
+
+What SQLAlchemy did for us is done here, once per statement or per value:
+
+* parameters are written ``:name`` and rewritten to ``%(name)s`` for psycopg;
+* timestamps go through the ``TS`` column type's own bind processor, so
+  SQLite stores exactly the text SQLAlchemy stores and reads back;
+* driver errors become SQLAlchemy's (``IntegrityError``, ``OperationalError``),
+  which is what the callers catch.
+
+Everything else (schema, migrations, listings, reports) stays on SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
+
+from station.ledger.schema import TS
+
+_PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+@functools.lru_cache(maxsize=512)
+def _pyformat(sql: str) -> str:
+    return _PARAM.sub(r"%(\1)s", sql)
+
+
+@functools.lru_cache(maxsize=8)
+def _ts_processor(dialect: Dialect) -> Callable[[datetime | None], Any]:
+    process = TS.dialect_impl(dialect).bind_processor(dialect)
+    if process is None:
+        return lambda value: value
+    return process
+
+
+class Raw:
+    """Statements on the driver cursor of ``conn`` (inside its transaction)."""
+
+    __slots__ = ("_cur", "_dbapi_error", "_dialect", "_pg", "ts")
+
+    def __init__(self, conn: Connection) -> None:
+        dialect = conn.dialect
+        self._dialect = dialect
+        self._pg = dialect.name == "postgresql"
+        self._dbapi_error: type[Exception] = dialect.dbapi.Error  # type: ignore[union-attr]
+        dbapi_conn = conn.connection.dbapi_connection
+        assert dbapi_conn is not None
+        self._cur = dbapi_conn.cursor()
+        self.ts = _ts_processor(dialect)
+
+    def run(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        """Execute; returns the driver cursor (``rowcount``, ``fetchone``...)."""
+        text = _pyformat(sql) if self._pg else sql
+        try:
+            self._cur.execute(text, params or {})
+        except self._dbapi_error as exc:
+            raise DBAPIError.instance(
+                text, params, exc, self._dbapi_error, dialect=self._dialect
+            ) from exc
+        return self._cur
+
+    def one(self, sql: str, params: Mapping[str, Any] | None = None) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = self.run(sql, params).fetchone()
+        return row
+
+    def value(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        """The first column of the first row (``INSERT ... RETURNING id``)."""
+        row = self.one(sql, params)
+        assert row is not None, sql
+        return row[0]

@@ -1,0 +1,58 @@
+"""The hot path's statements on the driver cursor behave as SQLAlchemy's did (both databases)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from station.ledger import Ledger
+from station.ledger.db import write_transaction
+from station.ledger.rawsql import Raw, _pyformat
+from station.ledger.records import utc
+from station.ledger.schema import batches
+
+
+def test_named_parameters_become_pyformat_and_casts_are_left_alone() -> None:
+    sql = "SELECT :a, x::text, :b_2 FROM t WHERE y = :a"
+    assert _pyformat(sql) == "SELECT %(a)s, x::text, %(b_2)s FROM t WHERE y = %(a)s"
+
+
+def test_timestamps_written_raw_read_back_through_sqlalchemy(ledger_url: str) -> None:
+    when = datetime(2026, 11, 29, 12, 30, 45, 123456, tzinfo=UTC)
+    with Ledger(ledger_url, "raw") as led:
+        with write_transaction(led.engine) as conn:
+            raw = Raw(conn)
+            raw.run(
+                "INSERT INTO batches (name, product, planned_count, key_mode, subject_template, "
+                "days, state, station_id, device_count, created_at) VALUES (:name, 'p', 1, "
+                "'board-ecc', '*', 1, 'open', 'raw', 0, :at)",
+                {"name": "R", "at": raw.ts(when)},
+            )
+        with led.engine.connect() as conn:
+            stored = conn.execute(
+                select(batches.c.created_at).where(batches.c.name == "R")
+            ).scalar()
+        assert utc(stored) == when
+        assert led.get_batch("R").created_at == when
+        # And a range query compares it as a time, not as some other text form.
+        assert [b.name for b in led.list_batches() if b.created_at <= when] == ["R"]
+
+
+def test_driver_errors_surface_as_sqlalchemy_errors(ledger_url: str) -> None:
+    with Ledger(ledger_url, "raw") as led:
+        led.create_batch(
+            "B", product="p", planned_count=1, key_mode="board-ecc", subject_template="*"
+        )
+        with pytest.raises(IntegrityError), write_transaction(led.engine) as conn:
+            Raw(conn).run(
+                "INSERT INTO batches (name, product, planned_count, key_mode, subject_template, "
+                "days, state, station_id, device_count, created_at) VALUES ('B', 'p', 1, "
+                "'board-ecc', '*', 1, 'open', 'raw', 0, :at)",
+                {"at": Raw(conn).ts(datetime.now(UTC))},
+            )
+        # Nothing recorded was lost with the refused write.
+        assert led.get_batch("B").planned_count == 1
+        assert led.audit_verify() is None
