@@ -129,9 +129,17 @@ class Link:
         return data
 
     def _read_some(self) -> bytes:
+        """What the port holds; when it holds nothing, wait (up to the port timeout)
+        for the first byte and take whatever came with it."""
         try:
-            waiting = self.port.in_waiting
-            return self.port.read(waiting or 1)
+            port = self.port
+            waiting = port.in_waiting
+            if waiting:
+                return port.read(waiting)
+            data = port.read(1)
+            if data and (waiting := port.in_waiting):
+                data += port.read(waiting)
+            return data
         except _TRANSPORT_ERRORS as exc:
             raise Disconnected(f"read failed: {exc}") from exc
 
