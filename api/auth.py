@@ -2,8 +2,15 @@
 
 Tokens are made with ``station token create --role R --name N`` (or
 ``POST /v1/tokens`` by an admin); the ledger stores only their SHA-256 and
-:meth:`Ledger.lookup_token` compares hashes. Lookups are cached in memory for
-``CACHE_TTL_S`` seconds (a revoked token may work that long).
+:meth:`Ledger.lookup_token` compares hashes. A token the ledger accepted is
+remembered by each worker process for ``CACHE_TTL_S`` (5) seconds from that
+lookup, so certificate requests do not read the database for their token; a
+token revoked in the ledger therefore stops working in every worker within 5
+seconds (a hit never extends the entry). Refused tokens are not remembered, so a
+newly created token works at once.
+
+The dependencies are ``async``: a cached token is checked on the event loop
+without a hop to the threadpool; only a lookup in the ledger runs in a thread.
 
 Roles: ``board`` < ``operator`` < ``admin`` form a chain (each may do what the
 previous may); ``qa`` is read-only and outside the chain.
@@ -34,14 +41,16 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
-from api.context import StationDep
+from api.context import Station, StationDep
 from station.errors import StationError
 from station.ledger import TOKEN_ROLES
 
@@ -86,10 +95,23 @@ class Principal:
 
 
 class TokenCache:
-    """Positive lookups for a few seconds, keyed by the token's SHA-256."""
+    """Accepted tokens for ``ttl`` seconds from their lookup, keyed by the token's SHA-256.
 
-    def __init__(self, ttl: float = CACHE_TTL_S) -> None:
+    An entry is never extended by a hit: ``ttl`` bounds how long a token revoked
+    in the ledger keeps working. At most ``max_entries`` are kept (all are dropped
+    when full: a flood of valid tokens is not a case worth an LRU).
+    """
+
+    def __init__(
+        self,
+        ttl: float = CACHE_TTL_S,
+        *,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.ttl = ttl
+        self.max_entries = max_entries
+        self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[float, Principal]] = {}
 
@@ -98,22 +120,36 @@ class TokenCache:
             hit = self._entries.get(key)
             if hit is None:
                 return None
-            if hit[0] < time.monotonic():
+            if hit[0] <= self._clock():
                 del self._entries[key]
                 return None
             return hit[1]
 
     def put(self, key: str, principal: Principal) -> None:
+        if self.ttl <= 0:
+            return
         with self._lock:
-            if len(self._entries) > 10_000:
+            if len(self._entries) >= self.max_entries:
                 self._entries.clear()
-            self._entries[key] = (time.monotonic() + self.ttl, principal)
+            self._entries[key] = (self._clock() + self.ttl, principal)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
 
 _bearer = HTTPBearer(auto_error=False)
 
 
-def current_principal(
+def _lookup(station: Station, token: str) -> Principal | None:
+    found = station.ledger.lookup_token(token)
+    role = role_from_ledger(found[1]) if found is not None else None
+    if found is None or role is None:
+        return None
+    return Principal(found[0], role)
+
+
+async def current_principal(
     station: StationDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
@@ -123,11 +159,9 @@ def current_principal(
     cache: TokenCache = station.token_cache
     principal = cache.get(key)
     if principal is None:
-        found = station.ledger.lookup_token(creds.credentials)
-        role = role_from_ledger(found[1]) if found is not None else None
-        if found is None or role is None:
+        principal = await run_in_threadpool(_lookup, station, creds.credentials)
+        if principal is None:
             raise AuthError("the bearer token is not valid")
-        principal = Principal(found[0], role)
         cache.put(key, principal)
     return principal
 
@@ -135,7 +169,7 @@ def current_principal(
 def require(*roles: Role) -> object:
     allowed = frozenset(roles)
 
-    def check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+    async def check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
         if principal.role not in allowed:
             names = ", ".join(sorted(r.value for r in allowed))
             raise Forbidden(f"role {principal.role.value} may not do this (needs {names})")

@@ -62,6 +62,9 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        # Label children resolved once: labels() takes a lock and a dict lookup per call.
+        self.issued_new = self.issued.labels(reused="false")
+        self.issued_reused = self.issued.labels(reused="true")
         self.issue_seconds = Histogram(
             "station_issue_duration_seconds",
             "Time to answer a certificate request (policy, ledger, HSM)",

@@ -31,7 +31,9 @@ def issue(
         raise exc from None
     finally:
         m.issue_seconds.observe(time.perf_counter() - start)
-    m.issued.labels(reused=str(result.reused).lower()).inc()
-    if not result.reused:
+    if result.reused:
+        m.issued_reused.inc()
+    else:
+        m.issued_new.inc()
         station.activity.issued()
     return result

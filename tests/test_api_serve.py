@@ -96,7 +96,6 @@ def test_token_create_and_serve_with_two_workers(station_env: Settings) -> None:
             )
             assert r.status_code == 201, r.text
             board = {"Authorization": f"Bearer {token}"}
-            started = time.perf_counter()
             for i in range(20):
                 pem, _ = new_csr(f"w-{i}")
                 r = http.post(
@@ -105,9 +104,12 @@ def test_token_create_and_serve_with_two_workers(station_env: Settings) -> None:
                     json={"batch": "W", "device_id": f"w-{i}", "csr": pem},
                 )
                 assert r.status_code == 201, r.text
-            per_request = (time.perf_counter() - started) / 20
-        # Keep-alive requests must not wait for delayed ACKs (TCP_NODELAY, uvicorn#3149).
-        assert per_request < 0.035, per_request
+        # TCP_NODELAY on keep-alive connections (uvicorn#3149) is checked without a
+        # clock in test_api_hotpath.py.
     finally:
         proc.terminate()
         proc.wait(20)
+    # No access log by default: a line per certificate costs the worker CPU.
+    log = proc.stderr.read().decode() if proc.stderr else ""
+    assert "Application startup complete" in log
+    assert "POST /v1/certificates" not in log

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from api import provision
@@ -87,14 +88,17 @@ _BODY_DOC = {
         },
     },
 )
-def request_certificate(
+async def request_certificate(
     station: StationDep, who: BoardUp, req: Annotated[CsrRequest, Depends(csr_request)]
 ) -> Response:
     if req.reprovision and who.role == Role.BOARD:
         raise Forbidden("re-provisioning a board needs the operator role")
-    result = provision.issue(
-        station, req.batch, req.device_id, req.csr, reprovision=req.reprovision
+    # The event loop only parses and answers; the ledger, policy and HSM work runs in
+    # the station's issue executor (see Station.issue_executor).
+    issue = functools.partial(
+        provision.issue, station, req.batch, req.device_id, req.csr, reprovision=req.reprovision
     )
+    result = await asyncio.get_running_loop().run_in_executor(station.issue_executor, issue)
     status = 200 if result.reused else 201
     serial = serial_hex(result.serial)
     if req.as_json:
@@ -106,7 +110,7 @@ def request_certificate(
             chain=result.chain_pem.decode(),
             reused=result.reused,
         )
-        return JSONResponse(out.model_dump(), status_code=status)
+        return Response(out.model_dump_json(), status_code=status, media_type="application/json")
     return Response(
         result.chain_pem,
         status_code=status,

@@ -18,12 +18,15 @@ def serve(
     workers: Annotated[
         int, typer.Option(min=1, help="Worker processes; each opens its own PKCS#11 session.")
     ] = 1,
+    access_log: Annotated[
+        bool, typer.Option(help="Log one line per request (off: the ledger records issuance).")
+    ] = False,
 ) -> None:
     """Serve the HTTP API and the operator dashboard with uvicorn."""
     from api.server import serve as run_server
 
     settings()  # refuse bad STATION_* variables before starting workers
-    run_server(host, port, workers)
+    run_server(host, port, workers, access_log=access_log)
 
 
 @cli_errors
