@@ -195,6 +195,7 @@ def throughput(
             records = _drive(ctx, line.ports, n, baud)
         rig = line.cpu_seconds - rig0
         cpu = time.process_time() - cpu0 - (0.0 if rig_process else rig)
+        parent_cpu = cpu
         cpu += sum(w.cpu_seconds for w in workers)
         compute = sum(line.compute_seconds.values())
         stuck = {p: w for p, w in line.waiting().items() if w}
@@ -220,6 +221,8 @@ def throughput(
         "station_cpu_ms_per_board": cpu / n * 1000,
         "board_compute_ms_per_board": compute / n * 1000,
         "processes": processes,
+        # the process that runs the status, the view and (one process) every port
+        "parent_cpu_ms_per_board": parent_cpu / n * 1000,
         "ledger_ms_per_board": (
             sum(timed.seconds.values()) + sum(w.ledger_seconds for w in workers)
         )
