@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 import uvicorn
+import uvloop
 
 from api.app import create_app
 from api.auth import CACHE_TTL_S, Principal, Role, TokenCache
@@ -183,7 +184,7 @@ def test_close_waits_for_issuance_in_flight_then_a_new_executor_is_made(
 # ------------------------------------------------------------------ sockets
 
 
-def _nodelay_of_accepted(listener: socket.socket) -> int:
+def _nodelay_of_accepted(listener: socket.socket, loop: str = "asyncio") -> int:
     seen: list[int] = []
 
     async def run() -> None:
@@ -201,7 +202,10 @@ def _nodelay_of_accepted(listener: socket.socket) -> int:
         w.close()
         server.close()
 
-    asyncio.run(run())
+    if loop == "uvloop":
+        uvloop.run(run())
+    else:
+        asyncio.run(run())
     return seen[0]
 
 
@@ -212,3 +216,10 @@ def test_accepted_connections_have_tcp_nodelay() -> None:
     assert _nodelay_of_accepted(TcpConfig("x:y", host="127.0.0.1", port=0).bind_socket()) != 0
     # What the fix is for: uvicorn's own listener gives sockets without it.
     assert _nodelay_of_accepted(uvicorn.Config("x:y", host="127.0.0.1", port=0).bind_socket()) == 0
+
+
+def test_uvloop_serves_with_tcp_nodelay() -> None:
+    """uvicorn's loop="auto" takes uvloop (a dependency); it sets TCP_NODELAY itself."""
+    config = uvicorn.Config("x:y", host="127.0.0.1", port=0)
+    assert config.loop == "auto" and config.http == "auto"
+    assert _nodelay_of_accepted(TcpConfig("x:y", host="127.0.0.1", port=0).bind_socket(), "uvloop")
