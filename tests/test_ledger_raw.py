@@ -56,3 +56,25 @@ def test_driver_errors_surface_as_sqlalchemy_errors(ledger_url: str) -> None:
         # Nothing recorded was lost with the refused write.
         assert led.get_batch("B").planned_count == 1
         assert led.audit_verify() is None
+
+
+def test_sqlite_timestamp_text_is_sqlalchemys() -> None:
+    from datetime import timedelta, timezone
+
+    from sqlalchemy.dialects import sqlite
+
+    from station.ledger.rawsql import _ts_processor
+    from station.ledger.schema import TS
+
+    dialect = sqlite.dialect()
+    theirs = TS.dialect_impl(dialect).bind_processor(dialect)
+    ours = _ts_processor(dialect)
+    for value in (
+        datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+        datetime(999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 6, 1, 0, 0, tzinfo=timezone(timedelta(hours=2))),
+        datetime(2026, 6, 1, 0, 0),
+        None,
+    ):
+        assert ours(value) == theirs(value), value

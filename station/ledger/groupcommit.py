@@ -41,6 +41,12 @@ T = TypeVar("T")
 _IDLE_SECONDS = 5.0
 
 
+def _driver(conn: Connection) -> Any:
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    return raw
+
+
 def _held_lock() -> threading.Lock:
     lock = threading.Lock()
     lock.acquire()
@@ -94,9 +100,15 @@ class GroupCommitter:
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None and self._pid == os.getpid():
-            with contextlib.suppress(Exception):
-                conn.close()
+        if conn is None or self._pid != os.getpid():
+            return
+        try:
+            if self._pipelined:  # back to the pool as every other connection is
+                _driver(conn).execute("PRAGMA synchronous=FULL")
+        except Exception:
+            conn.invalidate()  # never pooled in a state that would skip syncs
+        with contextlib.suppress(Exception):
+            conn.close()
 
     def submit(self, fn: Callable[[Connection], T], *, durable: bool) -> T:
         """Run fn inside a write transaction; return its result once committed."""
@@ -187,26 +199,39 @@ class GroupCommitter:
             self._drop()  # idle a while: let the pool check it (pre-ping) before reuse
         if self._conn is None:
             self._conn = self._engine.connect()
+            if self._pipelined:  # commits unsynced; _sync() follows (restored in _drop)
+                _driver(self._conn).execute("PRAGMA synchronous=NORMAL")
         self._used = now
         return self._conn
 
     def _run(self, group: list[_Job]) -> int:
-        """Run and commit the group; its commit number when it still needs the log synced."""
+        """Run and commit the group; its commit number when it still needs the log synced.
+
+        Pipelined (SQLite), jobs that arrive while the group runs join it
+        (``group`` grows) up to the group limit: one commit, one sync and one
+        hand-off serve them all, where each would otherwise cost a round of
+        thread wake-ups.
+        """
         results: list[tuple[_Job, Any]] = []
         durable = any(j.durable for j in group)
         try:
+            # Pipelined, the kept connection is already synchronous=NORMAL:
+            # no per-transaction switch (durable=True), the sync comes after.
             with write_transaction(
                 self._engine,
-                durable=durable and not self._pipelined,
+                durable=durable or self._pipelined,
                 connection=self._connection(),
             ) as conn:
                 if len(group) == 1:  # alone: its failure rolls back the transaction itself
                     results.append((group[0], group[0].fn(conn)))
+                    batch: list[_Job] = []
                 else:
-                    # Savepoints on the driver cursor: SQLAlchemy's begin_nested()
-                    # costs an execution context per statement, twice per job.
-                    cur = Raw(conn)
-                    for job in group:
+                    batch = group
+                # Savepoints on the driver cursor: SQLAlchemy's begin_nested()
+                # costs an execution context per statement, twice per job.
+                cur = Raw(conn)
+                while True:
+                    for job in batch:
                         cur.run("SAVEPOINT ledger_job")
                         try:
                             value = job.fn(conn)
@@ -217,6 +242,15 @@ class GroupCommitter:
                         else:
                             cur.run("RELEASE SAVEPOINT ledger_job")
                             results.append((job, value))
+                    if not self._pipelined:
+                        break
+                    with self._mutex:
+                        batch = self._queue[: self._max - len(group)]
+                        del self._queue[: len(batch)]
+                    if not batch:
+                        break
+                    group.extend(batch)
+                    durable = durable or any(j.durable for j in batch)
         except BaseException as exc:  # a lone job's refusal, or the commit itself failed
             self._drop()
             for job in group:

@@ -11,8 +11,8 @@ SQLAlchemy opened: same transaction, same savepoints, same locks.
 What SQLAlchemy did for us is done here, once per statement or per value:
 
 * parameters are written ``:name`` and rewritten to ``%(name)s`` for psycopg;
-* timestamps go through the ``TS`` column type's own bind processor, so
-  SQLite stores exactly the text SQLAlchemy stores and reads back;
+* timestamps are written as SQLAlchemy writes them (on SQLite, the text its
+  ``DATETIME`` type stores and parses back; a test holds the two equal);
 * driver errors become SQLAlchemy's (``IntegrityError``, ``OperationalError``),
   which is what the callers catch.
 
@@ -41,8 +41,17 @@ def _pyformat(sql: str) -> str:
     return _PARAM.sub(r"%(\1)s", sql)
 
 
+def _sqlite_ts(value: datetime | None) -> str | None:
+    """SQLAlchemy's SQLite DATETIME text (wall-clock fields, zone dropped), at C speed."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
 @functools.lru_cache(maxsize=8)
 def _ts_processor(dialect: Dialect) -> Callable[[datetime | None], Any]:
+    if dialect.name == "sqlite":
+        return _sqlite_ts
     process = TS.dialect_impl(dialect).bind_processor(dialect)
     if process is None:
         return lambda value: value

@@ -101,9 +101,19 @@ _SQL_DEVICE = (
     "WHERE d.device_id = :device_id"
 )
 
-_SQL_KEY_HOLDER = (
-    "SELECT d.device_id, c.serial FROM certificates c JOIN devices d ON d.id = c.device_pk "
-    "WHERE c.public_key_sha256 = :pk AND c.state != 'failed' LIMIT 1"
+# Everything the intent checks, in one statement: the batch, the board and its
+# live certificate if any, and which board (if any) already holds this key.
+_SQL_INTENT_CHECKS = (
+    "SELECT b.id, b.name, b.state, b.planned_count, b.device_count, b.subject_template, "
+    "b.days, d.id, d.batch_id, d.state, c.id, c.serial, c.state, c.public_key_sha256, "
+    "c.pem, c.fingerprint, "
+    "(SELECT hd.device_id FROM certificates hc JOIN devices hd ON hd.id = hc.device_pk "
+    "WHERE hc.public_key_sha256 = :pk AND hc.state != 'failed' LIMIT 1), "
+    "(SELECT hc.serial FROM certificates hc "
+    "WHERE hc.public_key_sha256 = :pk AND hc.state != 'failed' LIMIT 1) "
+    "FROM batches b LEFT OUTER JOIN devices d ON d.device_id = :device_id "
+    "LEFT OUTER JOIN certificates c ON c.device_pk = d.id AND c.state IN ('intent', 'issued') "
+    "WHERE b.name = :name"
 )
 _SQL_BATCH_COUNT = "UPDATE batches SET device_count = device_count + :delta WHERE id = :bid"
 _SQL_INSERT_DEVICE = (
@@ -545,13 +555,17 @@ class Ledger:
 
         def write(conn: Connection) -> IssueResult | tuple[int, int, int, x509.Name, datetime, int]:
             raw = Raw(conn)
-            b = _batch_row(raw, batch_name)
-            if b is None:
+            row = raw.one(
+                _SQL_INTENT_CHECKS, {"name": batch_name, "device_id": device_id, "pk": pk}
+            )
+            if row is None:
                 raise NotFoundError(f"no batch named {batch_name!r}", code="unknown-batch")
+            b = _BatchRow._make(row[:7])
+            d = None if row[7] is None else _DeviceRow._make(row[7:16])
+            holder = None if row[16] is None else (row[16], row[17])
             if b.state != BatchState.OPEN.value:
                 raise ConflictError(f"batch {batch_name!r} is closed", code="batch-closed")
             subject = _subject_for(b.subject_template, device_id, csr)
-            d = _device_by_id(raw, device_id)
 
             if d is not None and d.cert_id is not None:
                 if d.cert_state == CertState.INTENT.value:
@@ -570,7 +584,7 @@ class Ledger:
                     )
                 self._revoke_cert(conn, d.cert_id, d.id, device_id, d.serial, "reprovisioned", now)
 
-            holder = raw.one(_SQL_KEY_HOLDER, {"pk": pk})
+            # (A re-provisioning just revoked leaves the key held: revoked is not failed.)
             if holder is not None:
                 raise ConflictError(
                     f"this public key is already certified (device {holder[0]!r}, "
