@@ -78,3 +78,19 @@ def test_sqlite_timestamp_text_is_sqlalchemys() -> None:
         None,
     ):
         assert ours(value) == theirs(value), value
+
+
+def test_a_step_hands_back_the_board_as_the_ledger_reads_it(ledger_url: str) -> None:
+    with Ledger(ledger_url, "raw") as led:
+        led.create_batch(
+            "B", product="p", planned_count=2, key_mode="board-ecc", subject_template="*"
+        )
+        before = datetime.now(UTC)
+        returned = led.mark_key_ready("board-1", batch="B")
+        assert returned == led.get_device("board-1")
+        assert returned.state == "key-ready" and returned.batch == "B"
+        assert returned.key_ready_at is not None and returned.key_ready_at.tzinfo is UTC
+        assert before <= returned.key_ready_at <= datetime.now(UTC)
+        failed = led.mark_failed("board-1", "timeout", "no answer")
+        assert (failed.state, failed.failure_code, failed.attempts) == ("failed", "timeout", 1)
+        assert failed == led.get_device("board-1")

@@ -166,6 +166,50 @@ def _device_by_id(conn: Connection | Raw, device_id: str) -> Any:
     return None if row is None else _DeviceRow._make(row)
 
 
+_SQL_DEVICE_RECORD = (
+    "SELECT d.device_id, b.name, d.state, d.failure_code, d.failure_message, d.attempts, "
+    "d.station_id, d.chain_sha256, c.serial, d.created_at, d.updated_at, d.key_ready_at, "
+    "d.issued_at, d.installed_at, d.verified_at, d.failed_at, d.revoked_at "
+    "FROM devices d JOIN batches b ON b.id = d.batch_id LEFT OUTER JOIN certificates c "
+    "ON c.device_pk = d.id AND c.state = 'issued' WHERE d.device_id = :device_id"
+)
+
+
+def _ts(value: Any) -> datetime | None:
+    """A timestamp as the driver hands it back (SQLite: SQLAlchemy's text), in UTC."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return utc(value)
+
+
+def _device_record(conn: Connection | Raw, device_id: str) -> Device:
+    """Codes: unknown-device."""
+    raw = conn if isinstance(conn, Raw) else Raw(conn)
+    row = raw.one(_SQL_DEVICE_RECORD, {"device_id": device_id})
+    if row is None:
+        raise NotFoundError(f"no device {device_id!r} in the ledger", code="unknown-device")
+    stamps = [_ts(v) for v in row[9:]]
+    return Device(
+        device_id=row[0],
+        batch=row[1],
+        state=row[2],
+        failure_code=row[3],
+        failure_message=row[4],
+        attempts=row[5],
+        station_id=row[6],
+        chain_sha256=row[7],
+        serial=row[8],
+        created_at=stamps[0] or _now(),
+        updated_at=stamps[1] or _now(),
+        key_ready_at=stamps[2],
+        issued_at=stamps[3],
+        installed_at=stamps[4],
+        verified_at=stamps[5],
+        failed_at=stamps[6],
+        revoked_at=stamps[7],
+    )
+
+
 _DEVICE_COLUMNS = (
     devices.c.device_id,
     batches.c.name.label("batch"),
@@ -814,6 +858,16 @@ class Ledger:
 
     # ------------------------------------------------------ steps of the line
 
+    def _step(self, write: Callable[[Connection], Any], device_id: str, *, durable: bool) -> Device:
+        """Run a line step's write and read the board back in the same transaction."""
+
+        def job(conn: Connection) -> Device:
+            write(conn)
+            return _device_record(conn, device_id)
+
+        device: Device = self._writes.submit(job, durable=durable)
+        return device
+
     def register_device(self, batch: str, device_id: str) -> Device:
         """Enrol a board in a batch before it has a key (state ``new``); idempotent.
 
@@ -826,8 +880,7 @@ class Ledger:
         def write(conn: Connection) -> None:
             self._enrol(conn, batch, device_id, now)
 
-        self._writes.submit(write, durable=False)
-        return self.get_device(device_id)
+        return self._step(write, device_id, durable=False)
 
     def _enrol(self, conn: Connection, batch: str, device_id: str, now: datetime) -> _Row:
         raw = Raw(conn)
@@ -890,8 +943,7 @@ class Ledger:
             self._require(d, device_id, DeviceState.KEY_READY)
             self._transition(conn, d.id, device_id, d.state, DeviceState.KEY_READY, now)
 
-        self._writes.submit(write, durable=False)
-        return self.get_device(device_id)
+        return self._step(write, device_id, durable=False)
 
     def mark_installed(self, device_id: str, chain_sha256: str) -> Device:
         """The board stored the chain and reported its digest. Codes: unknown-device, bad-state."""
@@ -910,8 +962,7 @@ class Ledger:
                 chain_sha256=chain_sha256.lower(),
             )
 
-        self._writes.submit(write, durable=False)
-        return self.get_device(device_id)
+        return self._step(write, device_id, durable=False)
 
     def mark_verified(self, device_id: str) -> Device:
         """Proof of possession passed: the board is verified and its serial whitelisted.
@@ -925,8 +976,7 @@ class Ledger:
             d = self._device_row(conn, device_id)
             self._verify(conn, d, device_id, now)
 
-        self._writes.submit(write, durable=True)
-        return self.get_device(device_id)
+        return self._step(write, device_id, durable=True)
 
     def _verify(self, conn: Connection, d: _Row, device_id: str, now: datetime) -> None:
         if d.state == DeviceState.VERIFIED.value:
@@ -950,8 +1000,7 @@ class Ledger:
             d = self._device_row(conn, device_id)
             self._fail(conn, d.id, device_id, code, message, now)
 
-        self._writes.submit(write, durable=False)
-        return self.get_device(device_id)
+        return self._step(write, device_id, durable=False)
 
     def _fail(
         self,
@@ -1005,8 +1054,7 @@ class Ledger:
             self._revoke_cert(conn, d.cert_id, d.id, device_id, d.serial, reason, now)
             self._transition(conn, d.id, device_id, d.state, DeviceState.REVOKED, now)
 
-        self._writes.submit(write, durable=True)
-        return self.get_device(device_id)
+        return self._step(write, device_id, durable=True)
 
     def _revoke_cert(
         self,
@@ -1172,10 +1220,7 @@ class Ledger:
     def get_device(self, device_id: str) -> Device:
         """Codes: unknown-device."""
         with self.engine.connect() as conn:
-            row = conn.execute(_DEVICE_SELECT.where(devices.c.device_id == device_id)).first()
-        if row is None:
-            raise NotFoundError(f"no device {device_id!r} in the ledger", code="unknown-device")
-        return _device(row)
+            return _device_record(conn, device_id)
 
     def list_devices(
         self,
