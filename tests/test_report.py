@@ -338,3 +338,33 @@ def test_api_answers_the_report_for_qa_in_each_format(
         assert client.get("/v1/batches/B1/report", headers=other).status_code == 403
         assert client.get("/v1/batches/nope/report", headers=auth).status_code == 404
         assert client.get("/v1/batches/B1/report?format=xls", headers=auth).status_code == 400
+
+
+def test_an_rsa_ca_signs_a_manifest_that_openssl_verifies(tmp_path: Path) -> None:
+    """PKCS#1 v1.5 through the token (the RSA CA signs the whole message, not a digest)."""
+    from hsm.keystore import KeyType
+    from station.ca import init_ca
+    from station.report import verify_manifest, write_signed_manifest
+    from station.report.manifest import ManifestError
+
+    settings = Settings(
+        data_dir=tmp_path / "rsa", station_id="rsa-station", dev_token_label="rsa-ca-test"
+    )
+    ca = init_ca(settings, key_type=KeyType.RSA_2048).ca
+    assert ca is not None and ca.is_rsa
+    with Ledger.from_settings(settings) as led:
+        led.create_batch(
+            "B1", product="p", planned_count=5, key_mode="see-rsa", subject_template=TEMPLATE
+        )
+        for device_id in VERIFIED[:2]:
+            _provision(led, ca, device_id)
+        files = write_signed_manifest(led, "B1", ca, tmp_path / "m")
+    assert files.devices == 2
+    good = _openssl_verify(tmp_path / "m")
+    assert good.returncode == 0 and "Verified OK" in good.stdout, good
+    verify_manifest(files.manifest, files.signature, files.ca_pem)
+    data = files.manifest.read_bytes()
+    files.manifest.write_bytes(data.replace(b'"B1"', b'"B2"', 1))
+    with pytest.raises(ManifestError) as info:
+        verify_manifest(files.manifest, files.signature, files.ca_pem)
+    assert info.value.code == "bad-signature"
