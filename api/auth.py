@@ -48,6 +48,7 @@ from typing import Annotated
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from starlette.concurrency import run_in_threadpool
 
 from api.context import Station, StationDep
@@ -149,31 +150,48 @@ def _lookup(station: Station, token: str) -> Principal | None:
     return Principal(found[0], role)
 
 
-async def current_principal(
-    station: StationDep,
-    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    if creds is None or not creds.credentials:
+async def authenticate(station: Station, token: str | None) -> Principal:
+    """The holder of a bearer token: from the cache, else from the ledger (in a thread)."""
+    if not token:
         raise AuthError("a bearer token is required")
-    key = hashlib.sha256(creds.credentials.encode()).hexdigest()
+    key = hashlib.sha256(token.encode()).hexdigest()
     cache: TokenCache = station.token_cache
     principal = cache.get(key)
     if principal is None:
-        principal = await run_in_threadpool(_lookup, station, creds.credentials)
+        principal = await run_in_threadpool(_lookup, station, token)
         if principal is None:
             raise AuthError("the bearer token is not valid")
         cache.put(key, principal)
     return principal
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, as HTTPBearer reads it."""
+    scheme, token = get_authorization_scheme_param(authorization)
+    if not (authorization and scheme and token) or scheme.lower() != "bearer":
+        return None
+    return token
+
+
+def permit(principal: Principal, allowed: frozenset[Role]) -> Principal:
+    if principal.role not in allowed:
+        names = ", ".join(sorted(r.value for r in allowed))
+        raise Forbidden(f"role {principal.role.value} may not do this (needs {names})")
+    return principal
+
+
+async def current_principal(
+    station: StationDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    return await authenticate(station, creds.credentials if creds is not None else None)
+
+
 def require(*roles: Role) -> object:
     allowed = frozenset(roles)
 
     async def check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
-        if principal.role not in allowed:
-            names = ", ".join(sorted(r.value for r in allowed))
-            raise Forbidden(f"role {principal.role.value} may not do this (needs {names})")
-        return principal
+        return permit(principal, allowed)
 
     return Depends(check)
 

@@ -7,6 +7,7 @@ ledger, the SoftHSM token, uvicorn's sockets.
 from __future__ import annotations
 
 import asyncio
+import pickle
 import socket
 from collections.abc import Callable, Iterator
 
@@ -223,3 +224,126 @@ def test_uvloop_serves_with_tcp_nodelay() -> None:
     config = uvicorn.Config("x:y", host="127.0.0.1", port=0)
     assert config.loop == "auto" and config.http == "auto"
     assert _nodelay_of_accepted(TcpConfig("x:y", host="127.0.0.1", port=0).bind_socket(), "uvloop")
+
+
+# ------------------------------------------------------------------ the route without dependencies
+
+
+def test_the_certificate_route_documents_what_dependencies_would_have(api: Api) -> None:
+    """POST /v1/certificates takes the bare Request; its OpenAPI still names the
+    bearer scheme, the raw-CSR query parameters and the 422 problem."""
+    op = api.client.get("/openapi.json").json()["paths"]["/v1/certificates"]["post"]
+    assert op["security"] == [{"HTTPBearer": []}]
+    params = {p["name"]: p for p in op["parameters"]}
+    assert set(params) == {"batch", "device_id", "reprovision"}
+    assert all(p["in"] == "query" and not p["required"] for p in params.values())
+    assert {"maxLength": 128, "type": "string"} in params["batch"]["schema"]["anyOf"]
+    assert params["reprovision"]["schema"]["type"] == "boolean"
+    assert "application/problem+json" in op["responses"]["422"]["content"]
+
+
+@pytest.mark.parametrize(
+    ("query", "loc"),
+    [
+        ({"batch": "b" * 129, "device_id": "d"}, ["query", "batch"]),
+        ({"batch": "B1", "device_id": "d" * 129}, ["query", "device_id"]),
+        ({"batch": "B1", "device_id": "d", "reprovision": "perhaps"}, ["query", "reprovision"]),
+    ],
+)
+def test_a_bad_query_is_a_422_naming_the_parameter(
+    api: Api, query: dict[str, str], loc: list[str]
+) -> None:
+    api.batch()
+    pem, _ = new_csr("d")
+    r = api.post(
+        "/v1/certificates",
+        "board",
+        params=query,
+        content=pem,
+        headers={"Content-Type": "application/x-pem-file"},
+    )
+    assert r.status_code == 422 and r.json()["code"] == "invalid-request", r.text
+    assert [e["loc"] for e in r.json()["errors"]] == [loc]
+
+
+def test_reprovision_in_the_query_reads_as_fastapi_reads_a_bool(api: Api) -> None:
+    """'yes', 'on', '1' are true: a board asking for one still gets 403."""
+    api.batch()
+    pem, _ = new_csr("d")
+    for value in ("yes", "on", "1", "True"):
+        r = api.post(
+            "/v1/certificates",
+            "board",
+            params={"batch": "B1", "device_id": "d", "reprovision": value},
+            content=pem,
+            headers={"Content-Type": "application/x-pem-file"},
+        )
+        assert r.status_code == 403 and r.json()["code"] == "forbidden", (value, r.text)
+
+
+# ------------------------------------------------------------------ the workers' listener
+
+
+def test_each_worker_unpickles_its_own_listener_on_the_port() -> None:
+    parent = TcpConfig("x:y", host="127.0.0.1", port=0).bind_socket()
+    workers = [pickle.loads(pickle.dumps(parent)) for _ in range(2)]  # noqa: S301 (our own)
+    try:
+        address = parent.getsockname()
+        assert [w.getsockname() for w in workers] == [address, address]
+        assert len({parent.fileno(), *(w.fileno() for w in workers)}) == 3
+        for w in workers:
+            assert w.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+            assert w.proto == socket.IPPROTO_TCP
+            w.listen(64)
+        # The kernel spreads connections over both listening sockets (by address hash).
+        clients = [socket.create_connection(address, timeout=5) for _ in range(64)]
+        for w in workers:
+            w.setblocking(False)
+        accepted = [0, 0]
+        for i, w in enumerate(workers):
+            while True:
+                try:
+                    conn, _ = w.accept()
+                except BlockingIOError:
+                    break
+                conn.close()
+                accepted[i] += 1
+        assert sum(accepted) == 64 and min(accepted) > 0, accepted
+        for c in clients:
+            c.close()
+    finally:
+        for s in (parent, *workers):
+            s.close()
+
+
+def test_a_second_server_on_the_same_port_refuses_to_start() -> None:
+    """SO_REUSEPORT alone would let it start and take half the connections."""
+    first = TcpConfig("x:y", host="127.0.0.1", port=0).bind_socket()
+    worker = pickle.loads(pickle.dumps(first))  # noqa: S301 (our own socket, in-process)
+    try:
+        worker.listen(8)
+        with pytest.raises(SystemExit):
+            TcpConfig("x:y", host="127.0.0.1", port=first.getsockname()[1]).bind_socket()
+    finally:
+        worker.close()
+        first.close()
+
+
+# ------------------------------------------------------------------ the heap
+
+
+def test_a_server_app_freezes_its_start_up_heap_and_a_test_app_does_not(
+    station_settings: Settings,
+) -> None:
+    import gc
+
+    from fastapi.testclient import TestClient
+
+    gc.unfreeze()
+    try:
+        with TestClient(create_app(station_settings)):
+            assert gc.get_freeze_count() == 0
+        with TestClient(create_app(station_settings, freeze_heap=True)):
+            assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
