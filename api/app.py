@@ -6,6 +6,7 @@ every worker process builds its own app, ledger engine and PKCS#11 session.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -59,12 +60,26 @@ def _warm(station: Station) -> None:
             log.info("recovered %d intent(s), %d failed", len(report.resigned), len(report.failed))
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def _freeze_heap() -> None:
+    """Leave what start-up made out of every later garbage collection.
+
+    A worker holds a large heap of long-lived objects (FastAPI, pydantic, SQLAlchemy,
+    cryptography); a full collection walked all of it, pausing the worker 100-220
+    ms a few times a second under load, the bulk of the p99 of certificate
+    requests. Frozen objects are never collected, so only for a server process:
+    tests build many apps in one process."""
+    gc.collect()
+    gc.freeze()
+
+
+def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -> FastAPI:
     station = Station(settings or Settings())
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(_warm, station)
+        if freeze_heap:
+            _freeze_heap()
         yield
         station.close()
 
@@ -96,4 +111,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """For ``uvicorn --factory``: settings from STATION_* variables, built in the worker."""
-    return create_app(Settings())
+    return create_app(Settings(), freeze_heap=True)

@@ -2,33 +2,75 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+import sys
+from typing import Any
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
+
+log = logging.getLogger("uvicorn.error")
 
 APP = "api.app:app_from_env"
 
 
-def tcp_listener(sock: socket.socket) -> socket.socket:
-    """The pre-bound listener of ``--workers N``, marked IPPROTO_TCP.
+class WorkerListener(socket.socket):
+    """The listener of ``--workers N``: every worker gets a socket of its own on the port.
 
-    uvicorn binds it with proto 0; accepted sockets inherit that and asyncio then
-    skips TCP_NODELAY, so every keep-alive response waits ~40 ms for the client's
-    delayed ACK (Kludex/uvicorn#3149).
+    uvicorn hands each worker (spawned, not forked) the parent's socket by pickling
+    it; this one unpickles in the worker as a new socket bound to the same address
+    with SO_REUSEPORT, so the kernel spreads new connections over the workers by
+    their address hash. With one shared socket the worker that woke first took every
+    pending connection at once (asyncio accepts up to the backlog per wake-up): a
+    burst of 32 keep-alive clients could land 29 on one worker while the other
+    idled. The parent's own socket is bound (holding the port) but never listens,
+    so it gets no connections.
+
+    Sockets made here are IPPROTO_TCP: asyncio sets TCP_NODELAY only on accepted
+    sockets whose listener says so (uvicorn binds with proto 0, and keep-alive
+    answers then waited ~40 ms for the client's delayed ACK, Kludex/uvicorn#3149).
     """
-    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.proto != 0:
-        return sock
-    fixed = socket.socket(sock.family, socket.SOCK_STREAM, socket.IPPROTO_TCP, sock.detach())
-    fixed.set_inheritable(True)
-    return fixed
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (reuseport_listener, (self.family, self.getsockname()))
+
+
+def reuseport_listener(family: int, address: Any, cls: type[socket.socket] = socket.socket) -> Any:
+    sock = cls(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 class TcpConfig(uvicorn.Config):
-    """uvicorn's Config with the TCP_NODELAY fix (module level: workers unpickle it)."""
+    """uvicorn's Config binding a :class:`WorkerListener` (module level: workers unpickle it)."""
 
     def bind_socket(self) -> socket.socket:
-        return tcp_listener(super().bind_socket())
+        if self.uds is not None or self.fd is not None:
+            return super().bind_socket()
+        family = socket.AF_INET6 if self.host and ":" in self.host else socket.AF_INET
+        try:
+            # A plain bind first: SO_REUSEPORT alone would let a second `station serve`
+            # on the same port start and silently take half the connections.
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((self.host, self.port))
+                address = probe.getsockname()
+            sock: socket.socket = reuseport_listener(family, address, WorkerListener)
+        except OSError as exc:
+            log.error(exc)
+            sys.exit(STARTUP_FAILURE)
+        host, port = sock.getsockname()[:2]
+        log.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", host, port)
+        return sock
 
 
 def serve(host: str, port: int, workers: int, *, access_log: bool = False) -> None:
