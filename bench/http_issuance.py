@@ -4,7 +4,8 @@ In one run, on one fresh data directory with its own SoftHSM token and SQLite le
   * in-process: ``Ledger.issue`` called directly (policy, ledger, HSM), one thread;
   * HTTP: ``station serve`` in a subprocess on 127.0.0.1 (``--workers 2`` by default),
     driven by a load generator in its own process (asyncio, one keep-alive
-    connection per client, requests built before timing; uvloop when installed),
+    connection per client, requests built before timing, one untimed warm-up request
+    per connection; uvloop),
     POST /v1/certificates with JSON, a fresh device key per request.
 
 The HTTP rate is reported next to the in-process rate as a ratio. Every level runs
@@ -122,8 +123,18 @@ async def _drive(
     pending = iter(requests)
     stop_at = time.perf_counter() + duration
 
-    async def client() -> None:
+    async def warm() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect and make one untimed request (the server's token cache and threads)."""
         reader, writer = await asyncio.open_connection(host, port)
+        request = next(pending, None)
+        if request is not None:
+            writer.write(request)
+            status, body, _ = await read_response(reader)
+            if status != 201:
+                raise RuntimeError(f"warm-up request answered {status}: {body[:300]!r}")
+        return reader, writer
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while time.perf_counter() < stop_at:
                 request = next(pending, None)
@@ -150,9 +161,10 @@ async def _drive(
         finally:
             writer.close()
 
+    connections = await asyncio.gather(*(warm() for _ in range(clients)))
     start = time.perf_counter()
     stop_at = start + duration
-    await asyncio.gather(*(client() for _ in range(clients)))
+    await asyncio.gather(*(client(r, w) for r, w in connections))
     return latencies, errors, time.perf_counter() - start
 
 
@@ -160,9 +172,10 @@ def _load(
     url: str, token: str, batch: str, clients: int, duration: float, budget: int, out: Any
 ) -> None:
     """Runs in its own process: `clients` keep-alive connections posting CSRs."""
-    import asyncio
     import resource
     from urllib.parse import urlsplit
+
+    import uvloop
 
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
@@ -172,16 +185,8 @@ def _load(
         )
         for i in range(budget)
     ]
-    try:
-        import uvloop
-
-        loop_name = "uvloop"
-        run = uvloop.run
-    except ImportError:
-        loop_name = "asyncio"
-        run = asyncio.run
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    latencies, errors, elapsed = run(_drive(host, port, requests, clients, duration))
+    latencies, errors, elapsed = uvloop.run(_drive(host, port, requests, clients, duration))
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     answered = len(latencies) + sum(errors.values())
@@ -196,8 +201,9 @@ def _load(
             "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
             "mean_ms": round(statistics.fmean(latencies) * 1000, 2) if latencies else None,
             "errors": errors,
-            "budget_exhausted": answered >= budget,
-            "client_loop": loop_name,
+            "budget_exhausted": answered + clients >= budget,
+            "warmup_requests": clients,  # one per connection before timing, not counted
+            "client_loop": "uvloop",
             # CPU of the load generator over the timed window: share of one core,
             # and per answered request.
             "client_cpu_share": round(cpu / elapsed, 3),
