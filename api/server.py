@@ -37,9 +37,12 @@ class WorkerListener(socket.socket):
         return (reuseport_listener, (self.family, self.getsockname()))
 
 
-def reuseport_listener(family: int, address: Any, cls: type[socket.socket] = socket.socket) -> Any:
+def reuseport_listener(
+    family: int, address: Any, cls: type[socket.socket] = socket.socket, *, reuse_addr: bool = True
+) -> Any:
     sock = cls(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_addr:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(address)
@@ -59,12 +62,16 @@ class TcpConfig(uvicorn.Config):
         family = socket.AF_INET6 if self.host and ":" in self.host else socket.AF_INET
         try:
             # A plain bind first: SO_REUSEPORT alone would let a second `station serve`
-            # on the same port start and silently take half the connections.
+            # on the same port start and silently take half the connections. The
+            # parent's socket has no SO_REUSEADDR, so such a probe fails against it
+            # even before the workers listen.
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind((self.host, self.port))
                 address = probe.getsockname()
-            sock: socket.socket = reuseport_listener(family, address, WorkerListener)
+            sock: socket.socket = reuseport_listener(
+                family, address, WorkerListener, reuse_addr=False
+            )
         except OSError as exc:
             log.error(exc)
             sys.exit(STARTUP_FAILURE)

@@ -319,13 +319,16 @@ def test_each_worker_unpickles_its_own_listener_on_the_port() -> None:
 def test_a_second_server_on_the_same_port_refuses_to_start() -> None:
     """SO_REUSEPORT alone would let it start and take half the connections."""
     first = TcpConfig("x:y", host="127.0.0.1", port=0).bind_socket()
-    worker = pickle.loads(pickle.dumps(first))  # noqa: S301 (our own socket, in-process)
+    port = first.getsockname()[1]
     try:
+        with pytest.raises(SystemExit):  # the first's workers not started yet
+            TcpConfig("x:y", host="127.0.0.1", port=port).bind_socket()
+        worker = pickle.loads(pickle.dumps(first))  # noqa: S301 (our own socket, in-process)
         worker.listen(8)
-        with pytest.raises(SystemExit):
-            TcpConfig("x:y", host="127.0.0.1", port=first.getsockname()[1]).bind_socket()
-    finally:
+        with pytest.raises(SystemExit):  # and serving
+            TcpConfig("x:y", host="127.0.0.1", port=port).bind_socket()
         worker.close()
+    finally:
         first.close()
 
 
