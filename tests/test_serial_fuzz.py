@@ -422,3 +422,32 @@ def test_the_agent_survives_a_station_that_stops_reading(tmp_path: Path) -> None
         worker.join(10)
         board_port.close()
         os.close(master)
+
+
+def test_the_stations_own_port_to_a_board_that_never_reads_ends_in_timeout() -> None:
+    """The same through open_port_client, which the line uses: its byte-counting
+    wrapper hid pyserial's write_timeout from the link, so the line's writes had none."""
+    from station.line.driver import open_port_client
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    client = open_port_client(os.ttyname(slave), timeouts={p.MsgType.PUT_CHAIN: 0.2}, retries=3)
+    os.close(slave)
+    outcome: list[BaseException] = []
+
+    def request() -> None:
+        try:
+            client.put_chain(b"A" * 60_000)  # four attempts: more than a pty buffers
+        except BaseException as exc:  # any outcome is recorded and checked below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=request, daemon=True)
+    try:
+        worker.start()
+        worker.join(20)
+        assert not worker.is_alive(), "the request still blocks in write()"
+        assert len(outcome) == 1 and isinstance(outcome[0], p.Timeout), outcome
+    finally:
+        os.close(master)  # unblocks a stuck write, so the thread ends either way
+        worker.join(5)
+        client.close()
