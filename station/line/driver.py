@@ -54,6 +54,16 @@ class CountingPort:
     def timeout(self, value: float | None) -> None:
         self._port.timeout = value
 
+    # The link sets a write timeout only on a port that has one: without this the
+    # line's writes to a board that stopped reading blocked forever.
+    @property
+    def write_timeout(self) -> float | None:
+        return self._port.write_timeout
+
+    @write_timeout.setter
+    def write_timeout(self, value: float | None) -> None:
+        self._port.write_timeout = value
+
     @property
     def in_waiting(self) -> int:
         return self._port.in_waiting
