@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from firmware_hooks.protocol import (
@@ -103,6 +104,9 @@ class Link:
         port.timeout = poll_interval
         if hasattr(port, "write_timeout"):
             port.write_timeout = write_timeout
+        # A port may offer read_available() (what it holds, waiting up to its
+        # timeout for the first byte), a cheaper way to the same bytes.
+        self._read_available: Callable[[], bytes] | None = getattr(port, "read_available", None)
         self._decoder = MessageDecoder()
         self._seq = secrets.randbelow(0x10000)
         self.last_error: ProtocolError | None = None
@@ -132,6 +136,8 @@ class Link:
         """What the port holds; when it holds nothing, wait (up to the port timeout)
         for the first byte and take whatever came with it."""
         try:
+            if self._read_available is not None:
+                return self._read_available()
             port = self.port
             waiting = port.in_waiting
             if waiting:

@@ -13,6 +13,8 @@ import contextlib
 import functools
 import glob
 import logging
+import os
+import select
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -36,6 +38,7 @@ RESCAN_INTERVAL = 1.0
 POLL_INTERVAL = 0.5  # between hellos on an idle port
 WAIT_HELLO_TIMEOUT = 1.0
 ABSENT_AFTER = 3  # unanswered hellos before a finished board counts as unplugged
+_READ_CHUNK = 4096
 
 
 class CountingPort:
@@ -45,6 +48,8 @@ class CountingPort:
         self._port = port
         self.tx = 0
         self.rx = 0
+        # pyserial's POSIX Serial keeps its descriptor non-blocking (O_NONBLOCK).
+        self._direct = type(port).__module__ == "serial.serialposix"
 
     @property
     def timeout(self) -> float | None:
@@ -70,6 +75,35 @@ class CountingPort:
 
     def read(self, size: int = 1) -> bytes:
         data: bytes = self._port.read(size)
+        self.rx += len(data)
+        return data
+
+    def read_available(self) -> bytes:
+        """Whatever the port holds, waiting up to ``timeout`` for the first byte.
+
+        On a POSIX port (a tty, a pty) straight on its non-blocking descriptor:
+        one ``select`` and one ``read`` per burst, where pyserial's ``read`` spends
+        more Python per call than the bytes cost; the line calls this for every
+        burst of every port. Disconnection raises as pyserial's ``read`` does."""
+        port = self._port
+        fd = getattr(port, "fd", None) if self._direct else None
+        if fd is None:
+            data: bytes = port.read(port.in_waiting or 1)
+            if data and (waiting := port.in_waiting):
+                data += port.read(waiting)
+        else:
+            # pyserial sets VMIN = VTIME = 0: an empty read means nothing yet, not EOF.
+            try:
+                data = os.read(fd, _READ_CHUNK)
+            except BlockingIOError:
+                data = b""
+            if not data:
+                ready, _, _ = select.select([fd], [], [], port.timeout)
+                if not ready:
+                    return b""
+                data = os.read(fd, _READ_CHUNK)
+                if not data:  # what a tty whose device went away does
+                    raise OSError(f"{port.port}: ready to read but no data (unplugged?)")
         self.rx += len(data)
         return data
 
