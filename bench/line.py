@@ -15,11 +15,13 @@ In one run:
     Agent.handle, boards keyed in-process with station.line.simkeys), so that the
     rig costs little next to the station; boards per minute from the first hello to
     the last verdict, against P x the one-port rate, with the CPU seconds of the
-    station and of the rig per board.
+    station and of the rig per board. The station's ports are shared out among
+    --processes worker processes (``station line run --processes``; 1: one process,
+    the CLI's default).
 
     python bench/line.py [--mode board-ecc] [--baud 115200] [--boards 5]
                          [--ports 1,8,32,64] [--per-port 4] [--corrupt 0.0]
-                         [--processes 1] [--json]
+                         [--processes 2] [--json]
 
 --corrupt P flips each byte on the line with probability P (both directions, both rigs).
 """
@@ -255,8 +257,10 @@ def main() -> None:
     parser.add_argument(
         "--processes",
         type=int,
-        default=1,
-        help="station worker processes the ports are shared out among (line run --processes)",
+        default=2,
+        help="station worker processes the ports are shared out among, as `station line "
+        "run --processes N` (default 2: one Python process is held to one core; 1 measures "
+        "the CLI's default)",
     )
     parser.add_argument(
         "--data-dir",
