@@ -8,11 +8,14 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from station.ca import CertificateAuthority
+from station.errors import StationError
 from station.ledger import Ledger
 from station.ledger.db import write_transaction
 from station.ledger.rawsql import Raw, _pyformat
 from station.ledger.records import utc
 from station.ledger.schema import batches
+from tests.test_ledger import TEMPLATE, make_csr
 
 
 def test_named_parameters_become_pyformat_and_casts_are_left_alone() -> None:
@@ -94,3 +97,30 @@ def test_a_step_hands_back_the_board_as_the_ledger_reads_it(ledger_url: str) -> 
         failed = led.mark_failed("board-1", "timeout", "no answer")
         assert (failed.state, failed.failure_code, failed.attempts) == ("failed", "timeout", 1)
         assert failed == led.get_device("board-1")
+
+
+def test_a_subject_worked_out_before_the_lock_refuses_in_the_same_order(
+    ledger_url: str, ca: CertificateAuthority
+) -> None:
+    """The subject is computed before the write lock from the template last seen; the
+    batch's own refusals still come first, and the template read in the transaction wins."""
+    with Ledger(ledger_url, "raw") as led:
+        led.create_batch(
+            "B", product="p", planned_count=5, key_mode="board-ecc", subject_template=TEMPLATE
+        )
+        assert not led.issue("B", "dev-1", make_csr("dev-1")[0], ca).reused  # template seen
+        wrong = make_csr("dev-2", org="other")[0]
+        with pytest.raises(StationError) as info:
+            led.issue("B", "dev-2", wrong, ca)
+        assert info.value.code == "subject-mismatch"
+        led.close_batch("B")
+        with pytest.raises(StationError) as info:
+            led.issue("B", "dev-2", wrong, ca)
+        assert info.value.code == "batch-closed"
+        # A stale template in the cache is not trusted: the one in the ledger decides.
+        led.create_batch(
+            "C", product="p", planned_count=5, key_mode="board-ecc", subject_template=TEMPLATE
+        )
+        led._templates["C"] = "/O=other/CN={device_id}"
+        result = led.issue("C", "dev-3", make_csr("dev-3")[0], ca)
+        assert result.certificate.subject.rfc4514_string() == ("C=US,CN=dev-3,OU=team,O=company")

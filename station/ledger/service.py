@@ -310,12 +310,32 @@ def _subject_for(template: str, device_id: str, csr: x509.CertificateSigningRequ
 
 @dataclass(frozen=True, slots=True)
 class _CertCommit:
-    """A signed certificate waiting for its durable commit."""
+    """A signed certificate waiting for its durable commit, its columns worked out
+    before the write lock is taken (the lock is held only for the statements)."""
 
     cert_id: int
     device_pk: int
     device_id: str
-    cert: x509.Certificate
+    pem: str
+    fingerprint: str
+    serial: str
+    not_before: datetime
+    not_after: datetime
+
+    @classmethod
+    def of(
+        cls, cert_id: int, device_pk: int, device_id: str, cert: x509.Certificate
+    ) -> _CertCommit:
+        return cls(
+            cert_id,
+            device_pk,
+            device_id,
+            cert.public_bytes(serialization.Encoding.PEM).decode(),
+            cert.fingerprint(hashes.SHA256()).hex(),
+            serial_hex(cert.serial_number),
+            cert.not_valid_before_utc,
+            cert.not_valid_after_utc,
+        )
 
 
 class Ledger:
@@ -347,6 +367,7 @@ class Ledger:
         self.station_id = station_id
         self.backdate_seconds = backdate_seconds
         self._writes = GroupCommitter(self.engine)
+        self._templates: dict[str, str] = {}  # batch -> subject template, as last read
         if migrate:
             upgrade(self.engine)
 
@@ -572,10 +593,11 @@ class Ledger:
             ) from exc
         if self.after_sign is not None:
             self.after_sign(cert)
-        fingerprint = self._commit_certificate(cert_id, device_pk, device_id, cert)
+        commit = _CertCommit.of(cert_id, device_pk, device_id, cert)
+        fingerprint = self._commit_certificate(commit)
         return IssueResult(
             certificate=cert,
-            chain_pem=cert.public_bytes(serialization.Encoding.PEM) + ca.chain_pem,
+            chain_pem=commit.pem.encode() + ca.chain_pem,
             serial=serial,
             fingerprint=fingerprint,
             reused=False,
@@ -596,6 +618,17 @@ class Ledger:
         from station.ca import new_serial
 
         now = _now()
+        # The subject (or why the CSR does not fit) worked out before the write
+        # lock, from the batch's template as last seen; checked against the
+        # template read in the transaction, and redone there if it changed.
+        seen_template = self._templates.get(batch_name)
+        early: x509.Name | PolicyError | None = None
+        if seen_template is not None:
+            try:
+                early = _subject_for(seen_template, device_id, csr)
+            except PolicyError as exc:
+                early = exc
+        serial = new_serial()
 
         def write(conn: Connection) -> IssueResult | tuple[int, int, int, x509.Name, datetime, int]:
             raw = Raw(conn)
@@ -609,7 +642,13 @@ class Ledger:
             holder = None if row[16] is None else (row[16], row[17])
             if b.state != BatchState.OPEN.value:
                 raise ConflictError(f"batch {batch_name!r} is closed", code="batch-closed")
-            subject = _subject_for(b.subject_template, device_id, csr)
+            if early is not None and b.subject_template == seen_template:
+                if isinstance(early, PolicyError):
+                    raise early
+                subject = early
+            else:
+                subject = _subject_for(b.subject_template, device_id, csr)
+                self._templates[batch_name] = b.subject_template
 
             if d is not None and d.cert_id is not None:
                 if d.cert_state == CertState.INTENT.value:
@@ -662,7 +701,6 @@ class Ledger:
                     raw.run(_SQL_BATCH_COUNT, {"bid": d.batch_id, "delta": -1})
                     raw.run(_SQL_MOVE_DEVICE, {"bid": b.id, "did": d.id})
 
-            serial = new_serial()
             cert_id = int(
                 raw.value(
                     _SQL_INSERT_INTENT,
@@ -717,31 +755,25 @@ class Ledger:
             batch=batch,
         )
 
-    def _commit_certificate(
-        self, cert_id: int, device_pk: int, device_id: str, cert: x509.Certificate
-    ) -> str:
+    def _commit_certificate(self, c: _CertCommit) -> str:
         """Make the signed certificate durable; returns its fingerprint.
 
         Concurrent callers share one durable commit (see groupcommit.py).
         """
-        c = _CertCommit(cert_id, device_pk, device_id, cert)
         return self._writes.submit(lambda conn: self._apply_commit(conn, c, _now()), durable=True)
 
     def _apply_commit(self, conn: Connection, c: _CertCommit, now: datetime) -> str:
-        cert = c.cert
-        fingerprint = cert.fingerprint(hashes.SHA256()).hex()
-        pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-        serial = serial_hex(cert.serial_number)
+        fingerprint, serial = c.fingerprint, c.serial
         raw = Raw(conn)
         ts = raw.ts(now)
         done = raw.run(
             _SQL_MARK_ISSUED,
             {
                 "cid": c.cert_id,
-                "pem": pem,
+                "pem": c.pem,
                 "fp": fingerprint,
-                "nb": raw.ts(cert.not_valid_before_utc),
-                "na": raw.ts(cert.not_valid_after_utc),
+                "nb": raw.ts(c.not_before),
+                "na": raw.ts(c.not_after),
                 "now": ts,
             },
         )
@@ -759,7 +791,7 @@ class Ledger:
             {
                 "serial": serial,
                 "fingerprint": fingerprint,
-                "not_after": cert.not_valid_after_utc.isoformat(),
+                "not_after": c.not_after.isoformat(),
                 "device_state": DeviceState.ISSUED.value,
             },
             now=now,
@@ -850,7 +882,7 @@ class Ledger:
                 failed.append((it.serial, code))
                 continue
             try:
-                self._commit_certificate(it.id, it.device_pk, it.device_id, cert)
+                self._commit_certificate(_CertCommit.of(it.id, it.device_pk, it.device_id, cert))
             except ConflictError:
                 continue  # resolved meanwhile by another recovery
             resigned.append(it.serial)
