@@ -2,7 +2,7 @@
 
 In one run, on one fresh data directory with its own SoftHSM token and SQLite ledger:
   * in-process: ``Ledger.issue`` called directly (policy, ledger, HSM), one thread;
-  * HTTP: ``station serve`` in a subprocess on 127.0.0.1 (``--workers 2`` by default),
+  * HTTP: ``station serve`` in a subprocess on 127.0.0.1 (``--workers 3`` by default),
     driven by a load generator in its own process (asyncio, one keep-alive
     connection per client, requests built before timing, one untimed warm-up request
     per connection; uvloop),
@@ -11,7 +11,7 @@ In one run, on one fresh data directory with its own SoftHSM token and SQLite le
 The HTTP rate is reported next to the in-process rate as a ratio. Every level runs
 for ``--duration`` seconds at most; traffic goes only to 127.0.0.1.
 
-    python bench/http_issuance.py [--duration 5] [--workers 2] [--json]
+    python bench/http_issuance.py [--duration 5] [--workers 3] [--json]
 """
 
 from __future__ import annotations
@@ -324,7 +324,9 @@ def in_process_rate(settings: Any, duration: float) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per level (max 60)")
-    parser.add_argument("--workers", type=int, default=2, help="station serve --workers")
+    parser.add_argument(
+        "--workers", type=int, default=3, help="station serve --workers (cores + 1 by advice)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args()
     duration = min(max(args.duration, 0.5), 60.0)
