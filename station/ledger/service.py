@@ -166,6 +166,7 @@ def _device_by_id(conn: Connection | Raw, device_id: str) -> Any:
     return None if row is None else _DeviceRow._make(row)
 
 
+# The columns of _DEVICE_COLUMNS, in their order (_device reads either).
 _SQL_DEVICE_RECORD = (
     "SELECT d.device_id, b.name, d.state, d.failure_code, d.failure_message, d.attempts, "
     "d.station_id, d.chain_sha256, c.serial, d.created_at, d.updated_at, d.key_ready_at, "
@@ -188,26 +189,7 @@ def _device_record(conn: Connection | Raw, device_id: str) -> Device:
     row = raw.one(_SQL_DEVICE_RECORD, {"device_id": device_id})
     if row is None:
         raise NotFoundError(f"no device {device_id!r} in the ledger", code="unknown-device")
-    stamps = [_ts(v) for v in row[9:]]
-    return Device(
-        device_id=row[0],
-        batch=row[1],
-        state=row[2],
-        failure_code=row[3],
-        failure_message=row[4],
-        attempts=row[5],
-        station_id=row[6],
-        chain_sha256=row[7],
-        serial=row[8],
-        created_at=stamps[0] or _now(),
-        updated_at=stamps[1] or _now(),
-        key_ready_at=stamps[2],
-        issued_at=stamps[3],
-        installed_at=stamps[4],
-        verified_at=stamps[5],
-        failed_at=stamps[6],
-        revoked_at=stamps[7],
-    )
+    return _device(row)
 
 
 _DEVICE_COLUMNS = (
@@ -246,25 +228,26 @@ def _now() -> datetime:
 
 
 def _device(row: _Row) -> Device:
-    m = row._mapping
+    """A device from a row in ``_DEVICE_COLUMNS`` order (SQLAlchemy or the driver's)."""
+    stamps = [_ts(v) for v in row[9:17]]
     return Device(
-        device_id=m["device_id"],
-        batch=m["batch"],
-        state=m["state"],
-        failure_code=m["failure_code"],
-        failure_message=m["failure_message"],
-        attempts=m["attempts"],
-        station_id=m["station_id"],
-        chain_sha256=m["chain_sha256"],
-        serial=m["serial"],
-        created_at=utc(m["created_at"]) or _now(),
-        updated_at=utc(m["updated_at"]) or _now(),
-        key_ready_at=utc(m["key_ready_at"]),
-        issued_at=utc(m["issued_at"]),
-        installed_at=utc(m["installed_at"]),
-        verified_at=utc(m["verified_at"]),
-        failed_at=utc(m["failed_at"]),
-        revoked_at=utc(m["revoked_at"]),
+        device_id=row[0],
+        batch=row[1],
+        state=row[2],
+        failure_code=row[3],
+        failure_message=row[4],
+        attempts=row[5],
+        station_id=row[6],
+        chain_sha256=row[7],
+        serial=row[8],
+        created_at=stamps[0] or _now(),
+        updated_at=stamps[1] or _now(),
+        key_ready_at=stamps[2],
+        issued_at=stamps[3],
+        installed_at=stamps[4],
+        verified_at=stamps[5],
+        failed_at=stamps[6],
+        revoked_at=stamps[7],
     )
 
 
