@@ -251,7 +251,10 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
     if revision == "head" and current_revision(engine) == head_revision():
         return
-    with engine.connect() as conn:
+    # At the write gate: processes that start together on a new SQLite file (the
+    # workers of `station serve`, of `station line run --processes`) migrate one
+    # after the other, the later ones finding the schema in place.
+    with write_gate(engine), engine.connect() as conn:
         conn = conn.execution_options(ledger_write=True)
         with conn.begin():
             if engine.dialect.name == "postgresql":
