@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sqlite3
 import threading
 import weakref
 from collections.abc import Iterator
@@ -39,9 +40,36 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         connect_args.update(kwargs.pop("connect_args", {}))
         engine = create_engine(url, connect_args=connect_args, **kwargs)
         _configure_sqlite(engine)
+        if parsed.database and parsed.database != ":memory:":
+            _switch_to_wal(engine, parsed.database, float(connect_args["timeout"]))
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
+
+
+def _switch_to_wal(engine: Engine, path: str, timeout: float) -> None:
+    """Put a SQLite file in WAL mode once, one process at a time (at the write gate).
+
+    The switch writes the file header, from inside the pragma's read
+    transaction; SQLite refuses that upgrade at once ("database is locked",
+    no busy wait) when another connection holds the file meanwhile, which is
+    what processes starting together on a new ledger (the line's workers,
+    ``station serve``'s) did to each other. WAL mode is persistent: once the
+    file is in it, every connection's ``PRAGMA journal_mode=WAL`` is a no-op.
+    """
+
+    def mode(conn: sqlite3.Connection) -> str:
+        return str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+    try:
+        if mode(conn) == "wal":
+            return
+        with write_gate(engine):
+            if mode(conn) != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+    finally:
+        conn.close()
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -75,14 +75,20 @@ class WorkerStats:
 class ForwardingStatus(LineStatus):
     """A worker's LineStatus: every report goes to the parent, which keeps the real one.
 
-    Reports are queued here and sent together by ``take()``'s caller (the worker's
-    tick, ten times a second): a pipe message per step would cost the worker more
-    than the step. ``record()`` queues a finished board in the same order."""
+    Steps are queued here and sent together by ``forward()`` (the worker's tick,
+    ten times a second): a pipe message per step would cost the worker more than
+    the step. A board's verdict is not left waiting for the tick: ``finished()``
+    forwards at once, with the board's record (``record()``, queued just before)
+    and the steps queued ahead of it, so a worker killed a moment later has
+    already handed the parent every board it finished. ``send`` is the pipe."""
 
-    def __init__(self, batch: str) -> None:
+    def __init__(self, batch: str, send: Callable[[tuple[str, Any]], None]) -> None:
         super().__init__(batch)
         self._queue: list[tuple[str, Any]] = []
         self._queue_lock = threading.Lock()
+        # Held across take-and-send: batches reach the parent in the order queued.
+        self._forward_lock = threading.Lock()
+        self._forward_to = send
 
     def _send(self, message: tuple[str, Any]) -> None:
         with self._queue_lock:
@@ -92,6 +98,13 @@ class ForwardingStatus(LineStatus):
         with self._queue_lock:
             queued, self._queue = self._queue, []
         return queued
+
+    def forward(self) -> None:
+        """Send the parent what is queued, as one message."""
+        with self._forward_lock:
+            queued = self.take()
+            if queued:
+                self._forward_to(("batch", queued))
 
     def record(self, record: BoardRecord) -> None:
         self._send(("record", record))
@@ -112,6 +125,7 @@ class ForwardingStatus(LineStatus):
         self, port: str, device_id: str, result: str, code: str = "", message: str = ""
     ) -> None:
         self._send(("status", ("finished", (port, device_id, result, code, message))))
+        self.forward()
 
 
 _LINE_CALLS = frozenset(
@@ -183,7 +197,7 @@ def _worker_main(conn: Connection, spec: _WorkerSpec) -> None:
             return
         timed = _TimedLedger(ledger) if spec.measure_ledger else None
         assigned: list[str] = []
-        status = ForwardingStatus(spec.batch)
+        status = ForwardingStatus(spec.batch, send)
         driver = LineDriver(
             ProvisionContext(timed or ledger, ca, batch),  # type: ignore[arg-type]
             lambda: list(assigned),
@@ -193,13 +207,8 @@ def _worker_main(conn: Connection, spec: _WorkerSpec) -> None:
             on_record=status.record,
         )
 
-        def forward() -> None:
-            queued = status.take()
-            if queued:
-                send(("batch", queued))
-
         def tick() -> None:
-            forward()
+            status.forward()
             try:
                 while conn.poll():
                     kind, value = conn.recv()
@@ -215,7 +224,7 @@ def _worker_main(conn: Connection, spec: _WorkerSpec) -> None:
         try:
             driver.run(tick=tick)
         finally:
-            forward()
+            status.forward()
             send(
                 (
                     "done",
