@@ -4,7 +4,8 @@ They subclass pyca/cryptography's private-key types, so ``CertificateBuilder``,
 ``CertificateSigningRequestBuilder`` and friends call their ``sign()`` as they
 would a software key's. That route is outside cryptography's stability promise
 (pyca/cryptography#11616): the version range is pinned in pyproject.toml and
-tests/test_signer.py proves the builders still call it.
+tests/test_hsm.py::test_certificate_builder_calls_the_token_signer proves the
+builders still call it.
 
 Mechanisms are always explicit: EC signs with ``CKM_ECDSA`` over a digest made
 here (SoftHSM has no ``CKM_ECDSA_SHA256``), and the raw r||s is DER-encoded as
@@ -13,7 +14,7 @@ X.509 wants; RSA signs with ``CKM_SHA256_RSA_PKCS`` / ``CKM_SHA384_RSA_PKCS``.
 
 from __future__ import annotations
 
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, Self
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -41,10 +42,30 @@ def _digest(data: bytes, algorithm: Any) -> tuple[bytes, hashes.HashAlgorithm]:
     return h.finalize(), algorithm
 
 
-class HsmEcPrivateKey(ec.EllipticCurvePrivateKey):
-    def __init__(self, ref: SignRef, public: ec.EllipticCurvePublicKey) -> None:
+class _TokenKey:
+    """What the EC and RSA token keys share: a key reference, no export, no copies."""
+
+    def __init__(self, ref: SignRef, public: Any) -> None:
         self._ref = ref
         self._public = public
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        _no_export()
+
+    def __copy__(self) -> Self:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        return self
+
+
+class HsmEcPrivateKey(_TokenKey, ec.EllipticCurvePrivateKey):
+    _public: ec.EllipticCurvePublicKey
 
     def sign(
         self,
@@ -77,20 +98,6 @@ class HsmEcPrivateKey(ec.EllipticCurvePrivateKey):
     def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
         _no_export()
 
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _no_export()
-
-    def __copy__(self) -> HsmEcPrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> HsmEcPrivateKey:
-        return self
-
 
 _RSA_MECHANISMS = {
     "sha256": Mechanism.SHA256_RSA_PKCS,
@@ -99,10 +106,8 @@ _RSA_MECHANISMS = {
 }
 
 
-class HsmRsaPrivateKey(rsa.RSAPrivateKey):
-    def __init__(self, ref: SignRef, public: rsa.RSAPublicKey) -> None:
-        self._ref = ref
-        self._public = public
+class HsmRsaPrivateKey(_TokenKey, rsa.RSAPrivateKey):
+    _public: rsa.RSAPublicKey
 
     def sign(
         self,
@@ -129,20 +134,6 @@ class HsmRsaPrivateKey(rsa.RSAPrivateKey):
 
     def private_numbers(self) -> rsa.RSAPrivateNumbers:
         _no_export()
-
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _no_export()
-
-    def __copy__(self) -> HsmRsaPrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> HsmRsaPrivateKey:
-        return self
 
 
 HsmPrivateKey = HsmEcPrivateKey | HsmRsaPrivateKey
