@@ -30,7 +30,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from sqlalchemy import Connection, CursorResult, Engine, and_, func, select
+from sqlalchemy import Connection, Engine, and_, func, select
 from sqlalchemy.exc import IntegrityError
 
 from station import policy
@@ -75,8 +75,6 @@ ADHOC_PLANNED = 2**31 - 1
 TOKEN_ROLES = ("board", "operator", "qa", "admin")
 CHALLENGE_TTL = timedelta(seconds=120)
 
-_LIVE = (CertState.INTENT.value, CertState.ISSUED.value)
-
 # Result rows are untyped tuples as far as mypy can tell.
 _Row = Any
 
@@ -85,34 +83,36 @@ _Row = Any
 _BatchRow = namedtuple(
     "_BatchRow", "id name state planned_count device_count subject_template days"
 )
-_SQL_BATCH = (
-    "SELECT id, name, state, planned_count, device_count, subject_template, days "
-    "FROM batches WHERE name = :name"
+_BATCH_COLUMNS = (
+    "b.id, b.name, b.state, b.planned_count, b.device_count, b.subject_template, b.days"
 )
+_SQL_BATCH = f"SELECT {_BATCH_COLUMNS} FROM batches b WHERE b.name = :name"  # noqa: S608
 
 _DeviceRow = namedtuple(
     "_DeviceRow",
     "id batch_id state cert_id serial cert_state public_key_sha256 pem fingerprint",
 )
+_LIVE_DEVICE_COLUMNS = (
+    "d.id, d.batch_id, d.state, c.id, c.serial, c.state, c.public_key_sha256, c.pem, c.fingerprint"
+)
+# A board's live certificate (or pending intent), if it has one.
+_LIVE_CERT_JOIN = (
+    "LEFT OUTER JOIN certificates c ON c.device_pk = d.id AND c.state IN ('intent', 'issued')"
+)
 _SQL_DEVICE = (
-    "SELECT d.id, d.batch_id, d.state, c.id, c.serial, c.state, c.public_key_sha256, "
-    "c.pem, c.fingerprint FROM devices d LEFT OUTER JOIN certificates c "
-    "ON c.device_pk = d.id AND c.state IN ('intent', 'issued') "
+    f"SELECT {_LIVE_DEVICE_COLUMNS} FROM devices d {_LIVE_CERT_JOIN} "  # noqa: S608 - fixed text
     "WHERE d.device_id = :device_id"
 )
 
 # Everything the intent checks, in one statement: the batch, the board and its
 # live certificate if any, and which board (if any) already holds this key.
 _SQL_INTENT_CHECKS = (
-    "SELECT b.id, b.name, b.state, b.planned_count, b.device_count, b.subject_template, "
-    "b.days, d.id, d.batch_id, d.state, c.id, c.serial, c.state, c.public_key_sha256, "
-    "c.pem, c.fingerprint, "
+    f"SELECT {_BATCH_COLUMNS}, {_LIVE_DEVICE_COLUMNS}, "  # noqa: S608 - fixed text
     "(SELECT hd.device_id FROM certificates hc JOIN devices hd ON hd.id = hc.device_pk "
     "WHERE hc.public_key_sha256 = :pk AND hc.state != 'failed' LIMIT 1), "
     "(SELECT hc.serial FROM certificates hc "
     "WHERE hc.public_key_sha256 = :pk AND hc.state != 'failed' LIMIT 1) "
-    "FROM batches b LEFT OUTER JOIN devices d ON d.device_id = :device_id "
-    "LEFT OUTER JOIN certificates c ON c.device_pk = d.id AND c.state IN ('intent', 'issued') "
+    f"FROM batches b LEFT OUTER JOIN devices d ON d.device_id = :device_id {_LIVE_CERT_JOIN} "
     "WHERE b.name = :name"
 )
 _SQL_BATCH_COUNT = "UPDATE batches SET device_count = device_count + :delta WHERE id = :bid"
@@ -620,9 +620,10 @@ class Ledger:
             )
             if row is None:
                 raise NotFoundError(f"no batch named {batch_name!r}", code="unknown-batch")
-            b = _BatchRow._make(row[:7])
-            d = None if row[7] is None else _DeviceRow._make(row[7:16])
-            holder = None if row[16] is None else (row[16], row[17])
+            nb, nd = len(_BatchRow._fields), len(_DeviceRow._fields)
+            b = _BatchRow._make(row[:nb])
+            d = None if row[nb] is None else _DeviceRow._make(row[nb : nb + nd])
+            holder = None if row[nb + nd] is None else (row[nb + nd], row[nb + nd + 1])
             if b.state != BatchState.OPEN.value:
                 raise ConflictError(f"batch {batch_name!r} is closed", code="batch-closed")
             if early is not None and b.subject_template == seen_template:
@@ -1426,12 +1427,6 @@ class Ledger:
             if done.rowcount != 1:
                 raise NotFoundError(f"no live token named {name!r}", code="unknown-token")
             audit.append(conn, self.station_id, "token.revoke", name, {}, now=now)
-
-
-def _pk(result: CursorResult[Any]) -> int:
-    key = result.inserted_primary_key
-    assert key is not None
-    return int(key[0])
 
 
 def _token_hash(token: str) -> str:
