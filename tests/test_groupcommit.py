@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Column, Connection, Integer, MetaData, String, Table, insert, select
@@ -11,7 +14,7 @@ from sqlalchemy import Column, Connection, Integer, MetaData, String, Table, ins
 from station.ca import CertificateAuthority
 from station.errors import StationError
 from station.ledger import Ledger
-from station.ledger.db import make_engine
+from station.ledger.db import make_engine, write_gate
 from station.ledger.groupcommit import GroupCommitter
 from tests.test_ledger import TEMPLATE, make_csr
 
@@ -159,3 +162,39 @@ def test_postgresql_commits_synchronously_inside_the_lock(pg_url: str) -> None:
         assert not GroupCommitter(engine)._pipelined
     finally:
         engine.dispose()
+
+
+def test_a_forked_child_queues_at_its_parents_write_gate(tmp_path: Path) -> None:
+    """flock belongs to the open file: a child still using its parent's descriptor
+    would be let in while the parent holds the gate. The gate opens its own in the
+    child (fork_generation), so the child waits until the parent leaves."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    gate = write_gate(engine)
+    with gate:  # the parent's lock file is open from here on
+        pass
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        status = 3
+        try:
+            os.read(go_r, 1)  # the parent holds the gate now
+            entered = threading.Event()
+
+            def enter() -> None:
+                with gate:
+                    entered.set()
+
+            thread = threading.Thread(target=enter, daemon=True)
+            thread.start()
+            early = entered.wait(0.5)
+            os.read(go_r, 1)  # the parent has left the gate
+            status = 1 if early else (0 if entered.wait(10) else 2)
+        finally:
+            os._exit(status)
+    with gate:
+        os.write(go_w, b"x")
+        time.sleep(0.8)
+    os.write(go_w, b"x")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "1: let in while the parent held the gate"
+    engine.dispose()

@@ -29,6 +29,24 @@ _LOCK_SQL = f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
 
 _MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
+# Bumped in a forked child. What holds a per-process resource (the write gate's
+# open lock file, the group committer's connection) compares this instead of
+# calling getpid() on every transaction: a system call, several per certificate.
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def fork_generation() -> int:
+    """Changes in a forked child; equal means "still the process that opened it"."""
+    return _fork_generation
+
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url`` with the ledger's connection settings applied."""
@@ -118,7 +136,7 @@ class _WriteGate:
         self.lock = threading.RLock()
         self._path = lock_path
         self._fd: int | None = None
-        self._pid = 0
+        self._gen = -1
         self._depth = 0
 
     def __enter__(self) -> None:
@@ -127,11 +145,11 @@ class _WriteGate:
             return
         try:
             if self._depth == 0:
-                if self._fd is None or self._pid != os.getpid():
+                if self._fd is None or self._gen != _fork_generation:
                     # A forked child must not share its parent's open file:
                     # flock locks belong to the open file, not the process.
                     self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                    self._pid = os.getpid()
+                    self._gen = _fork_generation
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
             self._depth += 1
         except BaseException:
@@ -148,7 +166,7 @@ class _WriteGate:
             self.lock.release()
 
     def close(self) -> None:
-        if self._fd is not None and self._pid == os.getpid():
+        if self._fd is not None and self._gen == _fork_generation:
             os.close(self._fd)
         self._fd = None
 

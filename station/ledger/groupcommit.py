@@ -21,7 +21,6 @@ group (``ledger-sync-failed``), so nothing is handed out undurable.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine
 
 from station.errors import StationError
-from station.ledger.db import pipelined_sync, sync_log, write_transaction
+from station.ledger.db import fork_generation, pipelined_sync, sync_log, write_transaction
 from station.ledger.rawsql import Raw
 
 T = TypeVar("T")
@@ -78,7 +77,7 @@ class GroupCommitter:
         # The leader's connection, kept between groups (only a leader uses it);
         # dropped after any failure so a broken one is never reused.
         self._conn: Connection | None = None
-        self._pid = os.getpid()
+        self._gen = fork_generation()
         self._used = 0.0
         self._pipelined = pipelined_sync(engine)
         self._sync_cv = threading.Condition()
@@ -100,7 +99,7 @@ class GroupCommitter:
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is None or self._pid != os.getpid():
+        if conn is None or self._gen != fork_generation():
             return
         try:
             if self._pipelined:  # back to the pool as every other connection is
@@ -192,8 +191,8 @@ class GroupCommitter:
                 job.error = job.error or error
 
     def _connection(self) -> Connection:
-        if self._pid != os.getpid():  # forked: the parent's connection is not ours
-            self._conn, self._pid = None, os.getpid()
+        if self._gen != fork_generation():  # forked: the parent's connection is not ours
+            self._conn, self._gen = None, fork_generation()
         now = time.monotonic()
         if self._conn is not None and now - self._used > _IDLE_SECONDS:
             self._drop()  # idle a while: let the pool check it (pre-ping) before reuse
