@@ -99,6 +99,9 @@ def _configure_sqlite(engine: Engine) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA foreign_keys=ON")
+        # Statement journals in memory: on disk each was a file created and
+        # unlinked in /var/tmp, some ten a second per loaded worker.
+        cur.execute("PRAGMA temp_store=MEMORY")
         cur.execute("PRAGMA busy_timeout=30000")
         # FULL: a committed certificate survives power loss, not only a crash.
         cur.execute("PRAGMA synchronous=FULL")
