@@ -278,10 +278,12 @@ def subject_from_template(template: str, device_id: str) -> x509.Name:
     )
 
 
-def check_subject(csr: x509.CertificateSigningRequest, expected: x509.Name) -> None:
-    if csr.subject != expected:
+def check_subject(csr: x509.CertificateSigningRequest | x509.Name, expected: x509.Name) -> None:
+    """Refuse a CSR (or the subject already taken from it) that is not ``expected``."""
+    presented = csr if isinstance(csr, x509.Name) else csr.subject
+    if presented != expected:
         raise PolicyError(
-            f"CSR subject {format_subject(csr.subject)!r} does not match "
+            f"CSR subject {format_subject(presented)!r} does not match "
             f"the batch's {format_subject(expected)!r}",
             code="subject-mismatch",
         )

@@ -271,7 +271,8 @@ def _batch(row: _Row) -> Batch:
 
 def _subject_for(template: str, device_id: str, csr: x509.CertificateSigningRequest) -> x509.Name:
     """The subject the certificate gets; refuses a CSR that does not fit the batch."""
-    cn = policy.common_name(csr.subject)
+    presented = csr.subject  # parsed anew on every access: once here
+    cn = policy.common_name(presented)
     if template == AS_PRESENTED:
         if cn is None:
             raise PolicyError("the CSR has no single CN to name the device", code="missing-cn")
@@ -280,14 +281,14 @@ def _subject_for(template: str, device_id: str, csr: x509.CertificateSigningRequ
                 f"the CSR names device {cn!r}, the board is {device_id!r}",
                 code="device-id-mismatch",
             )
-        return csr.subject
+        return presented
     expected = policy.subject_from_template(template, device_id)
     if cn is not None and cn != device_id and policy.common_name(expected) == device_id:
         raise PolicyError(
             f"the CSR names device {cn!r}, the board's hardware id is {device_id!r}",
             code="device-id-mismatch",
         )
-    policy.check_subject(csr, expected)
+    policy.check_subject(presented, expected)
     return expected
 
 
