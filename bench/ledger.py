@@ -9,7 +9,10 @@ In one run, on one CA key in one SoftHSM token:
     HTTP clients issue), who share commits;
   * whitelist export: N verified boards bulk-inserted (not through the HSM), then
     `whitelist export` as CSV: time, and peak Python memory (tracemalloc) at N and N/10
-    to show it does not grow with N.
+    to show it does not grow with N;
+  * the floor: the ledger's own statements for --count certificates, recorded and then
+    replayed on the bare sqlite3 driver (same transactions, same WAL syncs), to show how
+    much of the ledger's cost is SQLite and the disk, and how much is Python.
 
 PostgreSQL is --pg-url, or Debian's server started in a temporary directory.
 
@@ -83,6 +86,84 @@ def rate(
         for t in pool:
             t.join()
     return len(csrs) / (time.perf_counter() - t0)
+
+
+def sql_floor(work: Path, ca: Any, csrs: list[tuple[str, bytes]]) -> float:
+    """Certificates per second of the ledger's own SQL alone, on the bare sqlite3 driver.
+
+    The statements Ledger.issue() runs (with their parameters) are recorded on one
+    SQLite file, transaction by transaction, then replayed on a fresh file made the
+    same way, through sqlite3 with no ledger code in between: each certificate's
+    two transactions, and the WAL sync (fdatasync) after the durable one, as the
+    group committer does. What remains is SQLite's work and the disk's: the part
+    of the ledger's cost no Python change can remove.
+    """
+    import sqlite3
+
+    from station.ledger import Ledger, groupcommit, rawsql
+
+    txns: list[tuple[bool, list[tuple[str, dict[str, Any]]]]] = []
+    run_sql, run_group = rawsql.Raw.run, groupcommit.GroupCommitter._run
+
+    recording: list[tuple[str, dict[str, Any]]] | None = None
+
+    def record_sql(self: Any, sql: str, params: Any = None) -> Any:
+        if recording is not None:  # inside a write transaction
+            recording.append((sql, dict(params or {})))
+        return run_sql(self, sql, params)
+
+    def record_group(self: Any, group: list[Any]) -> int:
+        nonlocal recording
+        recording = []
+        txns.append((any(job.durable for job in group), recording))
+        try:
+            return run_group(self, group)
+        finally:
+            recording = None
+
+    def fresh(name: str) -> Ledger:
+        led = Ledger(f"sqlite:///{work / name}", "bench")
+        led.create_batch(
+            "B",
+            product="bench",
+            planned_count=len(csrs) + 100,
+            key_mode="board-ecc",
+            subject_template=TEMPLATE,
+        )
+        return led
+
+    rawsql.Raw.run = record_sql  # type: ignore[method-assign]
+    groupcommit.GroupCommitter._run = record_group  # type: ignore[method-assign]
+    try:
+        with fresh("floor-recorded.sqlite") as led:
+            for device, pem in csrs:
+                led.issue("B", device, pem, ca)
+    finally:
+        rawsql.Raw.run = run_sql  # type: ignore[method-assign]
+        groupcommit.GroupCommitter._run = run_group  # type: ignore[method-assign]
+    fresh("floor-replayed.sqlite").close()
+    path = work / "floor-replayed.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA temp_store=MEMORY")
+    conn.execute("BEGIN IMMEDIATE")  # the WAL file exists from here on
+    conn.execute("COMMIT")
+    wal = os.open(f"{path}-wal", os.O_RDONLY)
+    try:
+        t0 = time.perf_counter()
+        for durable, statements in txns:
+            conn.execute("BEGIN IMMEDIATE")
+            for sql, params in statements:
+                conn.execute(sql, params).fetchall()
+            conn.execute("COMMIT")
+            if durable:
+                os.fdatasync(wal)
+        seconds = time.perf_counter() - t0
+    finally:
+        os.close(wal)
+        conn.close()
+    return len(csrs) / seconds
 
 
 def bulk_whitelist(ledger: Any, n: int) -> None:
@@ -314,6 +395,16 @@ def main() -> int:
                 f"of bare with as many issuers), {args.threads} issuers, "
                 f"{per_commit:.1f} writes per commit"
             )
+
+        floor = sql_floor(work, ca, make_csrs(args.count, "floor"))
+        in_series = 1 / (1 / bare_rate + 1 / floor)
+        figures["ledger_sqlite_sql_alone_certs_per_s"] = round(floor, 1)
+        figures["ledger_sqlite_floor_vs_bare"] = round(in_series / bare_rate, 3)
+        say(
+            f"the ledger's SQL alone, sqlite: {floor:8.1f} certificates/s (its statements, "
+            "commits and syncs replayed on the bare driver); bare path and that in series: "
+            f"{in_series / bare_rate:.2f} of bare, the best one issuer could reach"
+        )
 
         n = args.export_count
         export_urls = {"sqlite": f"sqlite:///{work / 'export.sqlite'}"}
