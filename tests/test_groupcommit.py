@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from sqlalchemy import Column, Connection, Integer, MetaData, String, Table, ins
 from station.ca import CertificateAuthority
 from station.errors import StationError
 from station.ledger import Ledger
+from station.ledger.checkpoint import WalCheckpointer
 from station.ledger.db import make_engine, write_gate
 from station.ledger.groupcommit import GroupCommitter
 from tests.test_ledger import TEMPLATE, make_csr
@@ -198,3 +200,109 @@ def test_a_forked_child_queues_at_its_parents_write_gate(tmp_path: Path) -> None
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "1: let in while the parent held the gate"
     engine.dispose()
+
+
+def _pragma(conn: Connection, name: str) -> int:
+    return int(conn.exec_driver_sql(f"PRAGMA {name}").scalar_one())
+
+
+def test_the_kept_connection_leaves_checkpoints_to_the_checkpointer(
+    committer: GroupCommitter,
+) -> None:
+    """Off while the committer keeps the connection, SQLite's default again in the pool."""
+    committer.submit(lambda c: _pragma(c, "wal_autocheckpoint"), durable=True)
+    assert committer.submit(lambda c: _pragma(c, "wal_autocheckpoint"), durable=True) == 0
+    committer.close()
+    with committer._engine.connect() as conn:
+        assert _pragma(conn, "wal_autocheckpoint") == 1000
+        assert _pragma(conn, "synchronous") == 2  # FULL
+
+
+def test_sustained_writers_keep_the_wal_bounded(tmp_path: Path) -> None:
+    """Checkpoints run beside the writers; past the limit one catches up at the gate,
+    and the WAL starts over instead of growing with everything ever written."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'g.sqlite'}")
+    meta.create_all(engine)
+    committer = GroupCommitter(engine)
+    assert committer.checkpointer is not None
+    committer.checkpointer = WalCheckpointer(engine, every=4, frames_limit=300)
+    row = "x" * 3000  # about a page each
+
+    def work(n: int) -> None:
+        for i in range(250):
+            committer.submit(
+                lambda c, i=i: c.execute(insert(things).values(name=f"{n}-{i}-{row}")),
+                durable=True,
+            )
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    checkpointer = committer.checkpointer
+    committer.close()
+    assert len(names(committer)) == 2000
+    assert checkpointer.passes > 0 and checkpointer.gated > 0
+    # 2,000 rows of a page each (some 2,900 WAL pages without the catch-ups) went
+    # through a WAL that never held half of them.
+    wal_pages = os.path.getsize(tmp_path / "g.sqlite-wal") / 4096
+    assert wal_pages < 1000, wal_pages
+    engine.dispose()
+
+
+def test_a_checkpoint_takes_the_write_gate_only_past_the_limit(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'g.sqlite'}")
+    meta.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(things), [{"name": "x" * 3000} for _ in range(50)])
+    conn_ = sqlite3.connect(tmp_path / "g.sqlite", isolation_level=None, check_same_thread=False)
+
+    def run_while_gate_held(checkpointer: WalCheckpointer) -> bool:
+        """Whether a checkpoint finishes while another thread holds the write gate."""
+        holding, release, done = threading.Event(), threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with write_gate(engine):
+                holding.set()
+                release.wait(10)
+
+        def checkpoint() -> None:
+            checkpointer.checkpoint(conn_)
+            done.set()
+
+        holder = threading.Thread(target=hold, daemon=True)
+        holder.start()
+        assert holding.wait(10)
+        worker = threading.Thread(target=checkpoint, daemon=True)
+        worker.start()
+        finished = done.wait(1.0)
+        release.set()
+        holder.join(10)
+        worker.join(10)
+        assert done.is_set()
+        return finished
+
+    assert run_while_gate_held(WalCheckpointer(engine, frames_limit=10_000)) is True
+    with engine.begin() as conn:  # frames again for the next pass
+        conn.execute(insert(things), [{"name": "y" * 3000} for _ in range(50)])
+    assert run_while_gate_held(WalCheckpointer(engine, frames_limit=10)) is False
+    conn_.close()
+    engine.dispose()
+
+
+def test_a_closed_committer_checkpoints_again_when_reused(committer: GroupCommitter) -> None:
+    checkpointer = committer.checkpointer = WalCheckpointer(committer._engine, every=2)
+    before = 0
+    for round_ in ("first", "reused"):
+        for i in range(6):
+            name = f"{round_}-{i}"
+            committer.submit(
+                lambda c, name=name: c.execute(insert(things).values(name=name)), durable=True
+            )
+        deadline = time.monotonic() + 10
+        while checkpointer.passes == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert checkpointer.passes > before, round_
+        before = checkpointer.passes
+        committer.close()

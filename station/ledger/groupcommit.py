@@ -15,7 +15,10 @@ synced), hands the lead to the next group, and only then syncs the WAL file
 itself (:func:`~station.ledger.db.sync_log`) before its callers get their
 results. That is what ``synchronous=FULL`` does at commit, moved to where the
 next group can write meanwhile; a sync that fails fails every job of the
-group (``ledger-sync-failed``), so nothing is handed out undurable.
+group (``ledger-sync-failed``), so nothing is handed out undurable. WAL
+checkpoints leave the write lock too: the kept connection commits with
+automatic checkpoints off and a thread checkpoints beside the writers
+(:mod:`station.ledger.checkpoint`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine
 
 from station.errors import StationError
+from station.ledger.checkpoint import WalCheckpointer
 from station.ledger.db import fork_generation, pipelined_sync, sync_log, write_transaction
 from station.ledger.rawsql import Raw
 
@@ -38,6 +42,8 @@ T = TypeVar("T")
 # A kept connection idle longer than this goes back to the pool, whose checkout
 # tests it (a PostgreSQL restart would otherwise fail the next group).
 _IDLE_SECONDS = 5.0
+# SQLite's default, for a connection going back to the pool.
+_SQLITE_AUTOCHECKPOINT = 1000
 
 
 def _driver(conn: Connection) -> Any:
@@ -80,6 +86,7 @@ class GroupCommitter:
         self._gen = fork_generation()
         self._used = 0.0
         self._pipelined = pipelined_sync(engine)
+        self.checkpointer = WalCheckpointer(engine) if self._pipelined else None
         self._sync_cv = threading.Condition()
         self._commit_no = 0  # durable-pending commits made (pipelined mode)
         self._synced_no = 0  # the last of them known to be on disk
@@ -94,6 +101,8 @@ class GroupCommitter:
             with self._mutex:
                 if not self._busy:
                     self._drop()
+                    if self.checkpointer is not None:
+                        self.checkpointer.close()
                     return
             time.sleep(0.01)
 
@@ -104,6 +113,7 @@ class GroupCommitter:
         try:
             if self._pipelined:  # back to the pool as every other connection is
                 _driver(conn).execute("PRAGMA synchronous=FULL")
+                _driver(conn).execute(f"PRAGMA wal_autocheckpoint={_SQLITE_AUTOCHECKPOINT}")
         except Exception:
             conn.invalidate()  # never pooled in a state that would skip syncs
         with contextlib.suppress(Exception):
@@ -138,6 +148,8 @@ class GroupCommitter:
             handed = True
             if commit_no:
                 self._sync(group, commit_no)
+                if self.checkpointer is not None:
+                    self.checkpointer.committed()
         finally:
             if not handed:
                 self._hand_off()
@@ -193,6 +205,8 @@ class GroupCommitter:
     def _connection(self) -> Connection:
         if self._gen != fork_generation():  # forked: the parent's connection is not ours
             self._conn, self._gen = None, fork_generation()
+            if self._pipelined:  # nor its checkpoint thread
+                self.checkpointer = WalCheckpointer(self._engine)
         now = time.monotonic()
         if self._conn is not None and now - self._used > _IDLE_SECONDS:
             self._drop()  # idle a while: let the pool check it (pre-ping) before reuse
@@ -200,6 +214,8 @@ class GroupCommitter:
             self._conn = self._engine.connect()
             if self._pipelined:  # commits unsynced; _sync() follows (restored in _drop)
                 _driver(self._conn).execute("PRAGMA synchronous=NORMAL")
+                # Checkpoints by self.checkpointer, off the write lock (restored in _drop).
+                _driver(self._conn).execute("PRAGMA wal_autocheckpoint=0")
         self._used = now
         return self._conn
 
