@@ -4,8 +4,8 @@ SQLite copies the WAL back into the database file (a checkpoint) from inside the
 commit that takes the WAL past 1,000 pages: that commit writes some 4 MB and
 syncs the database file before it returns. The group committer holds the
 station's write gate (:class:`~station.ledger.db._WriteGate`) across its commit,
-so every writer of every process sharing the file stalled behind it: 10-15 ms,
-every few dozen certificates, which was the p99 of issuance over HTTP.
+so every writer of every process sharing the file stalled behind it, every few
+dozen certificates (about 5% of the rate at 32 HTTP clients, docs/benchmarks.md).
 
 Here the group committer's connection commits with automatic checkpoints off,
 and a thread of its own checkpoints instead, every so many commits, on a
