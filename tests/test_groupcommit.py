@@ -174,7 +174,8 @@ def test_a_forked_child_queues_at_its_parents_write_gate(tmp_path: Path) -> None
     gate = write_gate(engine)
     with gate:  # the parent's lock file is open from here on
         pass
-    go_r, go_w = os.pipe()
+    go_r, go_w = os.pipe()  # parent -> child
+    done_r, done_w = os.pipe()  # child -> parent
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through its exit status
         status = 3
@@ -188,16 +189,19 @@ def test_a_forked_child_queues_at_its_parents_write_gate(tmp_path: Path) -> None
 
             thread = threading.Thread(target=enter, daemon=True)
             thread.start()
-            early = entered.wait(0.5)
+            early = entered.wait(0.5)  # the parent holds the gate all this time
+            os.write(done_w, b"x")
             os.read(go_r, 1)  # the parent has left the gate
             status = 1 if early else (0 if entered.wait(10) else 2)
         finally:
             os._exit(status)
     with gate:
         os.write(go_w, b"x")
-        time.sleep(0.8)
+        os.read(done_r, 1)  # held until the child's window has passed
     os.write(go_w, b"x")
     _, status = os.waitpid(pid, 0)
+    for fd in (go_r, go_w, done_r, done_w):
+        os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0, "1: let in while the parent held the gate"
     engine.dispose()
 
