@@ -262,8 +262,9 @@ def test_a_checkpoint_takes_the_write_gate_only_past_the_limit(tmp_path: Path) -
         conn.execute(insert(things), [{"name": "x" * 3000} for _ in range(50)])
     conn_ = sqlite3.connect(tmp_path / "g.sqlite", isolation_level=None, check_same_thread=False)
 
-    def run_while_gate_held(checkpointer: WalCheckpointer) -> bool:
-        """Whether a checkpoint finishes while another thread holds the write gate."""
+    def run_while_gate_held(checkpointer: WalCheckpointer, window: float) -> bool:
+        """Whether a checkpoint finishes within ``window`` seconds while another
+        thread holds the write gate."""
         holding, release, done = threading.Event(), threading.Event(), threading.Event()
 
         def hold() -> None:
@@ -280,17 +281,17 @@ def test_a_checkpoint_takes_the_write_gate_only_past_the_limit(tmp_path: Path) -
         assert holding.wait(10)
         worker = threading.Thread(target=checkpoint, daemon=True)
         worker.start()
-        finished = done.wait(1.0)
+        finished = done.wait(window)
         release.set()
         holder.join(10)
         worker.join(10)
         assert done.is_set()
         return finished
 
-    assert run_while_gate_held(WalCheckpointer(engine, frames_limit=10_000)) is True
+    assert run_while_gate_held(WalCheckpointer(engine, frames_limit=10_000), 30) is True
     with engine.begin() as conn:  # frames again for the next pass
         conn.execute(insert(things), [{"name": "y" * 3000} for _ in range(50)])
-    assert run_while_gate_held(WalCheckpointer(engine, frames_limit=10)) is False
+    assert run_while_gate_held(WalCheckpointer(engine, frames_limit=10), 1) is False
     conn_.close()
     engine.dispose()
 
