@@ -14,7 +14,7 @@ import select
 import threading
 import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -345,25 +345,20 @@ def test_os_pty_is_available() -> None:
     os.close(slave)
 
 
-def test_a_request_to_a_board_that_never_reads_ends_in_timeout() -> None:
-    """A board whose agent stopped reading: the request's bytes fill the pty and the
-    retries' writes used to block forever (no write timeout), past every request timeout."""
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    port = serial.Serial(os.ttyname(slave), baudrate=921600, timeout=0.05)
-    os.close(slave)
+def _assert_request_times_out(
+    request: Callable[[], object], master: int, close: Callable[[], None]
+) -> None:
+    """``request`` to a board whose side of the pty (``master``) is never read must end
+    in p.Timeout within 20 s, not block in write(); then master is closed and ``close``."""
     outcome: list[BaseException] = []
 
-    def request() -> None:
-        link = Link(port)
-        # Four attempts of 6 kB: more than a pty holds (about 16 kB here).
-        chain = p.encode_tlv([(p.Tag.CHAIN, b"A" * 6000)])
+    def run() -> None:
         try:
-            link.request(p.MsgType.PUT_CHAIN, chain, timeout=0.2, retries=3)
+            request()
         except BaseException as exc:  # any outcome is recorded and checked below
             outcome.append(exc)
 
-    worker = threading.Thread(target=request, daemon=True)
+    worker = threading.Thread(target=run, daemon=True)
     try:
         worker.start()
         worker.join(20)
@@ -372,7 +367,23 @@ def test_a_request_to_a_board_that_never_reads_ends_in_timeout() -> None:
     finally:
         os.close(master)  # unblocks a stuck write, so the thread ends either way
         worker.join(5)
-        port.close()
+        close()
+
+
+def test_a_request_to_a_board_that_never_reads_ends_in_timeout() -> None:
+    """A board whose agent stopped reading: the request's bytes fill the pty and the
+    retries' writes used to block forever (no write timeout), past every request timeout."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    port = serial.Serial(os.ttyname(slave), baudrate=921600, timeout=0.05)
+    os.close(slave)
+    # Four attempts of 6 kB: more than a pty holds (about 16 kB here).
+    chain = p.encode_tlv([(p.Tag.CHAIN, b"A" * 6000)])
+    _assert_request_times_out(
+        lambda: Link(port).request(p.MsgType.PUT_CHAIN, chain, timeout=0.2, retries=3),
+        master,
+        port.close,
+    )
 
 
 def test_the_agent_survives_a_station_that_stops_reading(tmp_path: Path) -> None:
@@ -433,21 +444,5 @@ def test_the_stations_own_port_to_a_board_that_never_reads_ends_in_timeout() -> 
     tty.setraw(slave)
     client = open_port_client(os.ttyname(slave), timeouts={p.MsgType.PUT_CHAIN: 0.2}, retries=3)
     os.close(slave)
-    outcome: list[BaseException] = []
-
-    def request() -> None:
-        try:
-            client.put_chain(b"A" * 60_000)  # four attempts: more than a pty buffers
-        except BaseException as exc:  # any outcome is recorded and checked below
-            outcome.append(exc)
-
-    worker = threading.Thread(target=request, daemon=True)
-    try:
-        worker.start()
-        worker.join(20)
-        assert not worker.is_alive(), "the request still blocks in write()"
-        assert len(outcome) == 1 and isinstance(outcome[0], p.Timeout), outcome
-    finally:
-        os.close(master)  # unblocks a stuck write, so the thread ends either way
-        worker.join(5)
-        client.close()
+    # Four attempts: more than a pty buffers.
+    _assert_request_times_out(lambda: client.put_chain(b"A" * 60_000), master, client.close)
