@@ -12,7 +12,10 @@ In one run, on one CA key in one SoftHSM token:
     to show it does not grow with N;
   * the floor: the ledger's own statements for --count certificates, recorded and then
     replayed on the bare sqlite3 driver (same transactions, same WAL syncs), to show how
-    much of the ledger's cost is SQLite and the disk, and how much is Python.
+    much of the ledger's cost is SQLite and the disk, and how much is Python;
+  * an estimate for a design decision, not a station path: --threads issuers that send
+    those recorded transactions to a writer process of their own and wait for each, as
+    Ledger.issue() waits for its commits (what moving the writes out of the GIL gains).
 
 PostgreSQL is --pg-url, or Debian's server started in a temporary directory.
 
@@ -88,21 +91,21 @@ def rate(
     return len(csrs) / (time.perf_counter() - t0)
 
 
-def sql_floor(work: Path, ca: Any, csrs: list[tuple[str, bytes]]) -> float:
-    """Certificates per second of the ledger's own SQL alone, on the bare sqlite3 driver.
+Transactions = list[tuple[bool, list[tuple[str, dict[str, Any]]]]]
 
-    The statements Ledger.issue() runs (with their parameters) are recorded on one
-    SQLite file, transaction by transaction, then replayed on a fresh file made the
-    same way, through sqlite3 with no ledger code in between: each certificate's
-    two transactions, and the WAL sync (fdatasync) after the durable one, as the
-    group committer does. What remains is SQLite's work and the disk's: the part
-    of the ledger's cost no Python change can remove.
+
+def record_issue_sql(
+    work: Path, ca: Any, csrs: list[tuple[str, bytes]]
+) -> tuple[Transactions, Path]:
+    """The statements Ledger.issue() runs for ``csrs``, transaction by transaction.
+
+    Issued by one caller on a fresh SQLite file, so each transaction is one
+    certificate's intent or its commit, in that order: (durable, [(sql, params)]).
+    Also returns a second fresh file, made the same way, to replay them on.
     """
-    import sqlite3
-
     from station.ledger import Ledger, groupcommit, rawsql
 
-    txns: list[tuple[bool, list[tuple[str, dict[str, Any]]]]] = []
+    txns: Transactions = []
     run_sql, run_group = rawsql.Raw.run, groupcommit.GroupCommitter._run
 
     recording: list[tuple[str, dict[str, Any]]] | None = None
@@ -132,24 +135,47 @@ def sql_floor(work: Path, ca: Any, csrs: list[tuple[str, bytes]]) -> float:
         )
         return led
 
+    stamp = secrets.token_hex(4)
     rawsql.Raw.run = record_sql  # type: ignore[method-assign]
     groupcommit.GroupCommitter._run = record_group  # type: ignore[method-assign]
     try:
-        with fresh("floor-recorded.sqlite") as led:
+        with fresh(f"recorded-{stamp}.sqlite") as led:
             for device, pem in csrs:
                 led.issue("B", device, pem, ca)
     finally:
         rawsql.Raw.run = run_sql  # type: ignore[method-assign]
         groupcommit.GroupCommitter._run = run_group  # type: ignore[method-assign]
-    fresh("floor-replayed.sqlite").close()
-    path = work / "floor-replayed.sqlite"
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA foreign_keys=ON")
+    assert len(txns) == 2 * len(csrs), "one intent and one commit per certificate"
+    fresh(f"replayed-{stamp}.sqlite").close()
+    return txns, work / f"replayed-{stamp}.sqlite"
+
+
+def _replay_connection(path: Path, *, foreign_keys: bool = True) -> tuple[Any, int]:
+    """A sqlite3 connection set up as the group committer's, and the WAL file to sync."""
+    import sqlite3
+
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    if foreign_keys:
+        conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA temp_store=MEMORY")
     conn.execute("BEGIN IMMEDIATE")  # the WAL file exists from here on
     conn.execute("COMMIT")
-    wal = os.open(f"{path}-wal", os.O_RDONLY)
+    return conn, os.open(f"{path}-wal", os.O_RDONLY)
+
+
+def sql_floor(work: Path, ca: Any, csrs: list[tuple[str, bytes]]) -> float:
+    """Certificates per second of the ledger's own SQL alone, on the bare sqlite3 driver.
+
+    The statements Ledger.issue() runs (with their parameters) are recorded on one
+    SQLite file, transaction by transaction, then replayed on a fresh file made the
+    same way, through sqlite3 with no ledger code in between: each certificate's
+    two transactions, and the WAL sync (fdatasync) after the durable one, as the
+    group committer does. What remains is SQLite's work and the disk's: the part
+    of the ledger's cost no Python change can remove.
+    """
+    txns, path = record_issue_sql(work, ca, csrs)
+    conn, wal = _replay_connection(path)
     try:
         t0 = time.perf_counter()
         for durable, statements in txns:
@@ -164,6 +190,111 @@ def sql_floor(work: Path, ca: Any, csrs: list[tuple[str, bytes]]) -> float:
         os.close(wal)
         conn.close()
     return len(csrs) / seconds
+
+
+def _writer_main(pipe: Any, path: str) -> None:
+    """The estimate's writer process: replays jobs in shared transactions, one sync each.
+
+    Group commit as the ledger does it, in a process of its own: every job waiting
+    on the pipe joins the transaction (up to 64), each in a savepoint; one commit;
+    one WAL sync if any job was durable; then the job numbers go back. Foreign keys
+    are off: when issuers interleave, the rows get other ids than in the recording,
+    which the recorded statements still name (the checks cost microseconds).
+    """
+    conn, wal = _replay_connection(Path(path), foreign_keys=False)
+    while (first := pipe.recv()) is not None:
+        group = [first]
+        while len(group) < 64 and pipe.poll(0):
+            group.append(pipe.recv())
+        conn.execute("BEGIN IMMEDIATE")
+        for _number, _durable, statements in group:
+            conn.execute("SAVEPOINT job")
+            for sql, params in statements:
+                conn.execute(sql, params).fetchall()
+            conn.execute("RELEASE SAVEPOINT job")
+        conn.execute("COMMIT")
+        if any(durable for _n, durable, _s in group):
+            os.fdatasync(wal)
+        pipe.send([number for number, _d, _s in group])
+    os.close(wal)
+    conn.close()
+
+
+def writer_process_estimate(
+    work: Path, ca: Any, csrs: list[tuple[str, bytes]], threads: int
+) -> tuple[float, float]:
+    """What --threads issuers would reach if the ledger's writes ran in a process of their own.
+
+    Not a station path: an estimate for a design decision. The issuers do what
+    Ledger.issue() does outside its transactions (CSR checks, the public key's
+    hash, the subject from the template, signing in the token, PEM and
+    fingerprint) and send each certificate's two recorded transactions to a
+    writer process, waiting for each to be committed (and the second synced)
+    as Ledger.issue() does. The writer runs SQL only: the ledger's Python inside
+    a transaction (checks, audit entries) would run there too, on the other
+    core. Returns (certificates/s, issuing process CPU ms per certificate).
+    """
+    import multiprocessing
+
+    from station.ca import DeviceProfile, new_serial
+    from station.ledger.service import _subject_for
+    from station.policy import check_csr, load_csr, public_key_sha256
+
+    txns, path = record_issue_sql(work, ca, csrs)
+    jobs = [(txns[2 * i], txns[2 * i + 1]) for i in range(len(csrs))]
+    mine, theirs = multiprocessing.Pipe()
+    writer = multiprocessing.get_context("spawn").Process(
+        target=_writer_main, args=(theirs, str(path)), daemon=True
+    )
+    writer.start()
+    waiting: dict[int, threading.Lock] = {}
+    send_lock = threading.Lock()
+    numbers = itertools.count()
+
+    def replies() -> None:
+        while True:
+            try:
+                done = mine.recv()
+            except EOFError:
+                return
+            for number in done:
+                waiting.pop(number).release()
+
+    def submit(durable: bool, statements: list[tuple[str, dict[str, Any]]]) -> None:
+        done = threading.Lock()
+        done.acquire()
+        number = next(numbers)
+        waiting[number] = done
+        with send_lock:
+            mine.send((number, durable, statements))
+        done.acquire()
+
+    profile = DeviceProfile()
+
+    def issue(device: str, pem: bytes, job: tuple[tuple[bool, Any], tuple[bool, Any]]) -> bytes:
+        csr = load_csr(pem)
+        check_csr(csr)
+        public_key_sha256(csr)
+        csr.public_bytes(serialization.Encoding.DER)
+        subject = _subject_for(TEMPLATE, device, csr)
+        submit(*job[0])  # the intent
+        cert = ca.issue(csr, subject=subject, serial=new_serial(), profile=profile)
+        cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        cert.fingerprint(hashes.SHA256())
+        submit(*job[1])  # the certificate, synced
+        return cert_pem + ca.chain_pem
+
+    reader = threading.Thread(target=replies, daemon=True)
+    reader.start()
+    by_device = {device: job for (device, _pem), job in zip(csrs, jobs, strict=True)}
+    cpu0 = time.process_time()
+    per_s = rate(lambda device, pem: issue(device, pem, by_device[device]), csrs, threads)
+    cpu_ms = (time.process_time() - cpu0) / len(csrs) * 1e3
+    with send_lock:
+        mine.send(None)
+    writer.join(30)
+    mine.close()
+    return per_s, cpu_ms
 
 
 def bulk_whitelist(ledger: Any, n: int) -> None:
@@ -298,6 +429,11 @@ def main() -> int:
         default=8,
         help="concurrent issuers for the grouped-commit figure (ports or HTTP clients)",
     )
+    parser.add_argument(
+        "--no-writer-estimate",
+        action="store_true",
+        help="skip the estimate of ledger writes in a process of their own",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args()
 
@@ -341,7 +477,8 @@ def main() -> int:
 
     figures: dict[str, Any] = {"count": args.count, "key": "EC P-256 in SoftHSM2"}
     try:
-        say(f"making {args.count * (2 + 2 * len(urls)) + 50} CSRs (one key each)...")
+        extra = 1 if args.no_writer_estimate else 2  # the floor, the estimate
+        say(f"making {args.count * (2 + 2 * len(urls) + extra) + 50} CSRs (one key each)...")
         warm = make_csrs(50, "warm")
         for device, pem in warm:
             bare(device, pem)
@@ -405,6 +542,22 @@ def main() -> int:
             "commits and syncs replayed on the bare driver); bare path and that in series: "
             f"{in_series / bare_rate:.2f} of bare, the best one issuer could reach"
         )
+
+        if not args.no_writer_estimate:
+            est, est_cpu = writer_process_estimate(
+                work, ca, make_csrs(args.count, "writer"), args.threads
+            )
+            now_rate = figures[f"ledger_sqlite_{args.threads}_threads_certs_per_s"]
+            figures[f"writer_process_estimate_{args.threads}_threads_certs_per_s"] = round(est, 1)
+            figures["writer_process_estimate_vs_bare"] = round(est / bare_rate, 3)
+            figures["writer_process_estimate_vs_ledger"] = round(est / now_rate, 3)
+            figures["writer_process_estimate_issuer_cpu_ms"] = round(est_cpu, 3)
+            say(
+                f"estimate, ledger writes in a process of their own, {args.threads} issuers: "
+                f"{est:8.1f} certificates/s ({est / bare_rate:.2f} of bare, "
+                f"{est / now_rate:.2f}x the ledger today; issuing process "
+                f"{est_cpu:.2f} ms CPU per certificate)"
+            )
 
         n = args.export_count
         export_urls = {"sqlite": f"sqlite:///{work / 'export.sqlite'}"}
