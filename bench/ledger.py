@@ -247,15 +247,20 @@ def writer_process_estimate(
         target=_writer_main, args=(theirs, str(path)), daemon=True
     )
     writer.start()
+    theirs.close()  # the writer's end: a writer that dies is then seen as end of file
     waiting: dict[int, threading.Lock] = {}
     send_lock = threading.Lock()
     numbers = itertools.count()
+    writer_gone = threading.Event()
 
     def replies() -> None:
         while True:
             try:
                 done = mine.recv()
-            except EOFError:
+            except (EOFError, OSError):
+                writer_gone.set()
+                for lock in list(waiting.values()):
+                    lock.release()  # nobody waits for ever on a dead writer
                 return
             for number in done:
                 waiting.pop(number).release()
@@ -266,8 +271,12 @@ def writer_process_estimate(
         number = next(numbers)
         waiting[number] = done
         with send_lock:
+            if writer_gone.is_set():
+                raise RuntimeError("the estimate's writer process stopped")
             mine.send((number, durable, statements))
         done.acquire()
+        if writer_gone.is_set():
+            raise RuntimeError("the estimate's writer process stopped")
 
     profile = DeviceProfile()
 
