@@ -202,6 +202,7 @@ def _writer_main(pipe: Any, path: str) -> None:
     which the recorded statements still name (the checks cost microseconds).
     """
     conn, wal = _replay_connection(Path(path), foreign_keys=False)
+    pipe.send("ready")
     while (first := pipe.recv()) is not None:
         group = [first]
         while len(group) < 64 and pipe.poll(0):
@@ -248,6 +249,8 @@ def writer_process_estimate(
     )
     writer.start()
     theirs.close()  # the writer's end: a writer that dies is then seen as end of file
+    if mine.recv() != "ready":  # started and set up: its start-up is not timed
+        raise RuntimeError("the estimate's writer process did not start")
     waiting: dict[int, threading.Lock] = {}
     send_lock = threading.Lock()
     numbers = itertools.count()
