@@ -368,3 +368,71 @@ def test_an_rsa_ca_signs_a_manifest_that_openssl_verifies(tmp_path: Path) -> Non
     with pytest.raises(ManifestError) as info:
         verify_manifest(files.manifest, files.signature, files.ca_pem)
     assert info.value.code == "bad-signature"
+
+
+def test_a_batch_named_in_any_script_gets_its_report_in_each_format(
+    ledger: Ledger, station_settings: Settings
+) -> None:
+    """A header is Latin-1: the name goes in filename* (RFC 6266/8187), ASCII in filename."""
+    from urllib.parse import unquote
+
+    from api.app import create_app
+
+    names = {"批次": "__", 'emoji😀 "x"\\y': "emoji_ _x__y"}
+    for name in names:
+        ledger.create_batch(
+            name, product="p", planned_count=1, key_mode="board-ecc", subject_template=TEMPLATE
+        )
+    auth = {"Authorization": f"Bearer {ledger.create_token('qa-1', 'qa')}"}
+    with TestClient(create_app(station_settings)) as client:
+        for name, ascii_name in names.items():
+            for fmt in Format:
+                r = client.get(f"/v1/batches/{name}/report", params={"format": fmt}, headers=auth)
+                assert r.status_code == 200, (name, fmt, r.text)
+                disposition = r.headers["content-disposition"]
+                fallback, encoded = disposition.removeprefix("inline; ").split("; ")
+                assert fallback == f'filename="{ascii_name}-report.{fmt}"'
+                assert encoded.startswith("filename*=UTF-8''")
+                assert unquote(encoded.removeprefix("filename*=UTF-8''")) == f"{name}-report.{fmt}"
+                if fmt is Format.JSON:
+                    assert r.json()["batch"]["name"] == name
+                if fmt is Format.PDF:
+                    assert r.content.startswith(b"%PDF") and r.content.rstrip().endswith(b"%%EOF")
+
+
+def test_dollar_signs_in_batch_fields_and_failures_are_text_not_mathtext(
+    ledger: Ledger, station_settings: Settings, tmp_path: Path
+) -> None:
+    """matplotlib parsed $...$ as mathtext: ValueError after the 200 had started."""
+    from api.app import create_app
+
+    ledger.create_batch(
+        "m$\\foo$",
+        product="$\\frac{$",
+        planned_count=2,
+        key_mode="board-ecc",
+        subject_template="/O=$\\frac{$/OU=$x/CN={device_id}",
+        operator="$^$",
+    )
+    ledger.mark_key_ready("dev-m1", batch="m$\\foo$")
+    ledger.mark_failed("dev-m1", "pop-failed", "board said $\\foo$ and $5 $^")
+    report = build_report(ledger, "m$\\foo$", CaFacts.from_file(station_settings.ca_cert_path))
+    pdf = tmp_path / "m.pdf"
+    with pdf.open("wb") as fh:
+        render_pdf(ledger, report, fh)
+    text = subprocess.run(
+        [_need("pdftotext"), "-layout", str(pdf), "-"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Batch report: m$\\foo$" in text and "Product: $\\frac{$" in text
+    assert "board said $\\foo$ and $5 $^" in text
+    assert "m$\\foo$" in render_html(ledger, report)
+
+    auth = {"Authorization": f"Bearer {ledger.create_token('qa-1', 'qa')}"}
+    with TestClient(create_app(station_settings)) as client:
+        r = client.get("/v1/batches/m$\\foo$/report", params={"format": "pdf"}, headers=auth)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/pdf"
+        assert r.content.startswith(b"%PDF") and r.content.rstrip().endswith(b"%%EOF")
+        assert int(r.headers["content-length"]) == len(r.content)  # whole, not streamed
+        r = client.get("/v1/batches/m$\\foo$/report", params={"format": "html"}, headers=auth)
+        assert r.status_code == 200 and "board said $\\foo$ and $5 $^" in r.text
+        assert "$\\frac{$" in r.text

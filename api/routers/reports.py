@@ -2,20 +2,25 @@
 
 The format comes from ``?format=html|pdf|csv|json``, else from Accept
 (text/html, application/pdf, text/csv, application/json), else JSON. CSV and
-JSON stream the device table from the ledger; HTML and PDF are rendered whole.
+JSON stream the device table from the ledger; HTML and PDF are rendered whole
+before the response starts, so a rendering failure is an error response, not a
+200 whose connection drops.
 """
 
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from api.auth import Reader
 from api.context import StationDep
 from station.errors import StationError
 from station.report import MEDIA_TYPES, CaFacts, Format, build_report, stream_report
+
+_STREAMED = (Format.CSV, Format.JSON)
 
 router = APIRouter(prefix="/v1/batches", tags=["reports"])
 
@@ -42,6 +47,14 @@ def pick_format(query: str | None, accept: str) -> Format:
     return Format.JSON
 
 
+def content_disposition(filename: str, disposition: str = "inline") -> str:
+    """The header for any file name (RFC 6266): an ASCII ``filename`` for old clients,
+    the exact name UTF-8 percent-encoded in ``filename*`` (RFC 8187). A header is
+    Latin-1 on the wire, so a batch named in another script cannot go in as it is."""
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename)
+    return f"{disposition}; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
 @router.get(
     "/{name}/report",
     responses={
@@ -57,14 +70,16 @@ def get_report(
     station: StationDep,
     _: Reader,
     format: Annotated[str | None, Query(json_schema_extra={"enum": list(Format)})] = None,
-) -> StreamingResponse:
+) -> Response:
     fmt = pick_format(format, request.headers.get("accept", ""))
     ledger = station.ledger
     # unknown-batch is raised here, before the response starts.
     report = build_report(ledger, name, CaFacts.from_file(station.settings.ca_cert_path))
-    filename = f"{name}-report.{fmt.value}".replace('"', "_")
-    return StreamingResponse(
-        stream_report(ledger, report, fmt),
-        media_type=MEDIA_TYPES[fmt],
-        headers={"Content-Disposition": f'inline; filename="{filename}"'},
-    )
+    headers = {"Content-Disposition": content_disposition(f"{name}-report.{fmt.value}")}
+    if fmt in _STREAMED:
+        return StreamingResponse(
+            stream_report(ledger, report, fmt), media_type=MEDIA_TYPES[fmt], headers=headers
+        )
+    # Rendered whole here, before the status line is sent.
+    body = b"".join(stream_report(ledger, report, fmt))
+    return Response(body, media_type=MEDIA_TYPES[fmt], headers=headers)
