@@ -139,23 +139,158 @@ def test_non_durable_writes_do_not_sync(committer: GroupCommitter) -> None:
     assert committer.syncs == 0 and len(names(committer)) == 5
 
 
+def _broken_disk(_engine: object) -> None:
+    # A disk that fails fdatasync cannot be made here; the fault is injected at
+    # the one call that would see it.
+    raise OSError(5, "Input/output error")
+
+
 def test_a_failed_sync_fails_every_job_of_its_group(
     committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A disk that fails fdatasync cannot be made here; the fault is injected at
-    # the one call that would see it.
-    def broken(_engine: object) -> None:
-        raise OSError(5, "Input/output error")
+    in_sync, release = threading.Event(), threading.Event()
 
-    monkeypatch.setattr("station.ledger.groupcommit.sync_log", broken)
+    def slow_then_broken(engine: object) -> None:
+        in_sync.set()
+        release.wait(10)
+        _broken_disk(engine)
+
+    monkeypatch.setattr("station.ledger.groupcommit.sync_log", slow_then_broken)
+    errors: list[str] = []
+
+    def write(name: str) -> None:
+        try:
+            committer.submit(lambda c: c.execute(insert(things).values(name=name)), durable=True)
+        except StationError as exc:
+            errors.append(exc.code)
+
+    first = threading.Thread(target=write, args=("first",))
+    first.start()
+    assert in_sync.wait(10)
+    # Committed while the failing sync runs: their sync would come next.
+    others = [threading.Thread(target=write, args=(f"w{i}",)) for i in range(4)]
+    for t in others:
+        t.start()
+    deadline = time.monotonic() + 10
+    while committer._commit_no < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # until a second group has committed and waits for that sync
+    assert committer._commit_no >= 2
+    release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert errors == ["ledger-sync-failed"] * 5
+    assert committer.syncs == 0
+
+
+def test_after_a_failed_sync_nothing_more_is_written_until_restart(
+    committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux may drop the pages a failed fdatasync could not write and say so once:
+    a later sync that succeeds proves nothing about them. So the ledger stops
+    writing, as PostgreSQL does, until it is opened again."""
+    monkeypatch.setattr("station.ledger.groupcommit.sync_log", _broken_disk)
     with pytest.raises(StationError) as info:
         committer.submit(lambda c: c.execute(insert(things).values(name="x")), durable=True)
     assert info.value.code == "ledger-sync-failed"
     assert "Input/output error" in str(info.value)
-    monkeypatch.undo()
-    # The next durable write syncs again (and with it the one before).
-    committer.submit(lambda c: c.execute(insert(things).values(name="y")), durable=True)
-    assert committer.syncs == 1
+    monkeypatch.undo()  # the disk answers again
+    for durable in (True, False):
+        with pytest.raises(StationError) as again:
+            committer.submit(lambda c: c.execute(insert(things).values(name="y")), durable=durable)
+        assert again.value.code == "ledger-sync-failed"
+        assert "restarted" in str(again.value)
+    assert names(committer) == ["x"]  # committed before its sync failed; nothing after
+    restarted = GroupCommitter(committer._engine)
+    restarted.submit(lambda c: c.execute(insert(things).values(name="z")), durable=True)
+    assert restarted.syncs == 1 and names(committer) == ["x", "z"]
+    restarted.close()
+
+
+def test_a_sync_failing_otherwise_than_oserror_fails_its_group_too(
+    committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def odd(_engine: object) -> None:
+        raise RuntimeError("not an OSError")
+
+    monkeypatch.setattr("station.ledger.groupcommit.sync_log", odd)
+    with pytest.raises(StationError) as info:
+        committer.submit(lambda c: c.execute(insert(things).values(name="x")), durable=True)
+    assert info.value.code == "ledger-sync-failed" and "not an OSError" in str(info.value)
+
+
+def test_close_waits_for_a_group_still_syncing(
+    committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from station.ledger import groupcommit
+
+    real = groupcommit.sync_log
+    in_sync, synced = threading.Event(), threading.Event()
+
+    def slow(engine: object) -> None:
+        in_sync.set()
+        time.sleep(0.5)
+        real(engine)  # type: ignore[arg-type]
+        synced.set()
+
+    monkeypatch.setattr("station.ledger.groupcommit.sync_log", slow)
+    writer = threading.Thread(
+        target=committer.submit,
+        args=(lambda c: c.execute(insert(things).values(name="x")),),
+        kwargs={"durable": True},
+    )
+    writer.start()
+    assert in_sync.wait(10)
+    committer.close()
+    assert synced.is_set()  # close() returned after the sync, not during it
+    writer.join(10)
+    assert not [t for t in threading.enumerate() if t.name == "ledger-checkpoint"]
+
+
+def test_a_child_forked_while_a_thread_syncs_writes_on_its_own(
+    committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child has none of its parent's other threads: a sync, a lead or a lock
+    one of them had when the process forked would never end there."""
+    from station.ledger import groupcommit
+
+    real = groupcommit.sync_log
+    in_sync, release = threading.Event(), threading.Event()
+
+    def slow(engine: object) -> None:
+        in_sync.set()
+        release.wait(10)
+        real(engine)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("station.ledger.groupcommit.sync_log", slow)
+    writer = threading.Thread(
+        target=committer.submit,
+        args=(lambda c: c.execute(insert(things).values(name="parent")),),
+        kwargs={"durable": True},
+    )
+    writer.start()
+    assert in_sync.wait(10)
+    monkeypatch.setattr("station.ledger.groupcommit.sync_log", real)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        status = 3
+        try:
+            done = threading.Event()
+
+            def child_write() -> None:
+                committer.submit(
+                    lambda c: c.execute(insert(things).values(name="child")), durable=True
+                )
+                done.set()
+
+            threading.Thread(target=child_write, daemon=True).start()
+            status = 0 if done.wait(10) else 1
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    release.set()
+    writer.join(10)
+    assert os.waitstatus_to_exitcode(status) == 0, "1: the child's write never finished"
+    assert names(committer) == ["child", "parent"]
 
 
 def test_postgresql_commits_synchronously_inside_the_lock(pg_url: str) -> None:
@@ -311,3 +446,35 @@ def test_a_closed_committer_checkpoints_again_when_reused(committer: GroupCommit
         assert checkpointer.passes > before, round_
         before = checkpointer.passes
         committer.close()
+
+
+def test_a_certificate_asked_for_again_leaves_only_once_on_disk(
+    tmp_path: Path, ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same board and key get their certificate back, read from the ledger: a row
+    another station process committed but could not sync is not handed out unsynced."""
+    from station.ledger import groupcommit
+
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    csr = make_csr("dev-1")[0]
+    real = groupcommit.sync_log
+    with Ledger(url, "worker-1") as first:
+        first.create_batch(
+            "B", product="p", planned_count=5, key_mode="board-ecc", subject_template=TEMPLATE
+        )
+        monkeypatch.setattr("station.ledger.groupcommit.sync_log", _broken_disk)
+        for _ in range(2):  # the board retries the 503 at the same worker
+            with pytest.raises(StationError) as info:
+                first.issue("B", "dev-1", csr, ca)
+            assert info.value.code == "ledger-sync-failed"
+    syncs: list[int] = []
+
+    def counted(engine: object) -> None:
+        real(engine)  # type: ignore[arg-type]
+        syncs.append(1)
+
+    monkeypatch.setattr("station.ledger.groupcommit.sync_log", counted)
+    with Ledger(url, "worker-2") as second:  # then at another worker, whose disk syncs
+        again = second.issue("B", "dev-1", csr, ca)
+        assert again.reused
+        assert syncs, "handed back without a sync covering the row it read"

@@ -30,14 +30,19 @@ _LOCK_SQL = f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
 _MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 # Bumped in a forked child. What holds a per-process resource (the write gate's
-# open lock file, the group committer's connection) compares this instead of
-# calling getpid() on every transaction: a system call, several per certificate.
+# open lock file and its lock, the group committer's connection, locks and
+# queue) compares this instead of calling getpid() on every transaction: a
+# system call, several per certificate.
 _fork_generation = 0
+# Serialises taking those resources over in a child. Made anew in the child:
+# a parent's thread may have held it when the process forked.
+_adopt_lock = threading.Lock()
 
 
 def _after_fork_in_child() -> None:
-    global _fork_generation
+    global _fork_generation, _adopt_lock
     _fork_generation += 1
+    _adopt_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -46,6 +51,17 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def fork_generation() -> int:
     """Changes in a forked child; equal means "still the process that opened it"."""
     return _fork_generation
+
+
+def adopt_lock() -> threading.Lock:
+    """The lock under which an object re-makes its per-process state after a fork.
+
+    A child has only the thread that forked: a lock that one of the parent's
+    other threads held at that instant stays held for ever in the child, so
+    such objects replace their locks before using them (double-checked against
+    :func:`fork_generation` under this lock).
+    """
+    return _adopt_lock
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -139,20 +155,34 @@ class _WriteGate:
         self.lock = threading.RLock()
         self._path = lock_path
         self._fd: int | None = None
-        self._gen = -1
+        self._gen = _fork_generation
         self._depth = 0
 
+    def _adopt(self) -> None:
+        """In a forked child: a lock, depth and open file of this process's own."""
+        with adopt_lock():
+            if self._gen == _fork_generation:
+                return
+            # The parent's RLock may be held by one of its threads, which the
+            # child does not have. And flock locks belong to the open file, not
+            # the process: on the parent's descriptor the child would be let in
+            # while the parent holds the gate. (The inherited descriptor stays
+            # open: closing it here could not release the parent's lock anyway.)
+            self.lock = threading.RLock()
+            self._depth = 0
+            self._fd = None
+            self._gen = _fork_generation
+
     def __enter__(self) -> None:
+        if self._gen != _fork_generation:
+            self._adopt()
         self.lock.acquire()
         if self._path is None:
             return
         try:
             if self._depth == 0:
-                if self._fd is None or self._gen != _fork_generation:
-                    # A forked child must not share its parent's open file:
-                    # flock locks belong to the open file, not the process.
+                if self._fd is None:
                     self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                    self._gen = _fork_generation
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
             self._depth += 1
         except BaseException:
@@ -160,6 +190,8 @@ class _WriteGate:
             raise
 
     def __exit__(self, *exc: object) -> None:
+        if self._gen != _fork_generation:
+            return  # entered before this process forked: the parent's lock, not ours
         try:
             if self._path is not None:
                 self._depth -= 1

@@ -34,7 +34,13 @@ from sqlalchemy import Connection, Engine
 
 from station.errors import StationError
 from station.ledger.checkpoint import WalCheckpointer
-from station.ledger.db import fork_generation, pipelined_sync, sync_log, write_transaction
+from station.ledger.db import (
+    adopt_lock,
+    fork_generation,
+    pipelined_sync,
+    sync_log,
+    write_transaction,
+)
 from station.ledger.rawsql import Raw
 
 T = TypeVar("T")
@@ -58,6 +64,15 @@ def _held_lock() -> threading.Lock:
     return lock
 
 
+def _sync_failed(cause: str) -> StationError:
+    return StationError(
+        f"the ledger could not sync its log to disk ({cause}); it takes no more writes "
+        "until the station is restarted",
+        code="ledger-sync-failed",
+        http_status=503,
+    )
+
+
 @dataclass
 class _Job:
     fn: Callable[[Connection], Any]
@@ -77,33 +92,66 @@ class GroupCommitter:
     def __init__(self, engine: Engine, *, max_group: int = 64) -> None:
         self._engine = engine
         self._max = max_group
+        self._pipelined = pipelined_sync(engine)
+        # Set by the first failed log sync, for good: see _sync().
+        self._failure: str | None = None
+        self.syncs = 0
+        self.groups = 0  # commits made, for benchmarks and tests
+        self.jobs = 0
+        self._start()
+
+    @property
+    def failure(self) -> str | None:
+        """Why this committer takes no more writes (its log sync failed), or None."""
+        return self._failure
+
+    def _start(self) -> None:
+        """The per-process state: locks, queue, kept connection, sync counters."""
         self._queue: list[_Job] = []
         self._busy = False
+        self._leading = 0  # groups between taking the lead and waking their callers
         self._mutex = threading.Lock()
         # The leader's connection, kept between groups (only a leader uses it);
         # dropped after any failure so a broken one is never reused.
         self._conn: Connection | None = None
         self._gen = fork_generation()
         self._used = 0.0
-        self._pipelined = pipelined_sync(engine)
-        self.checkpointer = WalCheckpointer(engine) if self._pipelined else None
+        self.checkpointer = WalCheckpointer(self._engine) if self._pipelined else None
         self._sync_cv = threading.Condition()
         self._commit_no = 0  # durable-pending commits made (pipelined mode)
         self._synced_no = 0  # the last of them known to be on disk
         self._syncing = False
-        self.syncs = 0
-        self.groups = 0  # commits made, for benchmarks and tests
-        self.jobs = 0
+
+    def _adopt(self) -> None:
+        """In a forked child, start afresh: the parent's state is not this process's.
+
+        Its threads are gone: one may have held the mutex, been syncing or
+        leading when the process forked, and nobody would ever release, finish
+        or hand on. Its connection is the parent's, its checkpointer thread the
+        parent's. Jobs the parent had queued are the parent's to run.
+        """
+        with adopt_lock():
+            if self._gen != fork_generation():
+                self._start()
 
     def close(self) -> None:
-        """Give the kept connection back (Ledger.close calls this)."""
+        """Give the kept connection back (Ledger.close calls this).
+
+        Waits for groups in flight, their log syncs included, so nothing of
+        this committer runs after it returns.
+        """
+        if self._gen != fork_generation():
+            self._adopt()
         while True:
             with self._mutex:
-                if not self._busy:
+                idle = not self._busy and not self._leading
+                if idle:
                     self._drop()
-                    if self.checkpointer is not None:
-                        self.checkpointer.close()
-                    return
+                    checkpointer = self.checkpointer
+            if idle:
+                if checkpointer is not None:
+                    checkpointer.close()
+                return
             time.sleep(0.01)
 
     def _drop(self) -> None:
@@ -120,7 +168,15 @@ class GroupCommitter:
             conn.close()
 
     def submit(self, fn: Callable[[Connection], T], *, durable: bool) -> T:
-        """Run fn inside a write transaction; return its result once committed."""
+        """Run fn inside a write transaction; return its result once committed.
+
+        With ``durable=True`` (and on a SQLite file for every job that shares a
+        sync with one), only once the log is synced past the commit.
+        """
+        if self._gen != fork_generation():
+            self._adopt()
+        if self._failure is not None:
+            raise _sync_failed(self._failure)
         job = _Job(fn, durable)
         with self._mutex:
             self._queue.append(job)
@@ -142,6 +198,7 @@ class GroupCommitter:
             with self._mutex:
                 group = self._queue[: self._max]
                 del self._queue[: len(group)]
+                self._leading += 1
             commit_no = self._run(group)
             # The next group may write while this one waits for the disk.
             self._hand_off()
@@ -158,6 +215,7 @@ class GroupCommitter:
                     j.done = True
                 self.groups += 1
                 self.jobs += len(group)
+                self._leading -= 1
             for j in group:
                 if j is not own:
                     j.wake.release()
@@ -175,10 +233,20 @@ class GroupCommitter:
         One thread syncs at a time, covering every commit made before it
         started; groups that committed meanwhile wait for it to end, then one
         of them syncs for all of them.
+
+        A sync that fails fails every group it was to cover, and every write
+        after it, until the ledger is opened again (the station restarted): on
+        Linux a failed ``fdatasync`` may have dropped the pages it could not
+        write and reports that once, so a later sync that succeeds proves
+        nothing about the frames before it. PostgreSQL stops for the same
+        reason. Opening the ledger again lets SQLite check the WAL's frames
+        against their checksums and keep the valid ones.
         """
         try:
             with self._sync_cv:
                 while self._synced_no < commit_no:
+                    if self._failure is not None:
+                        raise _sync_failed(self._failure)
                     if self._syncing:
                         self._sync_cv.wait()
                         continue
@@ -187,26 +255,23 @@ class GroupCommitter:
                     self._sync_cv.release()
                     try:
                         sync_log(self._engine)
+                    except BaseException as exc:
+                        self._failure = self._failure or f"{exc.__class__.__name__}: {exc}"
+                        raise
                     finally:
                         self._sync_cv.acquire()
                         self._syncing = False
                         self._sync_cv.notify_all()
                     self._synced_no = max(self._synced_no, target)
                     self.syncs += 1
-        except OSError as exc:
-            error = StationError(
-                f"the ledger could not sync its log to disk: {exc}",
-                code="ledger-sync-failed",
-                http_status=503,
-            )
+        except BaseException as exc:  # whatever it was, nothing of the group is durable
+            error = _sync_failed(self._failure or f"{exc.__class__.__name__}: {exc}")
             for job in group:
                 job.error = job.error or error
+            if not isinstance(exc, Exception):
+                raise
 
     def _connection(self) -> Connection:
-        if self._gen != fork_generation():  # forked: the parent's connection is not ours
-            self._conn, self._gen = None, fork_generation()
-            if self._pipelined:  # nor its checkpoint thread
-                self.checkpointer = WalCheckpointer(self._engine)
         now = time.monotonic()
         if self._conn is not None and now - self._used > _IDLE_SECONDS:
             self._drop()  # idle a while: let the pool check it (pre-ping) before reuse
@@ -227,6 +292,11 @@ class GroupCommitter:
         hand-off serve them all, where each would otherwise cost a round of
         thread wake-ups.
         """
+        if self._failure is not None:  # queued before the sync failed: not written
+            error = _sync_failed(self._failure)
+            for job in group:
+                job.error = error
+            return 0
         results: list[tuple[_Job, Any]] = []
         durable = any(j.durable for j in group)
         try:

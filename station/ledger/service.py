@@ -223,6 +223,10 @@ _DEVICE_SELECT = select(*_DEVICE_COLUMNS).select_from(
 )
 
 
+def _on_disk(_conn: Connection) -> None:
+    """An empty durable write: returns once everything committed before it is synced."""
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -354,6 +358,14 @@ class Ledger:
         self._templates: dict[str, str] = {}  # batch -> subject template, as last read
         if migrate:
             upgrade(self.engine)
+
+    @property
+    def write_failure(self) -> str | None:
+        """Why this ledger takes no more writes until it is opened again, or None.
+
+        Set when a sync of its log to disk failed (``ledger-sync-failed``).
+        """
+        return self._writes.failure
 
     @classmethod
     def from_settings(cls, settings: Any) -> Ledger:
@@ -557,6 +569,10 @@ class Ledger:
                         "the ledger refused the intent repeatedly", code="ledger-conflict"
                     ) from exc
         if isinstance(planned, IssueResult):
+            # Handed back only once it is on disk: the row just read may be one
+            # that another group or process committed and has not synced yet
+            # (or could not: then this fails too, ledger-sync-failed).
+            self._writes.submit(_on_disk, durable=True)
             return planned
 
         cert_id, device_pk, serial, subject, sign_time, days = planned
