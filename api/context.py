@@ -189,6 +189,15 @@ class Station:
                 "code": "database-unreachable",
                 "detail": f"{type(exc).__name__}: {exc}"[:300],
             }
+        else:
+            failure = self.ledger.write_failure
+            if failure is not None:  # this process writes no more until restarted
+                checks["database"] = {
+                    "status": "failing",
+                    "code": "ledger-sync-failed",
+                    "detail": f"a sync of the ledger's log to disk failed ({failure}); "
+                    "restart the station"[:300],
+                }
         return checks
 
     def _check_database(self) -> None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
 from station.ca import init_ca, open_keystore
 from station.settings import Settings
 from tests.fixtures.hsm import settings_for
-from tests.test_api_helpers import assert_problem
+from tests.test_api_helpers import assert_problem, make_api, new_csr
 
 
 def test_healthz_ok(station_settings: Settings) -> None:
@@ -64,3 +65,25 @@ def test_healthz_key_gone(ca_home: Path, tmp_path: Path) -> None:
         body = assert_problem(client.get("/healthz"), 503, "hsm-key-not-found")
         assert body["part"] == "key"
         assert body["checks"]["database"] == {"status": "ok"}
+
+
+def test_healthz_after_a_failed_log_sync(
+    ca_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose ledger could not sync takes no more writes: it says so until restarted."""
+    settings = settings_for(ca_home, tmp_path / "own")
+    for api in make_api(settings):
+        api.batch("B1")
+        assert api.get("/healthz", None).status_code == 200
+
+        def broken(_engine: object) -> None:  # a failing disk cannot be made here
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr("station.ledger.groupcommit.sync_log", broken)
+        pem, _key = new_csr("dev-1")
+        body = {"batch": "B1", "device_id": "dev-1", "csr": pem}
+        assert_problem(api.post("/v1/certificates", "board", json=body), 503, "ledger-sync-failed")
+        monkeypatch.undo()  # the disk answers again; the worker still refuses
+        assert_problem(api.post("/v1/certificates", "board", json=body), 503, "ledger-sync-failed")
+        health = assert_problem(api.get("/healthz", None), 503, "ledger-sync-failed")
+        assert health["part"] == "database" and "restart" in health["detail"]
