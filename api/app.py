@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import problems
 from api.context import Station
-from api.middleware import BodyLimitMiddleware
+from api.middleware import BodyLimitMiddleware, PlainTextParamsMiddleware
 from api.routers import (
     batches,
     ca,
@@ -91,6 +91,7 @@ def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -
     )
     app.state.station = station
     problems.install(app)
+    app.add_middleware(PlainTextParamsMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=station.settings.max_body_bytes)
     for module in (
         batches,

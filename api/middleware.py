@@ -1,12 +1,50 @@
-"""Pure ASGI middleware: request body limit enforced on the stream, not only Content-Length."""
+"""Pure ASGI middleware: request body limit enforced on the stream, not only Content-Length;
+no control characters in the path or the query."""
 
 from __future__ import annotations
 
 import json
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.problems import PROBLEM_JSON, TYPE_BASE, BodyTooLarge
+from api.problems import PROBLEM_JSON, TYPE_BASE, BodyTooLarge, problem
+from station.policy import has_control_characters
+
+
+class PlainTextParamsMiddleware:
+    """Refuse a control character (C0 or DEL, e.g. ``%00``) in the path or the query with
+    422 problem+json (bad-text), for every route, before routing and authentication.
+
+    No path or query parameter takes one: a device id, a batch name, a state, a format.
+    PostgreSQL text cannot hold NUL (the ledger answered 500), and SQLite stored it.
+    JSON bodies are checked by their schemas (api/schemas.py: Text, PrintableText).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _control_in_path_or_query(scope):
+            response = problem(
+                422, "bad-text", "the path or the query holds a control character (U+0000-U+001F)"
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _control_in_path_or_query(scope: Scope) -> bool:
+    if has_control_characters(scope.get("path", "")):
+        return True
+    query: bytes = scope.get("query_string", b"")
+    if not query:
+        return False
+    # Decoded as Starlette decodes request.query_params (names too: none may hold one).
+    return any(
+        has_control_characters(name) or has_control_characters(value)
+        for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    )
 
 
 class BodyLimitMiddleware:

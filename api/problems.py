@@ -14,11 +14,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from hsm.errors import HsmError
 from station.errors import StationError
+from station.policy import CONTROL_CHARACTERS_PATTERN
 
 log = logging.getLogger("api")
 
@@ -84,12 +86,24 @@ def problem_response(request: Request, exc: Exception) -> JSONResponse:
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
             for e in exc.errors()
         ]
+        if errors and all(e["type"] == "bad_text" for e in errors):
+            # Control characters in a text field (api/schemas.py: Text, PrintableText).
+            return problem(
+                422, "bad-text", "a text field holds characters it may not", errors=errors
+            )
         return problem(422, "invalid-request", "the request is not valid", errors=errors)
     if isinstance(exc, StarletteHTTPException):
         code = _HTTP_CODES.get(exc.status_code, f"http-{exc.status_code}")
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         headers = dict(exc.headers) if exc.headers else None
         return problem(exc.status_code, code, detail, headers=headers)
+    if isinstance(exc, DataError):
+        # The database refused a value (e.g. NUL in PostgreSQL text) that no check
+        # above it caught: the transaction rolled back, nothing was written.
+        log.warning(
+            "database refused a value on %s %s: %s", request.method, request.url.path, exc.orig
+        )
+        return problem(400, "bad-input", "the database refused a value of the request")
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem(500, "internal-error", "the station hit an unexpected error")
 
@@ -119,12 +133,21 @@ def _problem_response(description: str) -> dict[str, Any]:
     return {"description": description, "content": {PROBLEM_JSON: {"schema": _PROBLEM_REF}}}
 
 
+def _no_control_characters(schema: dict[str, Any]) -> None:
+    """A string parameter may not hold a control character (api.middleware)."""
+    for option in (schema, *schema.get("anyOf", ())):
+        if option.get("type") == "string" and not {"enum", "pattern"} & option.keys():
+            option["pattern"] = CONTROL_CHARACTERS_PATTERN
+
+
 def document(app: FastAPI) -> None:
     """Say in the OpenAPI schema what the handler does: every error is problem+json.
 
     Each operation gets a ``default`` problem response (401, 403, 404, 409, 413,
     415, 503, ... with the reason code in ``code``), and FastAPI's own 422
-    (documented as its HTTPValidationError JSON) is replaced by the problem."""
+    (documented as its HTTPValidationError JSON) is replaced by the problem. String
+    path and query parameters get the pattern the middleware enforces (no control
+    characters)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -142,6 +165,9 @@ def document(app: FastAPI) -> None:
                     if status.startswith(("4", "5")) and "content" not in response:
                         response["content"] = {PROBLEM_JSON: {"schema": _PROBLEM_REF}}
                 responses.setdefault("default", _problem_response("an error (problem details)"))
+                for parameter in operation.get("parameters", ()):
+                    if parameter.get("in") in ("path", "query"):
+                        _no_control_characters(parameter.get("schema", {}))
         for unused in ("HTTPValidationError", "ValidationError"):
             components.pop(unused, None)
         app.openapi_schema = schema
@@ -158,6 +184,7 @@ def install(app: FastAPI) -> None:
         HsmError,
         RequestValidationError,
         StarletteHTTPException,
+        DataError,
         Exception,
     ):
         app.add_exception_handler(exc_type, _handler)

@@ -3,18 +3,48 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
+from pydantic_core import PydanticCustomError
 
+from station.errors import PolicyError
 from station.ledger import TOKEN_ROLES, KeyMode
+from station.policy import CONTROL_CHARACTERS_PATTERN, check_printable, has_control_characters
+
+# Text fields: a control character is refused with the error type ``bad_text``,
+# which the problem handler answers as 422 ``bad-text`` (see api/problems.py).
+
+
+def _no_control_characters(value: str) -> str:
+    if has_control_characters(value):
+        raise PydanticCustomError(
+            "bad_text", "control characters (U+0000 to U+001F, U+007F) are not accepted"
+        )
+    return value
+
+
+def _printable(value: str) -> str:
+    try:
+        check_printable(value, "the text")
+    except PolicyError as exc:
+        raise PydanticCustomError("bad_text", exc.message) from None
+    return value
+
+
+_NO_CONTROL_SCHEMA = Field(json_schema_extra={"pattern": CONTROL_CHARACTERS_PATTERN})
+# No C0 control character nor DEL.
+Text = Annotated[str, AfterValidator(_no_control_characters), _NO_CONTROL_SCHEMA]
+# What a batch name must be (station.policy.check_printable): for names shown to people.
+PrintableText = Annotated[str, AfterValidator(_printable), _NO_CONTROL_SCHEMA]
 
 
 class BatchIn(BaseModel):
-    name: str = Field(min_length=1, max_length=128)
-    product: str = Field(min_length=1, max_length=128)
+    name: Text = Field(min_length=1, max_length=128)
+    product: PrintableText = Field(min_length=1, max_length=128)
     planned_count: int = Field(ge=1, le=2**31 - 1)  # the ledger's column is a 32-bit INTEGER
     key_mode: str = Field(default="board-ecc", json_schema_extra={"enum": list(KeyMode)})
-    subject_template: str = Field(
+    subject_template: Text = Field(
         min_length=1,
         max_length=1024,
         description="e.g. /O=company/OU=team/CN={device_id}/C=US, or * as presented",
@@ -38,8 +68,9 @@ class BatchOut(BaseModel):
 
 
 class CertificateIn(BaseModel):
-    batch: str = Field(min_length=1, max_length=128)
-    device_id: str = Field(min_length=1, max_length=128)
+    batch: Text = Field(min_length=1, max_length=128)
+    device_id: Text = Field(min_length=1, max_length=128)
+    # PEM has line breaks; it is parsed (malformed-csr) and kept as DER, never as text.
     csr: str = Field(min_length=1, description="PKCS#10 CSR, PEM")
     reprovision: bool = False
 
@@ -79,14 +110,14 @@ class ChallengeOut(BaseModel):
 
 
 class ProofIn(BaseModel):
-    nonce: str = Field(min_length=1, max_length=256, description="base64, from the challenge")
-    signature: str = Field(
+    nonce: Text = Field(min_length=1, max_length=256, description="base64, from the challenge")
+    signature: Text = Field(
         min_length=1, max_length=4096, description="base64; ECDSA-SHA256 (DER) or RSA PKCS#1 v1.5"
     )
 
 
 class RevokeIn(BaseModel):
-    reason: str = Field(min_length=1, max_length=500)
+    reason: PrintableText = Field(min_length=1, max_length=500)
 
 
 class TokenIn(BaseModel):

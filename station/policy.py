@@ -295,3 +295,22 @@ def common_name(name: x509.Name) -> str | None:
         return None
     value = values[0].value
     return value if isinstance(value, str) else None
+
+
+# -- text from users and boards ------------------------------------------------------
+
+# C0 controls and DEL: no field of the station takes them (PostgreSQL text cannot
+# even hold NUL), and in a name they would forge log or report lines.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_CHARACTERS_PATTERN = r"^[^\x00-\x1f\x7f]*$"  # the same, for JSON Schema
+
+
+def has_control_characters(text: str) -> bool:
+    return CONTROL_CHARACTERS.search(text) is not None
+
+
+def check_printable(value: str, what: str) -> None:
+    """Refuse text for the ledger that a batch name would not pass (``str.isprintable``:
+    no control, format or separator characters but the space). Code: bad-text."""
+    if not value.isprintable():
+        raise PolicyError(f"{what} must be printable text", code="bad-text")

@@ -19,6 +19,7 @@ from station.cli.common import cli_errors, console, err_console, fail, settings
 from station.ledger import ADHOC_BATCH, Ledger
 from station.ledger.records import Batch, Device
 from station.ledger.schema import DeviceState, KeyMode
+from station.policy import check_printable
 from station.whitelist import WhitelistEntry
 
 P = ParamSpec("P")
@@ -88,6 +89,7 @@ def batch_create(
 ) -> None:
     """Open a production batch."""
     cfg = settings()
+    check_printable(product, "a product")  # as the API does (the ledger checks the name)
     with _ledger() as led:
         b = led.create_batch(
             name,
@@ -280,6 +282,7 @@ def revoke_cmd(
     reason: Annotated[str, typer.Option("--reason", help="Why, for the ledger and the audit.")],
 ) -> None:
     """Revoke a board's live certificate in the ledger and take it off the whitelist."""
+    check_printable(reason, "a revocation reason")  # as the API does
     with _ledger() as led:
         d = led.revoke(device_id, reason)
         serial = [c.serial for c in led.certificates(device_id) if c.state == "revoked"][-1]
