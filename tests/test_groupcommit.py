@@ -6,7 +6,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -218,28 +218,44 @@ def test_a_sync_failing_otherwise_than_oserror_fails_its_group_too(
     assert info.value.code == "ledger-sync-failed" and "not an OSError" in str(info.value)
 
 
-def test_close_waits_for_a_group_still_syncing(
-    committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _write_held_in_sync(
+    committer: GroupCommitter,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    hold: Callable[[], object],
+) -> tuple[threading.Thread, threading.Event]:
+    """A durable write on a thread of its own, held inside its log sync by ``hold()``.
+
+    Returns once the write is in its sync (later syncs are real ones): the thread,
+    and an Event set when its own sync has ended.
+    """
     from station.ledger import groupcommit
 
     real = groupcommit.sync_log
     in_sync, synced = threading.Event(), threading.Event()
 
-    def slow(engine: object) -> None:
+    def held(engine: object) -> None:
         in_sync.set()
-        time.sleep(0.5)
+        hold()
         real(engine)  # type: ignore[arg-type]
         synced.set()
 
-    monkeypatch.setattr("station.ledger.groupcommit.sync_log", slow)
+    monkeypatch.setattr("station.ledger.groupcommit.sync_log", held)
     writer = threading.Thread(
         target=committer.submit,
-        args=(lambda c: c.execute(insert(things).values(name="x")),),
+        args=(lambda c: c.execute(insert(things).values(name=name)),),
         kwargs={"durable": True},
     )
     writer.start()
     assert in_sync.wait(10)
+    monkeypatch.setattr("station.ledger.groupcommit.sync_log", real)
+    return writer, synced
+
+
+def test_close_waits_for_a_group_still_syncing(
+    committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer, synced = _write_held_in_sync(committer, monkeypatch, "x", lambda: time.sleep(0.5))
     committer.close()
     assert synced.is_set()  # close() returned after the sync, not during it
     writer.join(10)
@@ -251,25 +267,10 @@ def test_a_child_forked_while_a_thread_syncs_writes_on_its_own(
 ) -> None:
     """The child has none of its parent's other threads: a sync, a lead or a lock
     one of them had when the process forked would never end there."""
-    from station.ledger import groupcommit
-
-    real = groupcommit.sync_log
-    in_sync, release = threading.Event(), threading.Event()
-
-    def slow(engine: object) -> None:
-        in_sync.set()
-        release.wait(10)
-        real(engine)  # type: ignore[arg-type]
-
-    monkeypatch.setattr("station.ledger.groupcommit.sync_log", slow)
-    writer = threading.Thread(
-        target=committer.submit,
-        args=(lambda c: c.execute(insert(things).values(name="parent")),),
-        kwargs={"durable": True},
+    release = threading.Event()
+    writer, _synced = _write_held_in_sync(
+        committer, monkeypatch, "parent", lambda: release.wait(10)
     )
-    writer.start()
-    assert in_sync.wait(10)
-    monkeypatch.setattr("station.ledger.groupcommit.sync_log", real)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through its exit status
         status = 3
