@@ -242,6 +242,32 @@ def test_an_intent_that_cannot_be_signed_is_marked_failed(
     assert not ledger.issue(batch, "dev-1", make_csr("dev-1")[0], ca).reused
 
 
+def test_a_late_signing_failure_leaves_an_intent_resolved_elsewhere_alone(
+    ledger: Ledger, batch: str, ca: CertificateAuthority, ledger_url: str
+) -> None:
+    """The token stalls past recovery's grace; another process of the station re-signs
+    and commits the intent; then the stalled call fails. The board keeps its certificate."""
+
+    class StalledThenFailing:
+        chain_pem = ca.chain_pem
+
+        def issue(self, *args: object, **kwargs: object) -> x509.Certificate:
+            with Ledger(ledger_url, "test-station") as restarted:
+                assert len(restarted.recover(ca, older_than=timedelta(0)).resigned) == 1
+            raise RuntimeError("the token timed out")
+
+    with refused("sign-failed"):
+        ledger.issue(batch, "dev-1", make_csr("dev-1")[0], StalledThenFailing())  # type: ignore[arg-type]
+    (record,) = ledger.certificates("dev-1")
+    assert record.state == "issued"
+    device = ledger.get_device("dev-1")
+    assert device.state == "issued" and device.failure_code is None
+    with ledger.engine.connect() as conn:
+        actions = [row[0] for row in conn.execute(text("SELECT action FROM audit_log"))]
+    assert "cert.issued" in actions and "cert.failed" not in actions
+    assert ledger.audit_verify() is None
+
+
 def test_line_steps_and_whitelist(ledger: Ledger, batch: str, ca: CertificateAuthority) -> None:
     ledger.mark_key_ready("dev-1", batch=batch)
     ledger.mark_key_ready("dev-2", batch=batch)

@@ -805,11 +805,15 @@ class Ledger:
         now = _now()
 
         def write(conn: Connection) -> None:
-            conn.execute(
+            done = conn.execute(
                 certificates.update()
                 .where(certificates.c.id == cert_id, certificates.c.state == CertState.INTENT.value)
                 .values(state=CertState.FAILED.value, failure_code=code)
             )
+            if done.rowcount != 1:
+                # Resolved meanwhile (another process's recovery signed and committed
+                # it): the certificate and the board's step stand as they are.
+                return
             audit.append(
                 conn,
                 self.station_id,
