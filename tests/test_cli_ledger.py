@@ -180,3 +180,29 @@ def test_audit_verify_reports_tampering(run, tmp_path: Path, station_env: Settin
         conn.execute("UPDATE audit_log SET entity = 'B9' WHERE seq = 2")
     result = run("audit", "verify", code=1)
     assert "[audit-broken] entry 2: hash-mismatch" in result.stderr
+
+
+def test_recover_resolves_intents_a_station_id_left_behind(  # type: ignore[no-untyped-def]
+    run, station_env: Settings, ca, tmp_path: Path
+) -> None:
+    """A station that crashed under another id (a re-created container) never comes back to
+    resolve its intent; `station recover --all-stations` does, and only intents old enough."""
+    from station.ledger import Ledger
+
+    batch_create(run)
+    url = f"sqlite:///{station_env.data_dir / 'ledger.sqlite'}"
+    with Ledger(url, "old-container") as gone:
+        gone.after_sign = lambda cert: (_ for _ in ()).throw(SystemExit("killed"))
+        with pytest.raises(SystemExit):
+            gone.issue("B1", "dev-1", make_csr("dev-1")[0], ca)
+    # The board is stuck: this station's start-up recovery leaves that intent alone.
+    csr = write_csr(tmp_path, "dev-1")
+    stuck = run("sign", "--batch", "B1", "--device", "dev-1", "--csr", str(csr), code=1)
+    assert "issuance-in-progress" in stuck.stderr
+    # This station's own recovery leaves the other id's intent alone,
+    assert "recovered 0, failed 0" in run("recover", "--older-than", "0").stdout
+    # as does --all-stations while the intent is younger than --older-than.
+    assert "recovered 0, failed 0" in run("recover", "--all-stations").stdout
+    out = run("recover", "--all-stations", "--older-than", "0").stdout
+    assert "recovered 1, failed 0" in out
+    assert "issued" in run("device", "show", "dev-1").stdout

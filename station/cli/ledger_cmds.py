@@ -361,10 +361,51 @@ def audit_verify() -> None:
     console.print(f"audit chain intact: {report.entries} entries", highlight=False)
 
 
+@cli_errors
+def recover_cmd(
+    all_stations: Annotated[
+        bool,
+        typer.Option(
+            "--all-stations",
+            help="Also intents recorded under other station ids: one that will not start "
+            "again (a renamed host, a re-created container) leaves its boards refused "
+            "issuance-in-progress until then.",
+        ),
+    ] = False,
+    older_than: Annotated[
+        float,
+        typer.Option(
+            "--older-than",
+            min=0.0,
+            help="Minutes: intents younger than this are left alone (a running station "
+            "may be signing them).",
+        ),
+    ] = 10.0,
+) -> None:
+    """Resolve intents left without a certificate: sign again with the recorded serial, or
+    mark failed. Every station process does this for its own at start-up."""
+    from datetime import timedelta
+
+    from station.ca import open_ca
+
+    cfg = settings()
+    ca = open_ca(cfg)
+    with _ledger() as led:
+        report = led.recover(
+            ca, all_stations=all_stations, older_than=timedelta(minutes=older_than)
+        )
+    for serial in report.resigned:
+        console.print(f"signed again and committed: serial {serial}", highlight=False)
+    for serial, code in report.failed:
+        console.print(f"marked failed: serial {serial} ({code})", highlight=False)
+    console.print(f"recovered {len(report.resigned)}, failed {len(report.failed)}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(batch_app, name="batch")
     app.command("sign")(sign_cmd)
     app.add_typer(device_app, name="device")
     app.command("revoke")(revoke_cmd)
+    app.command("recover")(recover_cmd)
     app.add_typer(whitelist_app, name="whitelist")
     app.add_typer(audit_app, name="audit")
