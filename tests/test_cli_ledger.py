@@ -182,6 +182,24 @@ def test_audit_verify_reports_tampering(run, tmp_path: Path, station_env: Settin
     assert "[audit-broken] entry 2: hash-mismatch" in result.stderr
 
 
+def test_audit_verify_with_a_recorded_head_notices_entries_cut_from_the_end(  # type: ignore[no-untyped-def]
+    run, station_env: Settings
+) -> None:
+    """Removing the newest entries leaves no broken link; the head recorded earlier shows it."""
+    batch_create(run)
+    out = run("audit", "verify").stdout
+    head = next(line for line in out.splitlines() if line.startswith("head: ")).split()[1]
+    seq = int(head.split(":")[0])
+    run("batch", "close", "B1")
+    assert "intact" in run("audit", "verify", "--head", head).stdout  # it grew: fine
+    with sqlite3.connect(station_env.data_dir / "ledger.sqlite") as conn:
+        conn.execute("DELETE FROM audit_log WHERE seq >= ?", (seq,))
+    assert "intact" in run("audit", "verify").stdout  # the chain alone cannot tell
+    cut = run("audit", "verify", "--head", head, code=1)
+    assert "[audit-truncated]" in cut.stderr and f"entry {seq}" in cut.stderr
+    run("audit", "verify", "--head", "not-a-head", code=2)
+
+
 def test_recover_resolves_intents_a_station_id_left_behind(  # type: ignore[no-untyped-def]
     run, station_env: Settings, ca, tmp_path: Path
 ) -> None:

@@ -352,13 +352,53 @@ def whitelist_export(
 
 @audit_app.command("verify")
 @cli_errors
-def audit_verify() -> None:
-    """Walk the audit chain; report the first broken link, if any."""
+def audit_verify(
+    head: Annotated[
+        str | None,
+        typer.Option(
+            "--head",
+            metavar="SEQ:HASH",
+            help="A head printed by an earlier verify: check that entry is still there "
+            "(entries removed from the end of the chain leave no broken link).",
+        ),
+    ] = None,
+) -> None:
+    """Walk the audit chain; report the first broken link, if any, and the head to record."""
+    from sqlalchemy import func, select
+
+    from station.ledger.schema import audit_log
+
+    expected: tuple[int, str] | None = None
+    if head is not None:
+        seq, _, digest = head.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            raise fail("usage", "--head takes SEQ:HASH as printed by `station audit verify`", 2)
+        expected = (int(seq), digest.lower())
     with _ledger() as led:
         report = led.audit_report()
+        with led.engine.connect() as conn:
+            last = conn.execute(select(func.max(audit_log.c.seq))).scalar()
+            at = lambda n: conn.execute(  # noqa: E731
+                select(audit_log.c.hash).where(audit_log.c.seq == n)
+            ).scalar()
+            last_hash = at(last) if last is not None else None
+            anchored = at(expected[0]) if expected is not None else None
     if report.broken is not None:
         raise fail("audit-broken", f"{report.broken} after {report.entries} good entries")
+    if expected is not None and anchored != expected[1]:
+        raise fail(
+            "audit-truncated",
+            f"entry {expected[0]} of the recorded head is "
+            + ("gone" if anchored is None else "another one")
+            + f"; the chain now ends at entry {last}",
+        )
     console.print(f"audit chain intact: {report.entries} entries", highlight=False)
+    if last is not None:
+        console.print(
+            f"head: {last}:{last_hash} (record it; `station audit verify --head` with it "
+            "later shows no entry up to it was removed)",
+            highlight=False,
+        )
 
 
 @cli_errors
