@@ -91,6 +91,7 @@ class Station:
         self._ledger: Ledger | None = None
         self._ca: CertificateAuthority | None = None
         self._station_lock: StationLock | None = None
+        self._recovering = threading.Lock()  # one thread recovers for the others
         self.metrics = Metrics(lambda: self.ledger.counts())
         self.line = LineView(settings.data_dir / FILE_NAME)
         self.activity = Activity()
@@ -121,6 +122,29 @@ class Station:
             if self._issue_executor is None:
                 self._issue_executor = ThreadPoolExecutor(ISSUE_THREADS, thread_name_prefix="issue")
             return self._issue_executor
+
+    def issuing_ca(self) -> CertificateAuthority:
+        """The CA, for issuing: only once this process holds the station's lock.
+
+        A worker whose start-up recovery could not run (the token not there yet,
+        the ledger refusing) recovers before its first certificate instead:
+        without the lock, a process of this station starting later would take
+        this one's intents for a dead run's and resolve them under it.
+        """
+        if self._station_lock is None:
+            with self._recovering:
+                if self._station_lock is None:
+                    try:
+                        self.recover()
+                    except (StationError, HsmError):
+                        raise
+                    except Exception as exc:
+                        raise StationError(
+                            f"this worker could not recover its station's intents: {exc}",
+                            code="recovery-failed",
+                            http_status=503,
+                        ) from exc
+        return self.ca
 
     def recover(self) -> RecoveryReport:
         """Start-up recovery of the intents a killed process of this station left.

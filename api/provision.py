@@ -16,7 +16,8 @@ def issue(
     m = station.metrics
     start = time.perf_counter()
     try:
-        result = station.ledger.issue(batch, device_id, csr, station.ca, reprovision=reprovision)
+        ca = station.issuing_ca()
+        result = station.ledger.issue(batch, device_id, csr, ca, reprovision=reprovision)
     except (StationError, HsmError) as exc:
         if isinstance(exc, StationError) and isinstance(exc.__cause__, HsmError):
             # The ledger abandoned the intent as sign-failed; the token's own reason

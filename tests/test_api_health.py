@@ -87,3 +87,35 @@ def test_healthz_after_a_failed_log_sync(
         assert_problem(api.post("/v1/certificates", "board", json=body), 503, "ledger-sync-failed")
         health = assert_problem(api.get("/healthz", None), 503, "ledger-sync-failed")
         assert health["part"] == "database" and "restart" in health["detail"]
+
+
+def test_a_worker_whose_start_up_recovery_failed_recovers_before_it_issues(
+    ca_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the station lock a later process of the station would take this worker's
+    in-flight intents for a dead run's; so no certificate before recovery has run."""
+    from api import context
+    from station.recovery import recover_at_startup
+
+    calls: list[str] = []
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        calls.append("recover")
+        if len(calls) == 1:
+            raise RuntimeError("the ledger was not there yet")
+        return recover_at_startup(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(context, "recover_at_startup", flaky)
+    settings = settings_for(ca_home, tmp_path / "own")
+    for api in make_api(settings):  # start-up recovery fails (logged, /healthz unaffected)
+        station = api.client.app.state.station  # type: ignore[attr-defined]
+        assert calls == ["recover"] and station._station_lock is None
+        api.batch("B1")
+        pem, _key = new_csr("dev-1")
+        body = {"batch": "B1", "device_id": "dev-1", "csr": pem}
+        assert api.post("/v1/certificates", "board", json=body).status_code == 201
+        assert calls == ["recover", "recover"] and station._station_lock is not None
+        pem2, _key2 = new_csr("dev-2")
+        body2 = {"batch": "B1", "device_id": "dev-2", "csr": pem2}
+        assert api.post("/v1/certificates", "board", json=body2).status_code == 201
+        assert len(calls) == 2  # once is enough
