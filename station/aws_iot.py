@@ -14,6 +14,7 @@ bad one is terse and moto does not check it at all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -36,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from station.errors import ConfigurationError, StationError
-from station.whitelist import WhitelistEntry
+from station.whitelist import DelistedCertificate, WhitelistEntry
 
 CA_STATUSES = ("ACTIVE", "INACTIVE")
 AUTO_REGISTRATION_STATUSES = ("ENABLE", "DISABLE")
@@ -381,11 +382,25 @@ def update_ca(
 
 
 @dataclass(frozen=True, slots=True)
+class SkippedEntry:
+    """A whitelist entry the sync could not publish, and why."""
+
+    serial: str
+    device_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class SyncReport:
     added: int
     updated: int
     unchanged: int
     removed: int
+    # AWS IoT certificate status changes the sync made for the serials it moved
+    revoked: int = 0  # -> REVOKED (revoked in the ledger)
+    deactivated: int = 0  # -> INACTIVE (left the whitelist: failed board)
+    reactivated: int = 0  # INACTIVE -> ACTIVE (back on the whitelist)
+    skipped: tuple[SkippedEntry, ...] = ()  # entries that could not be published
 
 
 def create_whitelist_table(dynamodb_client: Any, table_name: str) -> bool:
@@ -441,7 +456,7 @@ def _item(entry: WhitelistEntry) -> dict[str, str]:
     }
 
 
-def _validate(entry: WhitelistEntry) -> None:
+def _problems(entry: WhitelistEntry) -> list[str]:
     problems = []
     if not _HEX.match(entry.serial) or (len(entry.serial) > 1 and entry.serial[0] == "0"):
         problems.append("serial is not lowercase hex without padding")
@@ -451,12 +466,7 @@ def _validate(entry: WhitelistEntry) -> None:
         problems.append("device_id is not a valid AWS IoT thing name")
     if not entry.batch:
         problems.append("batch is empty")
-    if problems:
-        raise StationError(
-            f"whitelist entry {entry.serial!r}: {'; '.join(problems)}",
-            code="whitelist-entry-invalid",
-            http_status=422,
-        )
+    return problems
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -509,27 +519,75 @@ def _write(dynamodb_client: Any, table_name: str, requests: Sequence[dict[str, A
             raise AwsError("BatchWriteItem kept returning unprocessed items", code="aws-throttled")
 
 
+def _certificate_status(iot: Any, certificate_id: str) -> str | None:
+    """The AWS IoT status of a certificate, or None when AWS IoT does not know it."""
+    try:
+        response = iot.describe_certificate(certificateId=certificate_id)
+    except ClientError as exc:
+        if _error_code(exc) == "ResourceNotFoundException":
+            return None
+        raise _aws_error("DescribeCertificate", exc) from exc
+    return str(response["certificateDescription"].get("status", ""))
+
+
+def _set_certificate_status(iot: Any, certificate_id: str, status: str) -> None:
+    try:
+        iot.update_certificate(certificateId=certificate_id, newStatus=status)
+    except ClientError as exc:
+        raise _aws_error(f"UpdateCertificate {certificate_id} -> {status}", exc) from exc
+
+
+def _take_out(iot: Any, delisted: DelistedCertificate) -> str | None:
+    """Stop a delisted certificate in AWS IoT; the status set, or None if nothing changed.
+
+    Revoked in the ledger: REVOKED (final in AWS). Merely off the whitelist: INACTIVE
+    (reversible). Never registered (never connected), or already there: nothing.
+    """
+    target = "REVOKED" if delisted.revoked else "INACTIVE"
+    current = _certificate_status(iot, delisted.fingerprint)
+    if current is None or current == target or current == "REVOKED":
+        return None  # AWS never changes a REVOKED certificate again
+    _set_certificate_status(iot, delisted.fingerprint, target)
+    return target
+
+
 def sync_whitelist(
     dynamodb_client: Any,
     table_name: str,
     entries: Iterable[WhitelistEntry],
-    revoked_serials: Iterable[str],
+    delisted: Iterable[DelistedCertificate],
     *,
+    iot: Any,
     batch: str | None = None,
 ) -> SyncReport:
-    """Make the table hold ``entries`` (optionally only those of ``batch``), minus revoked.
+    """Make the table hold ``entries`` (optionally only those of ``batch``), minus ``delisted``.
 
     Incremental: reads the items for the serials concerned and writes only the
     differences. Items the station does not mention are left alone (several stations
-    may share one table); revoked serials are removed whatever their batch.
+    may share one table); delisted serials are removed whatever their batch, and only
+    when the item is the ledger's certificate (same fingerprint).
+
+    An item leaving the table first has its AWS IoT certificate stopped (REVOKED if
+    revoked in the ledger, else INACTIVE), then is deleted: the JITR Lambda only runs
+    on a certificate's first connection, so removing the item alone would leave an
+    ACTIVE certificate connecting. A failure in between leaves the item in the table,
+    so the next sync retries. An item entering the table whose certificate an earlier
+    sync made INACTIVE is put, then its certificate set ACTIVE again. Deletions go
+    before puts; an entry that cannot be published is skipped and reported, the rest
+    proceed.
     """
-    revoked = {s.lower() for s in revoked_serials}
+    out: dict[str, DelistedCertificate] = {d.serial.lower(): d for d in delisted}
     wanted: dict[str, dict[str, str]] = {}
+    fingerprints: dict[str, str] = {}
+    skipped: list[SkippedEntry] = []
     for entry in entries:
         if batch is not None and entry.batch != batch:
             continue
-        _validate(entry)
-        if entry.serial in revoked:
+        problems = _problems(entry)
+        if problems:
+            skipped.append(SkippedEntry(entry.serial, entry.device_id, "; ".join(problems)))
+            continue
+        if entry.serial in out:
             continue
         item = _item(entry)
         previous = wanted.get(entry.serial)
@@ -540,12 +598,32 @@ def sync_whitelist(
                 http_status=409,
             )
         wanted[entry.serial] = item
+        fingerprints[entry.serial] = entry.fingerprint
 
-    serials = sorted(set(wanted) | revoked)
-    existing = _read_existing(dynamodb_client, table_name, serials)
+    existing = _read_existing(dynamodb_client, table_name, sorted(set(wanted) | set(out)))
 
-    added = updated = unchanged = removed = 0
+    # 1. out of the table: stop the certificate in AWS IoT, then delete the item
+    leaving = [
+        out[serial]
+        for serial in sorted(out)
+        if serial in existing and existing[serial].get("fingerprint") == out[serial].fingerprint
+    ]
+    revoked = deactivated = 0
+    for chunk in _chunks(leaving, BATCH_WRITE_LIMIT):
+        for certificate in chunk:
+            status = _take_out(iot, certificate)
+            revoked += status == "REVOKED"
+            deactivated += status == "INACTIVE"
+        _write(
+            dynamodb_client,
+            table_name,
+            [{"DeleteRequest": {"Key": {"serial": {"S": c.serial}}}} for c in chunk],
+        )
+
+    # 2. into the table: put, then re-activate what an earlier sync deactivated
+    added = updated = unchanged = 0
     requests: list[dict[str, Any]] = []
+    entering: list[str] = []
     for serial in sorted(wanted):
         item = wanted[serial]
         current = existing.get(serial)
@@ -554,15 +632,40 @@ def sync_whitelist(
             continue
         if current is None:
             added += 1
+            entering.append(serial)
         else:
             updated += 1
         requests.append({"PutRequest": {"Item": {k: {"S": v} for k, v in item.items()}}})
-    for serial in sorted(revoked):
-        if serial in existing:
-            removed += 1
-            requests.append({"DeleteRequest": {"Key": {"serial": {"S": serial}}}})
+    # Described before the put: a failure here leaves these items out, to be retried.
+    inactive = [s for s in entering if _certificate_status(iot, fingerprints[s]) == "INACTIVE"]
     _write(dynamodb_client, table_name, requests)
-    return SyncReport(added=added, updated=updated, unchanged=unchanged, removed=removed)
+    reactivated = 0
+    for serial in inactive:
+        try:
+            _set_certificate_status(iot, fingerprints[serial], "ACTIVE")
+        except AwsError:
+            # Take the items still INACTIVE out again so that the next sync, finding them
+            # absent, puts and re-activates them. Harmless: their certificates are
+            # registered (no first-connect JITR event) and refused while INACTIVE.
+            rest = inactive[reactivated:]
+            with contextlib.suppress(AwsError):
+                _write(
+                    dynamodb_client,
+                    table_name,
+                    [{"DeleteRequest": {"Key": {"serial": {"S": s}}}} for s in rest],
+                )
+            raise
+        reactivated += 1
+    return SyncReport(
+        added=added,
+        updated=updated,
+        unchanged=unchanged,
+        removed=len(leaving),
+        revoked=revoked,
+        deactivated=deactivated,
+        reactivated=reactivated,
+        skipped=tuple(skipped),
+    )
 
 
 # --------------------------------------------------------------------------- Lambda package

@@ -18,3 +18,12 @@ class WhitelistEntry:
     batch: str
     fingerprint: str  # SHA-256 of the certificate DER, lowercase hex (= AWS certificateId)
     not_after: datetime  # timezone-aware UTC
+
+
+@dataclass(frozen=True, slots=True)
+class DelistedCertificate:
+    """A certificate the ledger issued that must not be in the whitelist (any more)."""
+
+    serial: str  # lowercase hex, as serial_hex() spells it
+    fingerprint: str  # SHA-256 of the certificate DER, lowercase hex (= AWS certificateId)
+    revoked: bool  # True: revoked in the ledger (final); False: the board left the whitelist

@@ -23,12 +23,14 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from station.aws_iot import (
+    AwsError,
     CaRegistration,
     SyncReport,
     VerificationCertificateError,
@@ -40,9 +42,12 @@ from station.aws_iot import (
     sync_whitelist,
     update_ca,
 )
+from station.ca import CertificateAuthority
 from station.errors import StationError
-from station.whitelist import WhitelistEntry, serial_hex
+from station.ledger import Ledger
+from station.whitelist import DelistedCertificate, WhitelistEntry, serial_hex
 from tests.fixtures.aws import SoftwareCa, make_software_ca
+from tests.test_ledger import TEMPLATE, make_csr
 
 TABLE = "station-whitelist"
 
@@ -271,6 +276,10 @@ def _entry(serial: int, batch: str = "B1", *, device: str | None = None) -> Whit
     )
 
 
+def _delisted(serial: int, *, revoked: bool = True) -> DelistedCertificate:
+    return DelistedCertificate(serial_hex(serial), f"{serial:064x}", revoked)
+
+
 def _table_items(ddb: Any) -> dict[str, dict[str, str]]:
     items = ddb.scan(TableName=TABLE, ConsistentRead=True)["Items"]
     return {i["serial"]["S"]: {k: v["S"] for k, v in i.items()} for i in items}
@@ -297,11 +306,12 @@ def test_create_whitelist_table_is_idempotent(aws_env: str) -> None:
 
 def test_sync_whitelist_counts_idempotency_revocation_and_batches(aws_env: str) -> None:
     ddb = boto3.client("dynamodb")
+    iot = boto3.client("iot")  # knows none of these certificates: no status to change
     create_whitelist_table(ddb, TABLE)
     entries = [_entry(n, "B1") for n in range(1, 61)] + [_entry(n, "B2") for n in range(61, 71)]
 
     # batch filter: only B1 (60 entries: three BatchWriteItem chunks)
-    assert sync_whitelist(ddb, TABLE, entries, [], batch="B1") == SyncReport(60, 0, 0, 0)
+    assert sync_whitelist(ddb, TABLE, entries, [], iot=iot, batch="B1") == SyncReport(60, 0, 0, 0)
     items = _table_items(ddb)
     assert len(items) == 60
     assert {i["batch"] for i in items.values()} == {"B1"}
@@ -314,21 +324,23 @@ def test_sync_whitelist_counts_idempotency_revocation_and_batches(aws_env: str) 
     }
 
     # everything: B2 added, B1 unchanged; again: nothing written
-    assert sync_whitelist(ddb, TABLE, entries, []) == SyncReport(10, 0, 60, 0)
-    assert sync_whitelist(ddb, TABLE, entries, []) == SyncReport(0, 0, 70, 0)
+    assert sync_whitelist(ddb, TABLE, entries, [], iot=iot) == SyncReport(10, 0, 60, 0)
+    assert sync_whitelist(ddb, TABLE, entries, [], iot=iot) == SyncReport(0, 0, 70, 0)
 
     # a change is an update
     changed = [*entries[:-1], _entry(70, "B2", device="dev-replaced")]
-    assert sync_whitelist(ddb, TABLE, changed, []) == SyncReport(0, 1, 69, 0)
+    assert sync_whitelist(ddb, TABLE, changed, [], iot=iot) == SyncReport(0, 1, 69, 0)
     assert _table_items(ddb)[serial_hex(70)]["device_id"] == "dev-replaced"
 
     # revoked serials go, whatever their batch, and are not re-added
-    revoked = [serial_hex(3), serial_hex(65), "ffff"]  # ffff was never there
-    assert sync_whitelist(ddb, TABLE, changed, revoked, batch="B1") == SyncReport(0, 0, 59, 2)
+    revoked = [_delisted(3), _delisted(65), _delisted(0xFFFF)]  # ffff was never there
+    assert sync_whitelist(ddb, TABLE, changed, revoked, iot=iot, batch="B1") == SyncReport(
+        0, 0, 59, 2
+    )
     items = _table_items(ddb)
     assert len(items) == 68
     assert serial_hex(3) not in items and serial_hex(65) not in items
-    assert sync_whitelist(ddb, TABLE, changed, revoked) == SyncReport(0, 0, 68, 0)
+    assert sync_whitelist(ddb, TABLE, changed, revoked, iot=iot) == SyncReport(0, 0, 68, 0)
 
 
 def test_sync_whitelist_retries_unprocessed_items(aws_env: str) -> None:
@@ -357,22 +369,27 @@ def test_sync_whitelist_retries_unprocessed_items(aws_env: str) -> None:
 
     flaky = Flaky(ddb)
     entries = [_entry(n) for n in range(1, 31)]
-    assert sync_whitelist(flaky, TABLE, entries, []) == SyncReport(30, 0, 0, 0)
+    iot = boto3.client("iot")
+    assert sync_whitelist(flaky, TABLE, entries, [], iot=iot) == SyncReport(30, 0, 0, 0)
     assert len(_table_items(ddb)) == 30
     assert flaky.writes == [25, 13, 5, 3]
 
 
-def test_sync_whitelist_refuses_bad_entries(aws_env: str) -> None:
+def test_sync_whitelist_skips_bad_entries_and_refuses_duplicates(aws_env: str) -> None:
     ddb = boto3.client("dynamodb")
+    iot = boto3.client("iot")
     create_whitelist_table(ddb, TABLE)
     bad = WhitelistEntry("0A", "dev 1", "B1", "xyz", datetime(2035, 1, 1, tzinfo=UTC))
+    report = sync_whitelist(ddb, TABLE, [_entry(1), bad, _entry(2)], [], iot=iot)
+    assert (report.added, report.unchanged) == (2, 0)
+    (skipped,) = report.skipped
+    assert (skipped.serial, skipped.device_id) == ("0A", "dev 1")
+    assert "thing name" in skipped.reason and "padding" in skipped.reason
+    assert set(_table_items(ddb)) == {"1", "2"}
     with pytest.raises(StationError) as info:
-        sync_whitelist(ddb, TABLE, [_entry(1), bad], [])
-    assert info.value.code == "whitelist-entry-invalid"
-    with pytest.raises(StationError) as info:
-        sync_whitelist(ddb, TABLE, [_entry(1), _entry(1, device="other")], [])
+        sync_whitelist(ddb, TABLE, [_entry(3), _entry(3, device="other")], [], iot=iot)
     assert info.value.code == "whitelist-duplicate-serial"
-    assert _table_items(ddb) == {}
+    assert set(_table_items(ddb)) == {"1", "2"}
 
 
 # --------------------------------------------------------------------------- Lambda zip
@@ -435,5 +452,204 @@ def test_not_after_is_stored_in_utc(aws_env: str) -> None:
     create_whitelist_table(ddb, TABLE)
     tz = datetime(2030, 6, 1, 12, 0, tzinfo=UTC).astimezone(timezone(timedelta(hours=2)))
     entry = WhitelistEntry("1", "dev-1", "B1", "0" * 64, tz)
-    sync_whitelist(ddb, TABLE, [entry], [])
+    sync_whitelist(ddb, TABLE, [entry], [], iot=boto3.client("iot"))
     assert _table_items(ddb)["1"]["not_after"] == "2030-06-01T12:00:00+00:00"
+
+
+# --------------------------------------------------------------------------- sync and IoT status
+#
+# The JITR Lambda runs only on a certificate's first connection: once ACTIVE, a
+# certificate stays ACTIVE whatever the table says. The sync must stop it itself.
+
+
+@pytest.fixture
+def led(tmp_path: Path) -> Any:
+    with Ledger(f"sqlite:///{tmp_path}/ledger.db", "st-1", backdate_seconds=60) as ledger:
+        ledger.create_batch(
+            "B1", product="p", planned_count=10, key_mode="board-ecc", subject_template=TEMPLATE
+        )
+        yield ledger
+
+
+class Plant:
+    """A ledger with its HSM CA, the whitelist table and AWS IoT (moto)."""
+
+    def __init__(self, ledger: Ledger, ca: CertificateAuthority) -> None:
+        self.ledger, self.ca = ledger, ca
+        self.ddb, self.iot = boto3.client("dynamodb"), boto3.client("iot")
+        create_whitelist_table(self.ddb, TABLE)
+        self.csrs: dict[str, bytes] = {}
+
+    def verified(self, device_id: str) -> x509.Certificate:
+        csr = self.csrs.setdefault(device_id, make_csr(device_id)[0])
+        result = self.ledger.issue("B1", device_id, csr, self.ca)
+        self.ledger.mark_verified(device_id)
+        return result.certificate
+
+    def connected(self, cert: x509.Certificate) -> None:
+        """As after the JITR Lambda activated it (AWS IoT names it by its DER's SHA-256)."""
+        self.iot.register_certificate_without_ca(
+            certificatePem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+            status="ACTIVE",
+        )
+
+    def status(self, cert: x509.Certificate) -> str:
+        certificate_id = cert.fingerprint(hashes.SHA256()).hex()
+        description = self.iot.describe_certificate(certificateId=certificate_id)
+        return str(description["certificateDescription"]["status"])
+
+    def sync(self, iot: Any = None) -> SyncReport:
+        return sync_whitelist(
+            self.ddb,
+            TABLE,
+            self.ledger.whitelist(),
+            self.ledger.delisted_serials(),
+            iot=iot or self.iot,
+        )
+
+    def items(self) -> set[str]:
+        return set(_table_items(self.ddb))
+
+
+@pytest.fixture
+def plant(aws_env: str, led: Ledger, ca: CertificateAuthority) -> Plant:
+    return Plant(led, ca)
+
+
+def _serial(cert: x509.Certificate) -> str:
+    return serial_hex(cert.serial_number)
+
+
+def test_sync_revokes_in_aws_iot_a_certificate_revoked_after_activation(plant: Plant) -> None:
+    a, b, never = plant.verified("dev-a"), plant.verified("dev-b"), plant.verified("dev-n")
+    assert plant.sync() == SyncReport(3, 0, 0, 0)
+    plant.connected(a)
+    plant.connected(b)
+    plant.ledger.revoke("dev-a", "stolen")
+    plant.ledger.revoke("dev-n", "scrapped")  # never connected: nothing in AWS IoT
+
+    report = plant.sync()
+
+    assert (report.removed, report.revoked, report.deactivated) == (2, 1, 0)
+    assert plant.status(a) == "REVOKED"
+    assert plant.status(b) == "ACTIVE"
+    assert plant.items() == {_serial(b)}
+    # bounded: once out of the table, a certificate costs no AWS IoT call again
+    counting = CountingIot(plant.iot)
+    assert plant.sync(counting) == SyncReport(0, 0, 1, 0)
+    assert counting.calls == []
+    assert _serial(never) not in plant.items()
+
+
+def test_sync_leaves_an_item_of_another_certificate_alone(plant: Plant) -> None:
+    a = plant.verified("dev-a")
+    plant.ledger.revoke("dev-a", "stolen")
+    foreign = {**_item_of(a), "fingerprint": {"S": "ab" * 32}}  # same serial, other cert
+    plant.ddb.put_item(TableName=TABLE, Item=foreign)
+    assert plant.sync() == SyncReport(0, 0, 0, 0)
+    assert plant.items() == {_serial(a)}
+
+
+def _item_of(cert: x509.Certificate) -> dict[str, Any]:
+    return {
+        "serial": {"S": _serial(cert)},
+        "device_id": {"S": "elsewhere"},
+        "batch": {"S": "X"},
+        "fingerprint": {"S": cert.fingerprint(hashes.SHA256()).hex()},
+        "not_after": {"S": "2035-01-01T00:00:00+00:00"},
+    }
+
+
+def test_failed_board_is_deactivated_and_reactivated_once_verified_again(plant: Plant) -> None:
+    cert = plant.verified("dev-f")
+    plant.sync()
+    plant.connected(cert)
+
+    plant.ledger.mark_failed("dev-f", "final-test", "burn-in failed")
+    report = plant.sync()
+    assert (report.removed, report.revoked, report.deactivated) == (1, 0, 1)
+    assert plant.status(cert) == "INACTIVE"
+    assert plant.items() == set()
+
+    again = plant.verified("dev-f")  # re-tested: the same live certificate
+    assert again == cert
+    report = plant.sync()
+    assert (report.added, report.reactivated) == (1, 1)
+    assert plant.items() == {_serial(cert)}
+    assert plant.status(cert) == "ACTIVE"
+
+
+def test_bad_thing_name_is_skipped_and_the_rest_is_synced(plant: Plant) -> None:
+    old = plant.verified("dev-1")
+    plant.sync()
+    plant.connected(old)
+    plant.ledger.revoke("dev-1", "stolen")
+    dotted = plant.verified("board.02")  # fine for the station, not an AWS thing name
+    good = plant.verified("dev-3")
+
+    report = plant.sync()
+
+    (skipped,) = report.skipped
+    assert (skipped.serial, skipped.device_id) == (_serial(dotted), "board.02")
+    assert "thing name" in skipped.reason
+    assert (report.added, report.removed, report.revoked) == (1, 1, 1)
+    assert plant.items() == {_serial(good)}
+    assert plant.status(old) == "REVOKED"
+
+
+class FailingUpdates:
+    """An IoT client whose UpdateCertificate fails from the n-th call on."""
+
+    def __init__(self, client: Any, fail_from: int) -> None:
+        self.client, self.fail_from, self.updates = client, fail_from, 0
+
+    def describe_certificate(self, **kwargs: Any) -> Any:
+        return self.client.describe_certificate(**kwargs)
+
+    def update_certificate(self, **kwargs: Any) -> Any:
+        self.updates += 1
+        if self.updates >= self.fail_from:
+            raise ClientError(
+                {"Error": {"Code": "ThrottlingException", "Message": "slow down"}},
+                "UpdateCertificate",
+            )
+        return self.client.update_certificate(**kwargs)
+
+
+def test_update_certificate_failure_keeps_the_item_for_the_next_sync(plant: Plant) -> None:
+    a, b = plant.verified("dev-a"), plant.verified("dev-b")
+    plant.sync()
+    plant.connected(a)
+    plant.connected(b)
+    plant.ledger.revoke("dev-a", "stolen")
+    plant.ledger.revoke("dev-b", "stolen")
+
+    with pytest.raises(AwsError, match="ThrottlingException"):
+        plant.sync(FailingUpdates(plant.iot, fail_from=2))
+    first, second = sorted([a, b], key=_serial)
+    assert plant.status(first) == "REVOKED"
+    assert plant.status(second) == "ACTIVE"
+    assert _serial(second) in plant.items()  # not deleted before its certificate is stopped
+
+    report = plant.sync()
+    assert (report.removed, report.revoked) == (2, 1)
+    assert plant.items() == set()
+    assert plant.status(first) == plant.status(second) == "REVOKED"
+
+
+def test_reactivation_failure_is_retried_by_the_next_sync(plant: Plant) -> None:
+    cert = plant.verified("dev-f")
+    plant.sync()
+    plant.connected(cert)
+    plant.ledger.mark_failed("dev-f", "final-test", "burn-in failed")
+    plant.sync()
+    plant.verified("dev-f")
+
+    with pytest.raises(AwsError):
+        plant.sync(FailingUpdates(plant.iot, fail_from=1))
+    assert plant.status(cert) == "INACTIVE"
+    assert plant.items() == set()  # taken out again, so the next sync sees it entering
+
+    report = plant.sync()
+    assert (report.added, report.reactivated) == (1, 1)
+    assert plant.status(cert) == "ACTIVE"

@@ -131,11 +131,38 @@ def test_register_sync_and_jitr_with_the_hsm_ca(
     event = first_connect(iot, stranger, ca.chain_pem, state["certificateId"])
     assert lambda_handler(event, None)["decision"] == "revoke"
 
+    # revoked after activation: no JITR event any more, the sync revokes it in AWS IoT
+    with Ledger.from_settings(station_env) as ledger:
+        ledger.revoke("dev-good", "stolen")
+    out = cli("sync-whitelist")
+    assert "1 removed" in out and "1 revoked" in out
+    good_id = certificate_fingerprint(good)
+    status = iot.describe_certificate(certificateId=good_id)["certificateDescription"]["status"]
+    assert status == "REVOKED"
+
     assert "INACTIVE" in cli("update-ca", "--status", "INACTIVE")
 
     zpath = tmp_path / "jitr.zip"
     assert "wrote" in cli("package-lambda", "--out", str(zpath))
     assert "jitr/handler.py" in zipfile.ZipFile(zpath).namelist()
+
+
+def test_sync_whitelist_reports_what_it_cannot_publish(cli, station_env: Settings) -> None:
+    cli("create-whitelist-table")
+    with Ledger.from_settings(station_env) as ledger:
+        ledger.create_batch(
+            "B1", product="p", planned_count=3, key_mode="board-ecc", subject_template=TEMPLATE
+        )
+    dotted = provision(station_env, "board.02")  # a valid device id, not a valid thing name
+    ok = provision(station_env, "dev-ok")
+
+    out = cli("sync-whitelist", code=1)
+
+    assert "1 added" in out and "1 skipped" in out
+    assert "board.02" in out and format(dotted.serial_number, "x") in out
+    assert "Traceback" not in out
+    items = boto3.client("dynamodb").scan(TableName="wl")["Items"]
+    assert [i["serial"]["S"] for i in items] == [format(ok.serial_number, "x")]
 
 
 def test_aws_errors_are_one_line(cli) -> None:

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from station import aws_iot
 from station.ca import open_ca
-from station.cli.common import cli_errors, console, settings
+from station.cli.common import EXIT_REFUSED, cli_errors, console, err_console, fail, settings
 from station.ledger import Ledger
 from station.settings import Settings
 
@@ -105,20 +106,43 @@ def create_table_cmd() -> None:
 def sync_whitelist_cmd(
     batch: Annotated[str | None, typer.Option(help="Only this batch's devices.")] = None,
 ) -> None:
-    """Publish the ledger's whitelist to DynamoDB: add new, update changed, drop revoked."""
+    """Publish the ledger's whitelist to DynamoDB and stop delisted certificates in AWS IoT.
+
+    Adds new and updates changed entries; removes revoked boards' and failed boards'
+    entries after setting their AWS IoT certificates REVOKED or INACTIVE; re-activates
+    a certificate an earlier sync made INACTIVE when its board is whitelisted again.
+    Exits 1 if any entry could not be published (the others are).
+    """
     s = settings()
     with Ledger.from_settings(s) as ledger:
         report = aws_iot.sync_whitelist(
             _client("dynamodb"),
             s.whitelist_table,
             ledger.whitelist(batch),
-            ledger.revoked_serials(),
+            ledger.delisted_serials(),
+            iot=_client("iot"),
             batch=batch,
         )
     console.print(
         f"synced {s.whitelist_table}: {report.added} added, {report.updated} updated, "
-        f"{report.unchanged} unchanged, {report.removed} removed"
+        f"{report.unchanged} unchanged, {report.removed} removed; "
+        f"AWS IoT certificates: {report.revoked} revoked, {report.deactivated} deactivated, "
+        f"{report.reactivated} reactivated; {len(report.skipped)} skipped",
+        highlight=False,
     )
+    for skipped in report.skipped:
+        err_console.print(
+            f"skipped serial {escape(skipped.serial)} (device {escape(skipped.device_id)}): "
+            f"{escape(skipped.reason)}",
+            highlight=False,
+        )
+    if report.skipped:
+        raise fail(
+            "whitelist-entry-invalid",
+            f"{len(report.skipped)} entr{'y' if len(report.skipped) == 1 else 'ies'} "
+            "not published (see above); the rest were synced",
+            EXIT_REFUSED,
+        )
 
 
 @aws_app.command("package-lambda")

@@ -1369,6 +1369,36 @@ class Ledger:
         )
         return self._stream(stmt, lambda row: row[0])
 
+    def delisted_serials(self) -> Iterator[Any]:
+        """Issued or revoked certificates not on the whitelist, as DelistedCertificate, by serial.
+
+        What a whitelist sync must take out of AWS: revoked certificates and those of
+        boards that failed (or were never verified). Each carries its fingerprint (the
+        AWS certificateId) and whether it was revoked.
+        """
+        from station.whitelist import DelistedCertificate
+
+        stmt = (
+            select(certificates.c.serial, certificates.c.fingerprint, certificates.c.state)
+            .select_from(
+                certificates.outerjoin(whitelist, whitelist.c.serial == certificates.c.serial)
+            )
+            .where(
+                certificates.c.state.in_([CertState.ISSUED.value, CertState.REVOKED.value]),
+                certificates.c.fingerprint.is_not(None),
+                whitelist.c.serial.is_(None),
+            )
+            .order_by(certificates.c.serial)
+        )
+        return self._stream(
+            stmt,
+            lambda row: DelistedCertificate(
+                serial=row.serial,
+                fingerprint=row.fingerprint,
+                revoked=row.state == CertState.REVOKED.value,
+            ),
+        )
+
     def _stream(self, stmt: Any, convert: Callable[[_Row], Any]) -> Iterator[Any]:
         def rows() -> Iterator[Any]:
             with self.engine.connect() as conn:
