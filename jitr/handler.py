@@ -11,7 +11,8 @@ topic rule invokes this function with that event. The function:
    creates the thing named after the device id if missing, attaches the certificate to
    the thing and only then sets the certificate ACTIVE — one step after the other, so a
    device never connects with a half-made identity;
-4. otherwise: sets the certificate REVOKED.
+4. otherwise: sets the certificate REVOKED. A REVOKED certificate is final on AWS IoT
+   (it can never be activated again), so one found REVOKED is left as it is.
 
 Every step is idempotent: a replayed event changes nothing. Infrastructure failures
 (table missing, throttling) raise, so Lambda retries; they never revoke a device.
@@ -290,6 +291,10 @@ def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     certificate_arn = str(description["certificateArn"])
     status = str(description.get("status", ""))
     base["statusBefore"] = status
+    if status == "REVOKED":
+        # Final on AWS IoT: UpdateCertificate refuses to change a REVOKED certificate
+        # (moto allows it). Nothing to decide: do not build a thing or policy for it.
+        return _revoke(iot, certificate_id, status, {**base, "reason": "already-revoked"})
     described_ca = description.get("caCertificateId")
     if described_ca and str(described_ca).lower() != ca_certificate_id:
         return _revoke(iot, certificate_id, status, {**base, "reason": "ca-mismatch"})

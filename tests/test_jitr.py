@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from jitr import handler
 from jitr.handler import CertificateParseError, lambda_handler, serial_from_der
 from station.aws_iot import create_whitelist_table, register_ca, sync_whitelist
-from station.whitelist import WhitelistEntry, serial_hex
+from station.whitelist import DelistedCertificate, WhitelistEntry, serial_hex
 from tests.fixtures.aws import SoftwareCa
 
 TABLE = "jitr-whitelist"
@@ -50,11 +50,19 @@ class Line:
         return cert
 
     def whitelist(
-        self, *certs: tuple[x509.Certificate, str], revoked: tuple[str, ...] = ()
+        self, *certs: tuple[x509.Certificate, str], revoked: tuple[x509.Certificate, ...] = ()
     ) -> None:
+        gone = {serial_hex(c.serial_number) for c in revoked}
+        self.whitelisted = [e for e in self.whitelisted if e.serial not in gone]
         for cert, device_id in certs:
             self.whitelisted.append(entry_for(cert, device_id))
-        sync_whitelist(self.ddb, TABLE, self.whitelisted, revoked)
+        delisted = [
+            DelistedCertificate(
+                serial_hex(c.serial_number), c.fingerprint(hashes.SHA256()).hex(), revoked=True
+            )
+            for c in revoked
+        ]
+        sync_whitelist(self.ddb, TABLE, self.whitelisted, delisted, iot=self.iot)
 
     def first_connect(self, cert: x509.Certificate) -> dict[str, Any]:
         """What AWS IoT does when the device first presents cert + CA: register and publish."""
@@ -187,41 +195,47 @@ def test_replayed_event_changes_nothing(line: Line, whitelisted: bool) -> None:
     assert line.status(event) == ("ACTIVE" if whitelisted else "REVOKED")
 
 
-def test_device_revoked_in_whitelist_after_sync_is_revoked(line: Line) -> None:
+def test_device_revoked_after_activation_is_revoked_by_the_sync(line: Line) -> None:
     keep, drop = line.device("board-0003"), line.device("board-0004")
     line.whitelist((keep, "board-0003"), (drop, "board-0004"))
     keep_event, drop_event = line.first_connect(keep), line.first_connect(drop)
     assert lambda_handler(drop_event, None)["decision"] == "activate"
     assert line.status(drop_event) == "ACTIVE"
 
-    line.whitelist(revoked=(serial_hex(drop.serial_number),))
-    result = lambda_handler(drop_event, None)
-
-    assert result["decision"] == "revoke"
-    assert result["changed"] == ["update-certificate:REVOKED"]
+    # AWS IoT raises no new event for an ACTIVE certificate: the sync itself revokes it
+    line.whitelist(revoked=(drop,))
     assert line.status(drop_event) == "REVOKED"
+
+    result = lambda_handler(drop_event, None)  # a late replay agrees and changes nothing
+    assert (result["decision"], result["changed"]) == ("revoke", [])
     assert lambda_handler(keep_event, None)["decision"] == "activate"
     assert line.status(keep_event) == "ACTIVE"
 
 
-def test_revoked_certificate_is_reactivated_only_once_whitelisted(line: Line) -> None:
+def test_revoked_certificate_stays_revoked_once_whitelisted(line: Line) -> None:
     cert = line.device("board-0005")
-    event = line.first_connect(cert)
-    assert lambda_handler(event, None)["decision"] == "revoke"
+    event = line.first_connect(cert)  # connected before its serial was synced
     assert lambda_handler(event, None)["decision"] == "revoke"
     assert line.status(event) == "REVOKED"
 
     line.whitelist((cert, "board-0005"))
+    before = line.snapshot()
     result = lambda_handler(event, None)
-    assert result["decision"] == "activate"
-    assert line.status(event) == "ACTIVE"
+
+    # REVOKED is final on AWS IoT (UpdateCertificate refuses it); moto would allow
+    # REVOKED -> ACTIVE, so the handler must not even try, nor build a thing for it.
+    assert (result["decision"], result["reason"]) == ("revoke", "already-revoked")
+    assert result["changed"] == []
+    assert line.status(event) == "REVOKED"
+    assert line.snapshot() == before
+    assert line.iot.list_things()["things"] == []
 
 
 def test_fingerprint_mismatch_is_revoked(line: Line) -> None:
     cert = line.device("board-0006")
     entry = entry_for(cert, "board-0006")
     forged = WhitelistEntry(entry.serial, entry.device_id, entry.batch, "ab" * 32, entry.not_after)
-    sync_whitelist(line.ddb, TABLE, [forged], [])
+    sync_whitelist(line.ddb, TABLE, [forged], [], iot=line.iot)
     event = line.first_connect(cert)
 
     result = lambda_handler(event, None)
@@ -235,7 +249,7 @@ def test_expired_whitelist_entry_is_revoked(line: Line) -> None:
     entry = entry_for(cert, "board-0007")
     past = datetime.now(UTC) - timedelta(days=1)
     expired = WhitelistEntry(entry.serial, entry.device_id, entry.batch, entry.fingerprint, past)
-    sync_whitelist(line.ddb, TABLE, [expired], [])
+    sync_whitelist(line.ddb, TABLE, [expired], [], iot=line.iot)
     event = line.first_connect(cert)
 
     assert lambda_handler(event, None)["reason"] == "expired"
