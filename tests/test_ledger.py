@@ -268,6 +268,22 @@ def test_a_late_signing_failure_leaves_an_intent_resolved_elsewhere_alone(
     assert ledger.audit_verify() is None
 
 
+def test_delisted_serials_are_the_issued_certificates_off_the_whitelist(
+    ledger: Ledger, batch: str, ca: CertificateAuthority
+) -> None:
+    """What a whitelist sync takes out of AWS: revoked ones, and boards not (or no longer)
+    verified; each with the fingerprint AWS IoT knows it by."""
+    issued = {d: ledger.issue(batch, d, make_csr(d)[0], ca) for d in ("dev-1", "dev-2", "dev-3")}
+    for device in ("dev-1", "dev-2"):
+        ledger.mark_verified(device)
+    ledger.revoke("dev-2", "returned")
+    delisted = {d.serial: d for d in ledger.delisted_serials()}
+    assert set(delisted) == {serial_hex(issued[d].serial) for d in ("dev-2", "dev-3")}
+    two, three = (delisted[serial_hex(issued[d].serial)] for d in ("dev-2", "dev-3"))
+    assert two.revoked and not three.revoked
+    assert two.fingerprint == issued["dev-2"].fingerprint
+
+
 def test_line_steps_and_whitelist(ledger: Ledger, batch: str, ca: CertificateAuthority) -> None:
     ledger.mark_key_ready("dev-1", batch=batch)
     ledger.mark_key_ready("dev-2", batch=batch)
