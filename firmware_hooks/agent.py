@@ -10,7 +10,8 @@ Run on the board (standard library, pyserial and the OpenSSL CLI only)::
   ``openssl req -new -key ... -subj SUBJ -outform DER`` the CSR.
 - see-rsa: the station's RSA-2048 key (DER) goes to a 0600 temporary file,
   ``see_test -K set-key -a 4097 -k NAME -I FILE`` loads it into the Secure
-  Element, and the file is deleted whatever happens.
+  Element, and the file is overwritten with zeros and deleted whatever happens
+  (an agent killed meanwhile does it for ``.se-key-*`` files when it starts again).
 - the chain is stored as ``deviceCertAndCACert.crt`` in the key directory.
 - proof of possession: ``openssl dgst -sha256 -sign KEYFILE`` for board-ecc;
   for see-rsa the ``--se-sign`` command template, by default the ``artiksee``
@@ -21,6 +22,7 @@ Run on the board (standard library, pyserial and the OpenSSL CLI only)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -80,8 +82,34 @@ HARDWARE_ID_SOURCES = (
 )
 OPENSSL_ECPARAM = ("ecparam", "-genkey", "-name", "prime256v1", "-noout")
 OPENSSL_REQ = ("-utf8", "-sha256", "-outform", "DER")
-_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_NAME_RE = re.compile(r"\A[A-Za-z0-9._-]{1,64}\Z")  # not "$": no trailing newline
+# Temporary files in the key directory that hold private key material: the station's
+# RSA key on its way to the Secure Element, a board-ecc key before its rename.
+SE_KEY_PREFIX = ".se-key-"
+KEY_TMP_PREFIX = ".key-"
 T = TypeVar("T")
+
+
+def shred(path: str | os.PathLike[str]) -> None:
+    """Overwrite a file with zeros (fsync) and remove it; a missing file is fine.
+
+    For the temporary copies of private keys. On a journalling or flash file
+    system the old blocks may survive elsewhere: this removes what the file
+    system lets a program remove, not what its wear levelling kept."""
+    try:
+        with open(path, "r+b", buffering=0) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            zeros = bytes(min(size, 65536))
+            done = 0
+            while done < size:
+                done += handle.write(zeros[: size - done])
+            os.fsync(handle.fileno())
+    except FileNotFoundError:
+        return
+    except OSError as exc:  # still remove it below
+        log.warning("cannot overwrite %s before removing it: %s", path, exc)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 class Refusal(Exception):
@@ -162,8 +190,26 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         config.key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._shred_leftovers()
         self.session = self._load_session()
         self._replay = _Replay()
+
+    def _shred_leftovers(self) -> None:
+        """Key material an earlier agent left behind when it died mid-request (power
+        cut, kill): the temporary copy of a station RSA key on its way to the Secure
+        Element, a board-ecc key not yet renamed into place. Overwritten and removed."""
+        try:
+            names = os.listdir(self.config.key_dir)
+        except OSError as exc:
+            log.warning("cannot list %s: %s", self.config.key_dir, exc)
+            return
+        for name in names:
+            leftover = name.startswith(SE_KEY_PREFIX) or (
+                name.startswith(KEY_TMP_PREFIX) and name.endswith(".tmp")
+            )
+            if leftover:
+                log.warning("removing key material left by an earlier run: %s", name)
+                shred(self.config.key_dir / name)
 
     # ------------------------------------------------------------------ loop
 
@@ -260,7 +306,7 @@ class Agent:
         name = fields.get_str(Tag.KEY_NAME, DEFAULT_KEY_NAME)
         self._check_name(name)
         key_path = self.config.key_dir / f"{name}.key"
-        fd, tmp = tempfile.mkstemp(dir=self.config.key_dir, prefix=".key-", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=self.config.key_dir, prefix=KEY_TMP_PREFIX, suffix=".tmp")
         os.close(fd)  # mkstemp made it 0600; openssl writes into it and keeps the mode
         try:
             if self.config.keys is not None:
@@ -275,8 +321,7 @@ class Agent:
             os.chmod(tmp, 0o600)
             os.replace(tmp, key_path)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            shred(tmp)  # a key that did not make it into place (renamed: nothing to do)
         self.session = Session(key_mode="board-ecc", key_name=name, key_new=True)
         self._save_session()
         log.info("generated P-256 key %s and a CSR for %s", key_path, subject)
@@ -293,7 +338,7 @@ class Agent:
                 f"takes at most {SE_KEY_NAME_MAX}",
             )
         self._check_name(name)
-        fd, tmp = tempfile.mkstemp(dir=self.config.key_dir, prefix=".se-key-", suffix=".der")
+        fd, tmp = tempfile.mkstemp(dir=self.config.key_dir, prefix=SE_KEY_PREFIX, suffix=".der")
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(key_der)
@@ -315,9 +360,9 @@ class Agent:
                     ErrorCode.SEE_FAILED, f"see_test exited with status {done.returncode}: {output}"
                 )
         finally:
-            # The only copy of the key outside the Secure Element: always removed.
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            # The only copy of the key outside the Secure Element: always overwritten
+            # and removed (an agent that dies here has it removed at its next start).
+            shred(tmp)
         self.session = Session(key_mode="see-rsa", key_name=name)
         self._save_session()
         log.info("loaded key %s into the Secure Element", name)
@@ -407,7 +452,7 @@ class Agent:
 
     @staticmethod
     def _check_name(name: str) -> None:
-        if not _NAME_RE.match(name) or name in {".", ".."}:
+        if not _NAME_RE.fullmatch(name) or name in {".", ".."}:
             raise Refusal(
                 ErrorCode.INVALID_ARGUMENT, f"key name {name!r}: 1-64 characters of [A-Za-z0-9._-]"
             )

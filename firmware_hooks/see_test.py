@@ -39,7 +39,7 @@ from pathlib import Path
 STORE_ENV = "SEE_TEST_STORE"
 RSA_2048 = 0x1001  # 4097
 KEY_NAME_MAX = 20
-_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+_NAME_RE = re.compile(r"\A[A-Za-z0-9._-]+\Z")  # not "$": no trailing newline
 
 EXIT_OK = 0
 EXIT_USAGE = 1
@@ -163,7 +163,7 @@ def _check_name(name: str) -> None:
         raise SeeError(
             EXIT_BAD_NAME, f"key name '{name}' is {len(name)} characters, at most {KEY_NAME_MAX}"
         )
-    if not _NAME_RE.match(name) or name in {".", ".."}:
+    if not _NAME_RE.fullmatch(name) or name in {".", ".."}:
         raise SeeError(EXIT_BAD_NAME, f"key name '{name}' has characters outside [A-Za-z0-9._-]")
 
 

@@ -521,3 +521,73 @@ def test_a_key_backend_failure_is_keygen_failed_and_leaves_no_file(
 def test_a_key_backend_needs_an_in_process_board() -> None:
     with pytest.raises(ValueError, match="mode='thread'"):
         SimulatedBoard(keys=CryptographyKeys())
+
+
+def test_a_station_key_left_by_a_killed_agent_is_wiped_when_it_starts_again(
+    tmp_path,
+    sim_board_factory: Callable[..., SimulatedBoard],  # noqa: F811
+) -> None:
+    """Power cut while see_test loads the station's RSA key: the temporary copy stays
+    on the board's disk; the next agent overwrites and removes it before serving."""
+    import time
+
+    slow = tmp_path / "slow_see_test.sh"
+    slow.write_text("#!/bin/sh\nsleep 30\n")
+    slow.chmod(0o755)
+    keys = tmp_path / "keys"
+    board = sim_board_factory(key_dir=keys, agent_args=["--see-test", str(slow)], baudrate=None)
+    der = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    link = Link(serial_port := __import__("serial").serial_for_url(board.port, timeout=0.05))
+    link.send(
+        Message(
+            MsgType.PUT_SECURE_KEY,
+            1,
+            encode_tlv([(Tag.KEY_NAME, "devkey"), (Tag.KEY_DER, der)]),
+        )
+    )
+    deadline = time.monotonic() + 10
+    while not (left := [n for n in os.listdir(keys) if n.startswith(".se-key-")]):
+        assert time.monotonic() < deadline, "the agent never wrote its temporary key"
+        time.sleep(0.05)
+    assert (keys / left[0]).read_bytes() == der
+    board._proc.kill()  # the power cut
+    board._proc.wait()
+    serial_port.close()
+    assert [n for n in os.listdir(keys) if n.startswith(".se-key-")] == left
+
+    again = sim_board_factory(key_dir=keys, hardware_id=board.hardware_id, baudrate=None)
+    with BoardClient.open(again.port, timeouts=FAST) as client:
+        assert client.status()["hardware_id"] == board.hardware_id
+    assert [n for n in os.listdir(keys) if n.startswith(".")] == []
+
+
+def test_leftover_key_files_are_zeroed_before_they_are_removed(tmp_path, monkeypatch) -> None:
+    from firmware_hooks import agent as agent_module
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / ".se-key-abc.der").write_bytes(b"\x30\x82secret" * 100)
+    (keys / ".key-xyz.tmp").write_bytes(b"-----BEGIN EC PRIVATE KEY-----")
+    (keys / "deviceCert.key").write_bytes(b"the board's key")
+    seen: dict[str, bytes] = {}
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with open(path, "rb") as handle:
+            seen[os.path.basename(path)] = handle.read()
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(agent_module.os, "unlink", unlink)
+    agent_module.Agent(agent_module.AgentConfig(key_dir=keys, hardware_id="DEV-1"))
+    assert seen == {".se-key-abc.der": bytes(800), ".key-xyz.tmp": bytes(30)}
+    assert sorted(os.listdir(keys)) == ["deviceCert.key"]
+
+
+def test_a_key_name_with_a_trailing_newline_is_refused(board_client: BoardClient) -> None:  # noqa: F811
+    with pytest.raises(BoardError) as caught:
+        board_client.generate_key_csr(SUBJECT, key_name="devkey\n")
+    assert caught.value.code == ErrorCode.INVALID_ARGUMENT
