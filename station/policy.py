@@ -31,7 +31,8 @@ WEAK_CURVES = {"secp192r1", "secp224r1", "sect163k1", "sect163r2", "sect233k1", 
 ALLOWED_CSR_HASHES = {"sha256", "sha384", "sha512"}
 MAX_ATTRIBUTE_CHARS = 64
 
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+# \A ... \Z, and fullmatch below: "$" with match() let a trailing newline through.
+DEVICE_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
 
 _PEM_CSR = re.compile(
     rb"-----BEGIN (NEW )?CERTIFICATE REQUEST-----.*?-----END (NEW )?CERTIFICATE REQUEST-----",
@@ -196,7 +197,7 @@ def certificate_fingerprint(cert: x509.Certificate) -> str:
 
 
 def check_device_id(device_id: str) -> None:
-    if not DEVICE_ID_RE.match(device_id or ""):
+    if not DEVICE_ID_RE.fullmatch(device_id or ""):
         raise PolicyError(
             "a device id is 1-64 characters of letters, digits and . _ : - "
             "and starts with a letter or digit",

@@ -132,7 +132,9 @@ def test_subject_mismatch() -> None:
     )
 
 
-@pytest.mark.parametrize("device_id", ["", "a/b", "x" * 65, "-lead", "sp ace", "nul\x00"])
+@pytest.mark.parametrize(
+    "device_id", ["", "a/b", "x" * 65, "-lead", "sp ace", "nul\x00", "DEV-1\n", "[/]"]
+)
 def test_bad_device_ids(device_id: str) -> None:
     assert code_of(subject_from_template, TEMPLATE, device_id) == "bad-device-id"
 
