@@ -28,6 +28,7 @@ from station.line.provision import (
     Outcome,
     ProvisionContext,
     provision_board,
+    refuse_hello,
 )
 from station.line.status import WAITING, LineStatus
 
@@ -209,7 +210,7 @@ class LineDriver:
                     next_scan = now + self.rescan_interval
                 self.status.flush()
                 if tick is not None:
-                    tick()
+                    self._tick(tick)
                 if until is not None and until(self):
                     break
                 if deadline is not None and now >= deadline:
@@ -224,6 +225,19 @@ class LineDriver:
                 worker.thread.join(timeout=30)
             self.status.flush(force=True)
         return self.records
+
+    _tick_logged = 0.0
+
+    def _tick(self, tick: Callable[[], None]) -> None:
+        """The caller's tick (the live view, a worker's pipe): its failure is logged
+        (at most every 30 s), never the end of the line."""
+        try:
+            tick()
+        except Exception:
+            now = time.monotonic()
+            if now - self._tick_logged >= 30.0:
+                self._tick_logged = now
+                log.exception("the line's tick failed; the line goes on")
 
     def finished_devices(self) -> dict[str, Outcome]:
         """The last outcome of every board handled so far."""
@@ -300,22 +314,29 @@ class LineDriver:
             if hello.hardware_id == last_board:
                 self._stop.wait(self.poll_interval)
                 continue
-            device_id = hello.hardware_id
-            self.status.step(path, STEP_HELLO, device_id)
-            log.info(
-                "%s: board %s (agent %s, %s)",
-                path,
-                device_id,
-                hello.agent_version,
-                ", ".join(sorted(hello.capabilities)),
-            )
-            outcome = provision_board(
-                client,
-                hello,
-                self.ctx,
-                report=functools.partial(self.status.step, path, device_id=device_id),
-                on_issued=self.status.issued,
-            )
+            refused = refuse_hello(hello)
+            if refused is not None:
+                # A hardware id the ledger would refuse is refused here, before it is
+                # shown or used anywhere: the port goes on with the next board.
+                outcome, device_id = refused, refused.device_id
+                log.warning("%s: board refused: %s %s", path, outcome.code, outcome.message)
+            else:
+                device_id = hello.hardware_id
+                self.status.step(path, STEP_HELLO, device_id)
+                log.info(
+                    "%s: board %s (agent %s, %s)",
+                    path,
+                    device_id,
+                    hello.agent_version[:40],
+                    ", ".join(sorted(c[:40] for c in hello.capabilities)[:16]),
+                )
+                outcome = provision_board(
+                    client,
+                    hello,
+                    self.ctx,
+                    report=functools.partial(self.status.step, path, device_id=device_id),
+                    on_issued=self.status.issued,
+                )
             seconds = time.monotonic() - started
             tx, rx = (counter.tx - tx0, counter.rx - rx0) if counter else (0, 0)
             record = BoardRecord(path, outcome, seconds, tx, rx, started)
@@ -327,7 +348,7 @@ class LineDriver:
             log.info(
                 "%s: %s %s %s %s", path, device_id, outcome.result, outcome.code, outcome.message
             )
-            last_board = device_id
+            last_board = hello.hardware_id
             if outcome.code == "disconnected":
                 return  # the port went away; the rescan opens it again if it comes back
 

@@ -5,6 +5,14 @@ protocol's errors become ``serial-timeout``, ``serial-crc``, ``board-error``,
 ``disconnected`` ...; the ledger's refusals keep their own codes) and the
 board can be retried by plugging it in again. A board the ledger already has
 as verified is skipped, never given a second identity.
+
+A board is refused before anything is recorded when its HELLO reports an id
+the device-id policy refuses (``bad-device-id``) or an id another port of this
+station is provisioning (``duplicate-id``). A refusal saying the device is
+another run's (``NOT_OURS``) is reported on the port, never recorded on the
+device. The board is asked who it is (STATUS) right before its chain is
+written and right before it is verified; another board there ends the run
+``board-changed``, with no chain written to it and nothing whitelisted.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from cryptography import x509
@@ -41,7 +49,7 @@ from station.ledger import Batch, DeviceState, KeyMode, Ledger
 log = logging.getLogger(__name__)
 
 NONCE_BYTES = 32
-_KEY_NAME_OK = re.compile(r"^[A-Za-z0-9._-]{1,20}$")
+_KEY_NAME_OK = re.compile(r"\A[A-Za-z0-9._-]{1,20}\Z")  # not "$": no trailing newline
 
 # Steps a board goes through, as shown on the status board.
 STEP_HELLO = "hello"
@@ -51,13 +59,53 @@ STEP_CHAIN = "chain"
 STEP_PROVE = "prove"
 
 
+# Refusals that say the device is another run's (another port, another station):
+# recorded on the port, never on the device, whose record is not this run's to change.
+# (A verified board that "fails" leaves the whitelist: a second board claiming its id
+# must not do that to it.)
+NOT_OURS = frozenset(
+    {
+        "duplicate-id",  # the same hardware id is on another port of this station
+        "already-provisioned",  # verified meanwhile, by another run
+        "already-verified",
+        "issuance-in-progress",  # another run holds the issuance intent
+        "intent-resolved",  # another process resolved this run's intent
+        "duplicate-key",  # the CSR's key is another device's
+        "bad-state",  # the device moved under this run: another run moved it
+        "ledger-conflict",  # concurrent writers on the device
+    }
+)
+
+
+class DeviceClaims:
+    """The hardware ids being provisioned on this station's ports right now: two boards
+    reporting the same id on two ports are not both run against one ledger record."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: set[str] = set()
+
+    def claim(self, device_id: str) -> bool:
+        with self._lock:
+            if device_id in self._held:
+                return False
+            self._held.add(device_id)
+            return True
+
+    def release(self, device_id: str) -> None:
+        with self._lock:
+            self._held.discard(device_id)
+
+
 @dataclass(frozen=True)
 class ProvisionContext:
-    """What every port shares: the ledger (one engine for all threads), the CA, the batch."""
+    """What every port shares: the ledger (one engine for all threads), the CA, the batch,
+    and the hardware ids in progress on its ports."""
 
     ledger: Ledger
     ca: CertificateAuthority
     batch: Batch
+    claims: DeviceClaims = field(default_factory=DeviceClaims, compare=False)
 
 
 @dataclass(frozen=True)
@@ -98,7 +146,7 @@ def failure_code(exc: BaseException) -> str:
 def se_key_name(device_id: str) -> str:
     """The Secure Element key name for a board: its id when it fits (at most 20
     characters of [A-Za-z0-9._-]), else a prefix and a hash of the id."""
-    if _KEY_NAME_OK.match(device_id):
+    if _KEY_NAME_OK.fullmatch(device_id):
         return device_id
     safe = re.sub(r"[^A-Za-z0-9._-]", "-", device_id)[:11]
     name = f"{safe}-{hashlib.sha256(device_id.encode()).hexdigest()[:8]}"
@@ -162,6 +210,26 @@ def see_rsa_csr(client: BoardClient, device_id: str, subject: x509.Name) -> byte
         key = None
 
 
+def board_label(hardware_id: str) -> str:
+    """How a hardware id the policy refuses is shown and reported: quoted, escaped
+    (``repr``) and cut short, never the board's raw text."""
+    shown = repr(hardware_id[:40])
+    return shown + "..." if len(hardware_id) > 40 else shown
+
+
+def refuse_hello(hello: BoardHello) -> Outcome | None:
+    """The refusal of a board whose HELLO reports a hardware id the ledger's device-id
+    policy refuses (``bad-device-id``), or None when the id is acceptable."""
+    try:
+        policy.check_device_id(hello.hardware_id)
+    except StationError as exc:
+        label = board_label(hello.hardware_id)
+        return Outcome(
+            label, "failed", exc.code, f"the board reports hardware id {label}: {exc.message}"
+        )
+    return None
+
+
 def provision_board(
     client: BoardClient,
     hello: BoardHello,
@@ -170,13 +238,32 @@ def provision_board(
     on_issued: Callable[[], None] = lambda: None,
 ) -> Outcome:
     """Steps 3 to 7 for the board that answered ``hello``; never raises for a board's fault."""
-    ledger, batch = ctx.ledger, ctx.batch
+    refused = refuse_hello(hello)
+    if refused is not None:
+        return refused
     device_id = hello.hardware_id
+    if not ctx.claims.claim(device_id):
+        message = (
+            f"hardware id {device_id} is being provisioned on another port right now; "
+            "two boards report the same id"
+        )
+        log.warning("%s: %s", device_id, message)
+        return Outcome(device_id, "failed", "duplicate-id", message)
     try:
-        policy.check_device_id(device_id)
-    except StationError as exc:
-        return Outcome(device_id, "failed", exc.code, exc.message)
+        return _provision_claimed(client, hello, ctx, device_id, report, on_issued)
+    finally:
+        ctx.claims.release(device_id)
 
+
+def _provision_claimed(
+    client: BoardClient,
+    hello: BoardHello,
+    ctx: ProvisionContext,
+    device_id: str,
+    report: Callable[[str], None],
+    on_issued: Callable[[], None],
+) -> Outcome:
+    ledger, batch = ctx.ledger, ctx.batch
     try:
         existing = ledger.get_device(device_id)
     except NotFoundError:
@@ -198,10 +285,14 @@ def provision_board(
         return _steps(client, hello, ctx, device_id, existing is not None, report, on_issued)
     except Exception as exc:  # every failure is recorded with its reason
         code = failure_code(exc)
-        message = str(exc) or type(exc).__name__
+        message = (str(exc) or type(exc).__name__)[:2000]
         if code == "internal":
             log.exception("%s: unexpected error", device_id)
-        _record_failure(ledger, device_id, code, message)
+        if code in NOT_OURS:
+            # Another run's device: this board's failure is reported on its port only.
+            log.warning("%s: refused, not recorded on the device: %s %s", device_id, code, message)
+        else:
+            _record_failure(ledger, device_id, code, message)
         return Outcome(device_id, "failed", code, message)
 
 
@@ -210,6 +301,26 @@ def _record_failure(ledger: Ledger, device_id: str, code: str, message: str) -> 
         ledger.mark_failed(device_id, code, message)
     except StationError:
         log.exception("%s: could not record failure %s", device_id, code)
+
+
+def check_same_board(client: BoardClient, device_id: str, chain_sha256: str | None = None) -> None:
+    """The board on the port is still ``device_id`` (STATUS; never HELLO, which a
+    simulated line takes as "next board"), and holds the chain of hex SHA-256
+    ``chain_sha256`` when given. Raises ``board-changed`` otherwise: the board was
+    swapped on the port since its HELLO."""
+    status = client.status()
+    reported = status.get("hardware_id", "")
+    if reported != device_id:
+        raise StationError(
+            f"the board on the port now reports hardware id {board_label(reported)}, "
+            f"not {device_id}: boards swapped mid-flow",
+            code="board-changed",
+        )
+    if chain_sha256 is not None and status.get("chain_sha256", "").lower() != chain_sha256:
+        raise StationError(
+            f"the board {device_id} no longer holds the chain it stored: boards swapped mid-flow",
+            code="board-changed",
+        )
 
 
 def _steps(
@@ -251,11 +362,13 @@ def _steps(
     serial = format(issued.serial, "x")
 
     # 5. chain, checked against what the station sent; the single-use challenge for
-    # step 6 is made in the ledger while the chain is on the wire.
+    # step 6 is made in the ledger while the chain is on the wire. The board is asked
+    # who it is first: a board swapped in since HELLO never gets this chain.
     report(STEP_CHAIN)
     expected = hashlib.sha256(issued.chain_pem).digest()
     challenge = _overlap(ledger.create_challenge, device_id)
     try:
+        check_same_board(client, device_id)
         digest = client.put_chain(issued.chain_pem)
     finally:
         wait([challenge])
@@ -267,10 +380,12 @@ def _steps(
 
     # 6. proof of possession; the ledger records the installed chain while the board
     # signs, and has it committed before the proof is checked. 7. verified + whitelisted
+    # Before the board is whitelisted: the one on the port is still it, with this chain.
     report(STEP_PROVE)
     installed = _overlap(ledger.mark_installed, device_id, digest.hex())
     try:
         signature = client.prove(nonce)
+        check_same_board(client, device_id, digest.hex())
     finally:
         wait([installed])
     installed.result()

@@ -12,7 +12,7 @@ import os
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +20,9 @@ from typing import Any
 
 STATUS_FILE = "line-status.json"
 RECENT_FAILURES = 50
+RECENT_OUTCOMES = 1000  # boards whose last outcome is kept (the ledger keeps them all)
+MAX_ID_CHARS = 80  # of a board-supplied id kept here (a valid device id is at most 64)
+MAX_MESSAGE_CHARS = 500  # of a board-supplied error message kept here
 RATE_WINDOW = 60.0  # seconds over which issued_per_min is measured
 
 # Steps a port shows. "waiting" means no board answers on the port.
@@ -29,6 +32,12 @@ TERMINAL = ("verified", "failed", "skipped")
 
 def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds")
+
+
+def _bounded(text: str, limit: int) -> str:
+    """Board-supplied text cut to ``limit`` characters: a board decides how long its
+    id and its error messages are, the station decides how much of them it keeps."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -84,7 +93,9 @@ class LineStatus:
         self.path = path
         self.min_interval = min_interval
         self.ports: dict[str, PortState] = {}
-        self.outcomes: dict[str, str] = {}  # device_id -> verified / failed / skipped (last)
+        # device_id -> verified / failed / skipped: the last outcome of the most recent
+        # RECENT_OUTCOMES boards (bounded: a line runs for days).
+        self.outcomes: OrderedDict[str, str] = OrderedDict()
         self.counts = {"verified": 0, "failed": 0, "skipped": 0}
         self.recent_failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
         self.events: deque[LineEvent] = deque(maxlen=1000)
@@ -117,6 +128,7 @@ class LineStatus:
             if step == WAITING:
                 state.device_id = None
             elif device_id is not None:
+                device_id = _bounded(device_id, MAX_ID_CHARS)
                 if device_id != state.device_id:
                     state.last_error = None
                 state.device_id = device_id
@@ -134,6 +146,9 @@ class LineStatus:
     ) -> None:
         """A board reached verified, failed (with a reason code) or skipped."""
         now = datetime.now(UTC)
+        device_id = _bounded(device_id, MAX_ID_CHARS)
+        message = _bounded(message, MAX_MESSAGE_CHARS)
+        code = _bounded(code, MAX_ID_CHARS)
         with self._lock:
             state = self.ports.setdefault(port, PortState(port))
             state.device_id = device_id
@@ -142,6 +157,9 @@ class LineStatus:
             state.last_error = f"{code}: {message}" if result == "failed" else None
             self.counts[result] = self.counts.get(result, 0) + 1
             self.outcomes[device_id] = result
+            self.outcomes.move_to_end(device_id)
+            while len(self.outcomes) > RECENT_OUTCOMES:
+                self.outcomes.popitem(last=False)
             if result == "failed":
                 self.recent_failures.appendleft(Failure(device_id, code, message, now))
             self._event(port, device_id, result, f"{code} {message}".strip())

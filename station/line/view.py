@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from station.line.driver import BoardRecord
 from station.line.status import LineStatus
+
+log = logging.getLogger(__name__)
 
 _STEP_STYLE = {"verified": "green", "failed": "bold red", "skipped": "yellow", "waiting": "dim"}
 
@@ -21,20 +27,31 @@ def _age(iso: str) -> str:
     return f"{seconds:.0f}s"
 
 
+def _plain(value: object, limit: int | None = None) -> Text:
+    """Board-supplied text (hardware id, error message) as plain text: never rich markup,
+    so a board answering ``[/]`` cannot break the view."""
+    text = "" if value is None else str(value)
+    if limit is not None:
+        text = text[:limit]
+    return Text(text)
+
+
 def render(status: LineStatus) -> RenderableType:
+    """The view of the line. Every text that came from a board (ids, error messages,
+    reason codes) is a plain ``Text``: only the station's own labels are markup."""
     snap = status.snapshot()
-    ports = Table(title=f"Line - batch {snap['batch']}", expand=False)
+    ports = Table(title=f"Line - batch {escape(str(snap['batch']))}", expand=False)
     for column in ("port", "board", "step", "for", "last error"):
         ports.add_column(column)
     for row in snap["ports"]:
         step = row["step"]
         style = _STEP_STYLE.get(step, "cyan")
         ports.add_row(
-            row["port"],
-            row["device_id"] or "-",
-            f"[{style}]{step}[/]",
+            _plain(row["port"]),
+            _plain(row["device_id"] or "-"),
+            Text(str(step), style=style),
             _age(row["since"]),
-            row["last_error"] or "",
+            _plain(row["last_error"] or "", 200),
         )
     counts = snap["counts"]
     summary = (
@@ -48,9 +65,32 @@ def render(status: LineStatus) -> RenderableType:
         for column in ("at", "board", "reason", "message"):
             failures.add_column(column)
         for f in snap["recent_failures"][:10]:
-            failures.add_row(f["at"][11:19], f["device_id"], f["code"], f["message"][:80])
+            failures.add_row(
+                f["at"][11:19], _plain(f["device_id"]), _plain(f["code"]), _plain(f["message"], 80)
+            )
         parts.append(failures)
     return Group(*parts)
+
+
+class _SafeView:
+    """``render`` that never raises: a failure is logged (at most every 30 s) and the
+    view shows a one-line notice instead; the line goes on (the view is not the line)."""
+
+    def __init__(self, status: LineStatus) -> None:
+        self.status = status
+        self.failures = 0
+        self._logged = 0.0
+
+    def __call__(self) -> RenderableType:
+        try:
+            return render(self.status)
+        except Exception as exc:
+            self.failures += 1
+            now = time.monotonic()
+            if now - self._logged >= 30.0:
+                self._logged = now
+                log.exception("the line view could not be drawn (the line goes on)")
+            return Text(f"the view could not be drawn: {type(exc).__name__}", style="red")
 
 
 class LineRunner(Protocol):
@@ -78,7 +118,6 @@ def run_with_view(
     """Run the driver, redrawing the view four times a second when ``live``."""
     if not live:
         return driver.run(until=until, timeout=timeout)
-    with Live(render(driver.status), console=console, refresh_per_second=4) as view:
-        return driver.run(
-            until=until, timeout=timeout, tick=lambda: view.update(render(driver.status))
-        )
+    draw = _SafeView(driver.status)
+    with Live(draw(), console=console, refresh_per_second=4) as view:
+        return driver.run(until=until, timeout=timeout, tick=lambda: view.update(draw()))
