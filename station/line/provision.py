@@ -184,10 +184,14 @@ def see_rsa_csr(client: BoardClient, device_id: str, subject: x509.Name) -> byte
     """see-rsa: make RSA-2048 here, load it into the board's Secure Element, build the
     CSR with it, then wipe the station's copy.
 
-    The DER lives in a bytearray that is zeroed whatever happens and never
-    touches the disk. Python cannot promise more: the key object is dropped
-    (OpenSSL frees it) and the one immutable copy handed to the serial layer
-    is released as soon as the request is sent.
+    What is wiped: the bytearray holding the DER, zeroed whatever happens; the
+    key never touches the station's disk. What is NOT wiped (Python cannot
+    overwrite immutable bytes, only drop them): the bytes ``private_bytes``
+    returns, the ``bytes(der)`` handed to the client, and the copies the codec
+    makes on the way to the wire (TLV, frames, COBS, the request's retry
+    ``wire``, pyserial's own copy). They are freed, not cleared, and may stay in
+    the process's memory until reused. The key object is dropped (OpenSSL clears
+    its private numbers when it frees them).
     """
     key: rsa.RSAPrivateKey | None = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     assert key is not None
