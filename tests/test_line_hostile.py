@@ -274,3 +274,12 @@ def test_one_station_never_runs_one_id_on_two_ports_at_once(
     assert not [t for _, t in p1.seen if t != MsgType.HELLO]  # nothing sent to the second board
     assert ctx.ledger.get_device("DEV-E").state == "verified"
     assert _whitelisted(ctx) == {first.serial}
+
+
+def test_a_board_whose_key_is_another_devices_has_its_failure_recorded() -> None:
+    """duplicate-key is this board's own fault (its random generator), not another run's
+    claim on the device: its failure goes into the ledger like any other."""
+    from station.line.provision import NOT_OURS
+
+    assert "duplicate-key" not in NOT_OURS
+    assert {"already-provisioned", "issuance-in-progress", "duplicate-id"} <= NOT_OURS

@@ -62,7 +62,8 @@ STEP_PROVE = "prove"
 # Refusals that say the device is another run's (another port, another station):
 # recorded on the port, never on the device, whose record is not this run's to change.
 # (A verified board that "fails" leaves the whitelist: a second board claiming its id
-# must not do that to it.)
+# must not do that to it.) Not duplicate-key: the key this board made is another
+# device's, which is this board's own failure (a weak random generator), recorded.
 NOT_OURS = frozenset(
     {
         "duplicate-id",  # the same hardware id is on another port of this station
@@ -70,7 +71,6 @@ NOT_OURS = frozenset(
         "already-verified",
         "issuance-in-progress",  # another run holds the issuance intent
         "intent-resolved",  # another process resolved this run's intent
-        "duplicate-key",  # the CSR's key is another device's
         "bad-state",  # the device moved under this run: another run moved it
         "ledger-conflict",  # concurrent writers on the device
     }
