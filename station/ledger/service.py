@@ -1360,15 +1360,6 @@ class Ledger:
 
         return self._stream(stmt, entry)
 
-    def revoked_serials(self) -> Iterator[str]:
-        """Serials (lowercase hex) of every revoked certificate, streamed."""
-        stmt = (
-            select(certificates.c.serial)
-            .where(certificates.c.state == CertState.REVOKED.value)
-            .order_by(certificates.c.serial)
-        )
-        return self._stream(stmt, lambda row: row[0])
-
     def delisted_serials(self) -> Iterator[Any]:
         """Issued or revoked certificates not on the whitelist, as DelistedCertificate, by serial.
 
