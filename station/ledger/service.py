@@ -60,7 +60,7 @@ from station.ledger.schema import (
     devices,
     whitelist,
 )
-from station.whitelist import WhitelistEntry, serial_hex
+from station.whitelist import DelistedCertificate, WhitelistEntry, serial_hex
 
 if TYPE_CHECKING:
     from station.ca import CertificateAuthority
@@ -1360,15 +1360,13 @@ class Ledger:
 
         return self._stream(stmt, entry)
 
-    def delisted_serials(self) -> Iterator[Any]:
-        """Issued or revoked certificates not on the whitelist, as DelistedCertificate, by serial.
+    def delisted_serials(self) -> Iterator[DelistedCertificate]:
+        """Issued or revoked certificates not on the whitelist, by serial, streamed.
 
         What a whitelist sync must take out of AWS: revoked certificates and those of
         boards that failed (or were never verified). Each carries its fingerprint (the
         AWS certificateId) and whether it was revoked.
         """
-        from station.whitelist import DelistedCertificate
-
         stmt = (
             select(certificates.c.serial, certificates.c.fingerprint, certificates.c.state)
             .select_from(
