@@ -364,10 +364,6 @@ def audit_verify(
     ] = None,
 ) -> None:
     """Walk the audit chain; report the first broken link, if any, and the head to record."""
-    from sqlalchemy import func, select
-
-    from station.ledger.schema import audit_log
-
     expected: tuple[int, str] | None = None
     if head is not None:
         seq, _, digest = head.partition(":")
@@ -376,16 +372,11 @@ def audit_verify(
         expected = (int(seq), digest.lower())
     with _ledger() as led:
         report = led.audit_report()
-        with led.engine.connect() as conn:
-            last = conn.execute(select(func.max(audit_log.c.seq))).scalar()
-            at = lambda n: conn.execute(  # noqa: E731
-                select(audit_log.c.hash).where(audit_log.c.seq == n)
-            ).scalar()
-            last_hash = at(last) if last is not None else None
-            anchored = at(expected[0]) if expected is not None else None
+        anchored = led.audit_entry_hash(expected[0]) if expected is not None else None
     if report.broken is not None:
         raise fail("audit-broken", f"{report.broken} after {report.entries} good entries")
     if expected is not None and anchored != expected[1]:
+        last = report.head[0] if report.head is not None else None
         raise fail(
             "audit-truncated",
             f"entry {expected[0]} of the recorded head is "
@@ -393,10 +384,10 @@ def audit_verify(
             + f"; the chain now ends at entry {last}",
         )
     console.print(f"audit chain intact: {report.entries} entries", highlight=False)
-    if last is not None:
+    if report.head is not None:
         console.print(
-            f"head: {last}:{last_hash} (record it; `station audit verify --head` with it "
-            "later shows no entry up to it was removed)",
+            f"head: {report.head[0]}:{report.head[1]} (record it; `station audit verify "
+            "--head` with it later shows no entry up to it was removed)",
             highlight=False,
         )
 

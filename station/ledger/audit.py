@@ -93,8 +93,14 @@ class BrokenLink:
         return f"entry {self.seq}: {self.reason} (expected {self.expected}, found {self.found})"
 
 
-def verify(conn: Connection, *, batch_size: int = 5000) -> tuple[int, BrokenLink | None]:
-    """Walk the chain from the start; returns (entries checked, first broken link or None)."""
+def verify(
+    conn: Connection, *, batch_size: int = 5000
+) -> tuple[int, BrokenLink | None, tuple[int, str] | None]:
+    """Walk the chain from the start.
+
+    Returns the entries checked, the first broken link (or None), and the last good
+    entry's (seq, hash): the chain's head when nothing is broken, None when empty.
+    """
     prev_hash, expected_seq, checked = GENESIS, 1, 0
     stmt = select(
         audit_log.c.seq,
@@ -107,14 +113,24 @@ def verify(conn: Connection, *, batch_size: int = 5000) -> tuple[int, BrokenLink
         audit_log.c.hash,
     ).order_by(audit_log.c.seq)
     result = conn.execution_options(yield_per=batch_size).execute(stmt)
+
+    def head() -> tuple[int, str] | None:
+        return (expected_seq - 1, prev_hash) if checked else None
+
     for seq, at, station_id, action, entity, detail, stored_prev, stored_hash in result:
         if seq != expected_seq:
-            return checked, BrokenLink(expected_seq, "gap", str(expected_seq), str(seq))
+            return checked, BrokenLink(expected_seq, "gap", str(expected_seq), str(seq)), head()
         if stored_prev != prev_hash:
-            return checked, BrokenLink(seq, "prev-mismatch", prev_hash, stored_prev)
+            return checked, BrokenLink(seq, "prev-mismatch", prev_hash, stored_prev), head()
         digest = entry_hash(seq, at, station_id, action, entity, detail, stored_prev)
         if digest != stored_hash:
-            return checked, BrokenLink(seq, "hash-mismatch", digest, stored_hash)
+            return checked, BrokenLink(seq, "hash-mismatch", digest, stored_hash), head()
         prev_hash, expected_seq, checked = stored_hash, seq + 1, checked + 1
     result.close()
-    return checked, None
+    return checked, None, head()
+
+
+def entry_hash_at(conn: Connection, seq: int) -> str | None:
+    """The stored hash of entry ``seq``, or None when there is no such entry."""
+    value = conn.execute(select(audit_log.c.hash).where(audit_log.c.seq == seq)).scalar()
+    return None if value is None else str(value)

@@ -97,3 +97,5 @@ class RecoveryReport:
 class AuditReport:
     entries: int  # entries checked before the first broken link (all of them if none)
     broken: BrokenLink | None  # None when the chain holds
+    # (seq, hash) of the last good entry: the chain's head when it holds; None if empty
+    head: tuple[int, str] | None = None

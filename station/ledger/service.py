@@ -1414,8 +1414,14 @@ class Ledger:
 
     def audit_report(self) -> AuditReport:
         with self.engine.connect() as conn:
-            checked, broken = audit.verify(conn)
-        return AuditReport(entries=checked, broken=broken)
+            checked, broken, head = audit.verify(conn)
+        return AuditReport(entries=checked, broken=broken, head=head)
+
+    def audit_entry_hash(self, seq: int) -> str | None:
+        """The stored hash of audit entry ``seq`` (None if there is none): a recorded
+        head still in the chain proves no entry up to it was removed."""
+        with self.engine.connect() as conn:
+            return audit.entry_hash_at(conn, seq)
 
     # --------------------------------------------------------------- API tokens
 
