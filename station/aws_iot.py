@@ -130,16 +130,24 @@ def _write_state(state_path: Path, registration: CaRegistration, **extra: Any) -
         raise
 
 
-def _describe_ca(iot: Any, certificate_id: str) -> dict[str, Any] | None:
-    """The CA's certificateDescription, or None when AWS does not know it."""
+def _described(
+    describe: Callable[..., Any], api: str, certificate_id: str
+) -> dict[str, Any] | None:
+    """``describe(certificateId=...)``'s certificateDescription, or None when AWS does
+    not know the certificate; any other refusal is an AwsError naming ``api``."""
     try:
-        response = iot.describe_ca_certificate(certificateId=certificate_id)
+        response = describe(certificateId=certificate_id)
     except ClientError as exc:
         if _error_code(exc) == "ResourceNotFoundException":
             return None
-        raise _aws_error("DescribeCACertificate", exc) from exc
+        raise _aws_error(api, exc) from exc
     description: dict[str, Any] = response["certificateDescription"]
     return description
+
+
+def _describe_ca(iot: Any, certificate_id: str) -> dict[str, Any] | None:
+    """The CA's certificateDescription, or None when AWS does not know it."""
+    return _described(iot.describe_ca_certificate, "DescribeCACertificate", certificate_id)
 
 
 def _registration_from(
@@ -521,13 +529,8 @@ def _write(dynamodb_client: Any, table_name: str, requests: Sequence[dict[str, A
 
 def _certificate_status(iot: Any, certificate_id: str) -> str | None:
     """The AWS IoT status of a certificate, or None when AWS IoT does not know it."""
-    try:
-        response = iot.describe_certificate(certificateId=certificate_id)
-    except ClientError as exc:
-        if _error_code(exc) == "ResourceNotFoundException":
-            return None
-        raise _aws_error("DescribeCertificate", exc) from exc
-    return str(response["certificateDescription"].get("status", ""))
+    description = _described(iot.describe_certificate, "DescribeCertificate", certificate_id)
+    return None if description is None else str(description.get("status", ""))
 
 
 def _set_certificate_status(iot: Any, certificate_id: str, status: str) -> None:
@@ -549,6 +552,11 @@ def _take_out(iot: Any, delisted: DelistedCertificate) -> str | None:
         return None  # AWS never changes a REVOKED certificate again
     _set_certificate_status(iot, delisted.fingerprint, target)
     return target
+
+
+def _deletes(serials: Iterable[str]) -> list[dict[str, Any]]:
+    """BatchWriteItem requests deleting the items of ``serials``."""
+    return [{"DeleteRequest": {"Key": {"serial": {"S": serial}}}} for serial in serials]
 
 
 def sync_whitelist(
@@ -617,7 +625,7 @@ def sync_whitelist(
         _write(
             dynamodb_client,
             table_name,
-            [{"DeleteRequest": {"Key": {"serial": {"S": c.serial}}}} for c in chunk],
+            _deletes(c.serial for c in chunk),
         )
 
     # 2. into the table: put, then re-activate what an earlier sync deactivated
@@ -652,7 +660,7 @@ def sync_whitelist(
                 _write(
                     dynamodb_client,
                     table_name,
-                    [{"DeleteRequest": {"Key": {"serial": {"S": s}}}} for s in rest],
+                    _deletes(rest),
                 )
             raise
         reactivated += 1
