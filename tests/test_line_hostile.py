@@ -19,7 +19,7 @@ from station.ca import CertificateAuthority
 from station.ledger import Ledger
 from station.line import LineDriver, LineStatus, ProvisionContext
 from station.line.driver import open_port_client
-from station.line.provision import provision_board
+from station.line.provision import Outcome, provision_board
 from station.line.simkeys import CryptographyKeys
 from station.line.status import RECENT_OUTCOMES
 from station.line.view import render
@@ -225,6 +225,26 @@ def test_a_board_swapped_in_after_the_proof_is_not_whitelisted(
 # --------------------------------------------------------------------------- same id twice
 
 
+def _same_id_on_two_ports(
+    tmp_path: Path, device_id: str, ctx1: ProvisionContext, ctx2: ProvisionContext
+) -> tuple[Outcome, Outcome, SwapPort]:
+    """Two boards report ``device_id``: the one on port 2 is provisioned with ``ctx2``,
+    and when it asks for its key, the one on port 1 is run with ``ctx1``. Returns their
+    outcomes (port 2, port 1) and port 1."""
+    x1, x2 = _agent(tmp_path, device_id, "x1"), _agent(tmp_path, device_id, "x2")
+    p1, p2 = SwapPort(x1), SwapPort(x2)
+    c1, c2 = BoardClient(p1), BoardClient(p2)
+    h2 = c2.hello()
+    meanwhile: list[Outcome] = []
+
+    def other_port_runs(m: Message) -> None:
+        if m.type == MsgType.GEN_KEY_CSR and not meanwhile:
+            meanwhile.append(provision_board(c1, c1.hello(), ctx1))
+
+    p2.hook = other_port_runs
+    return provision_board(c2, h2, ctx2), meanwhile[0], p1
+
+
 def test_a_second_board_with_a_verified_boards_id_does_not_unlist_it(
     station_settings: Settings, ca: CertificateAuthority, tmp_path: Path
 ) -> None:
@@ -232,45 +252,21 @@ def test_a_second_board_with_a_verified_boards_id_does_not_unlist_it(
     reporting DEV-D. The one that loses must not take the winner off the whitelist."""
     ctx1 = _ctx(station_settings, ca, "dup")
     ctx2 = ProvisionContext(Ledger.from_settings(station_settings), ca, ctx1.batch)
-    x1, x2 = _agent(tmp_path, "DEV-D", "x1"), _agent(tmp_path, "DEV-D", "x2")
-    p1, p2 = SwapPort(x1), SwapPort(x2)
-    c1, c2 = BoardClient(p1), BoardClient(p2)
-    h2 = c2.hello()
-    won: list[object] = []
-
-    def other_port_finishes(m: Message) -> None:
-        if m.type == MsgType.GEN_KEY_CSR and not won:
-            won.append(provision_board(c1, c1.hello(), ctx1))
-
-    p2.hook = other_port_finishes
-    loser = provision_board(c2, h2, ctx2)
-    winner = won[0]
-    assert winner.result == "verified"  # type: ignore[attr-defined]
+    loser, winner, _ = _same_id_on_two_ports(tmp_path, "DEV-D", ctx1, ctx2)
+    assert winner.result == "verified"
     assert (loser.result, loser.code) == ("failed", "already-provisioned")
     device = ctx1.ledger.get_device("DEV-D")
     assert device.state == "verified"
-    assert _whitelisted(ctx1) == {winner.serial}  # type: ignore[attr-defined]
+    assert _whitelisted(ctx1) == {winner.serial}
 
 
 def test_one_station_never_runs_one_id_on_two_ports_at_once(
     station_settings: Settings, ca: CertificateAuthority, tmp_path: Path
 ) -> None:
     ctx = _ctx(station_settings, ca, "dup-here")
-    x1, x2 = _agent(tmp_path, "DEV-E", "x1"), _agent(tmp_path, "DEV-E", "x2")
-    p1, p2 = SwapPort(x1), SwapPort(x2)
-    c1, c2 = BoardClient(p1), BoardClient(p2)
-    h2 = c2.hello()
-    other: list[object] = []
-
-    def other_port_starts(m: Message) -> None:
-        if m.type == MsgType.GEN_KEY_CSR and not other:
-            other.append(provision_board(c1, c1.hello(), ctx))
-
-    p2.hook = other_port_starts
-    first = provision_board(c2, h2, ctx)
+    first, refused, p1 = _same_id_on_two_ports(tmp_path, "DEV-E", ctx, ctx)
     assert first.result == "verified"
-    refused = other[0]
-    assert (refused.result, refused.code) == ("failed", "duplicate-id")  # type: ignore[attr-defined]
+    assert (refused.result, refused.code) == ("failed", "duplicate-id")
     assert not [t for _, t in p1.seen if t != MsgType.HELLO]  # nothing sent to the second board
     assert ctx.ledger.get_device("DEV-E").state == "verified"
     assert _whitelisted(ctx) == {first.serial}
