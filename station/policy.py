@@ -176,7 +176,7 @@ def _check_attribute(attr: x509.NameAttribute) -> None:
             f"subject attribute {attr.oid._name} must be 1 to {MAX_ATTRIBUTE_CHARS} chars",
             code="bad-subject",
         )
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if has_control_characters(value):
         raise PolicyError(
             f"subject attribute {attr.oid._name} contains control characters",
             code="bad-subject",
