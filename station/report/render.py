@@ -5,9 +5,9 @@ the ledger row by row, so their memory stays flat whatever the batch size.
 HTML and PDF draw their charts with matplotlib's object API (``Figure``, no
 pyplot state, so it is safe in API worker threads) and cap their device tables
 (:data:`HTML_MAX_ROWS`, :data:`PDF_MAX_ROWS`) with a note pointing to the CSV.
-The texts matplotlib draws are passed ``parse_math=False`` (:data:`_PLAIN`): a batch
-name, product, template or a board's failure message with ``$`` signs is text, not
-mathtext (``$\\foo$`` made matplotlib raise ValueError).
+matplotlib parses no text as mathtext here (``text.parse_math`` off, set once with
+the backend): a batch name, product, template or a board's failure message with
+``$`` signs is text (``$\\foo$`` made matplotlib raise ValueError).
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ from matplotlib.figure import Figure
 from station.ledger import Ledger
 from station.report.model import STEP_LABELS, BatchReport, DeviceRow, iso, iter_devices
 
+matplotlib.rcParams["text.parse_math"] = False  # no mathtext: see the module docstring
+
 HTML_MAX_ROWS = 5000
 PDF_MAX_ROWS = 2000
 PDF_ROWS_PER_PAGE = 40
-
-# Text is never mathtext (see the module docstring).
-_PLAIN: dict[str, Any] = {"parse_math": False}
 
 CSV_COLUMNS = (
     "batch",
@@ -155,10 +154,10 @@ def _throughput_axes(report: BatchReport, ax: Any) -> None:
         xs = list(range(lo, hi + 1))
         ax.bar(xs, [per_minute.get(x, 0) for x in xs], width=1.0, color="#2b6cb0")
     else:
-        ax.text(0.5, 0.5, "no board verified yet", ha="center", va="center", **_PLAIN)
-    ax.set_title("Boards verified per minute", **_PLAIN)
-    ax.set_xlabel("minutes since the batch opened", **_PLAIN)
-    ax.set_ylabel("boards", **_PLAIN)
+        ax.text(0.5, 0.5, "no board verified yet", ha="center", va="center")
+    ax.set_title("Boards verified per minute")
+    ax.set_xlabel("minutes since the batch opened")
+    ax.set_ylabel("boards")
 
 
 def _histogram_axes(report: BatchReport, ax: Any) -> None:
@@ -171,10 +170,10 @@ def _histogram_axes(report: BatchReport, ax: Any) -> None:
                 ax.axvline(value, color="black", linestyle=style, label=f"{label} {value:.2f} s")
         ax.legend(loc="upper right", fontsize="small")
     else:
-        ax.text(0.5, 0.5, "no cycle time yet", ha="center", va="center", **_PLAIN)
-    ax.set_title("Cycle time per board (enrol → verified)", **_PLAIN)
-    ax.set_xlabel("seconds", **_PLAIN)
-    ax.set_ylabel("boards", **_PLAIN)
+        ax.text(0.5, 0.5, "no cycle time yet", ha="center", va="center")
+    ax.set_title("Cycle time per board (enrol → verified)")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("boards")
 
 
 def _png(draw: Callable[[BatchReport, Any], None], report: BatchReport) -> str:
@@ -311,8 +310,8 @@ _A4 = (8.27, 11.69)
 
 def _text_page(pdf: PdfPages, title: str, lines: list[str]) -> None:
     fig = Figure(figsize=_A4)
-    fig.text(0.05, 0.96, title, fontsize=13, weight="bold", va="top", **_PLAIN)
-    fig.text(0.05, 0.93, "\n".join(lines), fontsize=6.5, family="monospace", va="top", **_PLAIN)
+    fig.text(0.05, 0.96, title, fontsize=13, weight="bold", va="top")
+    fig.text(0.05, 0.93, "\n".join(lines), fontsize=6.5, family="monospace", va="top")
     pdf.savefig(fig)
 
 
@@ -324,9 +323,9 @@ def render_pdf(
     with PdfPages(out, metadata={"Title": f"Batch report {report.batch.name}"}) as pdf:
         fig = Figure(figsize=_A4)
         title = f"Batch report: {report.batch.name}"
-        fig.text(0.06, 0.97, title, fontsize=15, weight="bold", **_PLAIN)
+        fig.text(0.06, 0.97, title, fontsize=15, weight="bold")
         lines = [f"{k}: {v}" for k, v in summary_lines(report)]
-        fig.text(0.06, 0.95, "\n".join(lines), fontsize=8, va="top", linespacing=1.5, **_PLAIN)
+        fig.text(0.06, 0.95, "\n".join(lines), fontsize=8, va="top", linespacing=1.5)
         _throughput_axes(report, fig.add_axes((0.1, 0.36, 0.85, 0.2)))
         _histogram_axes(report, fig.add_axes((0.1, 0.06, 0.85, 0.2)))
         pdf.savefig(fig)
