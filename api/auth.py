@@ -52,7 +52,7 @@ from fastapi.security.utils import get_authorization_scheme_param
 from starlette.concurrency import run_in_threadpool
 
 from api.context import Station, StationDep
-from station.errors import StationError
+from station.errors import Kind, StationError
 from station.ledger import TOKEN_ROLES
 
 CACHE_TTL_S = 5.0
@@ -77,7 +77,7 @@ def role_from_ledger(name: str) -> Role | None:
 
 class AuthError(StationError):
     code = "unauthorized"
-    http_status = 401
+    kind = Kind.UNAUTHENTICATED
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -86,7 +86,7 @@ class AuthError(StationError):
 
 class Forbidden(StationError):
     code = "forbidden"
-    http_status = 403
+    kind = Kind.FORBIDDEN
 
 
 @dataclass(frozen=True)

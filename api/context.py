@@ -23,7 +23,7 @@ from api.line import FILE_NAME, LineView
 from api.metrics import Metrics, TimedCA
 from hsm.errors import HsmError, KeyNotFound
 from station.ca import CertificateAuthority, open_ca
-from station.errors import StationError
+from station.errors import Kind, StationError
 from station.ledger import Ledger
 from station.ledger.db import ping
 from station.ledger.records import RecoveryReport
@@ -142,7 +142,7 @@ class Station:
                         raise StationError(
                             f"this worker could not recover its station's intents: {exc}",
                             code="recovery-failed",
-                            http_status=503,
+                            kind=Kind.UNAVAILABLE,
                         ) from exc
         return self.ca
 

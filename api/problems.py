@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from hsm.errors import HsmError
-from station.errors import StationError
+from station.errors import Kind, StationError, kind_of
 from station.policy import CONTROL_CHARACTERS_PATTERN
 
 log = logging.getLogger("api")
@@ -39,6 +39,30 @@ _HTTP_CODES = {
     415: "unsupported-media-type",
     422: "invalid-request",
 }
+
+
+# The one place an error kind becomes an HTTP status.
+STATUS_OF_KIND: dict[Kind, int] = {
+    Kind.BAD_INPUT: 400,
+    Kind.INVALID: 422,
+    Kind.REFUSED: 422,
+    Kind.NOT_FOUND: 404,
+    Kind.CONFLICT: 409,
+    Kind.UNAUTHENTICATED: 401,
+    Kind.FORBIDDEN: 403,
+    Kind.UNSUPPORTED_MEDIA: 415,
+    Kind.TOO_LARGE: 413,
+    Kind.RATE_LIMITED: 429,
+    Kind.UNAVAILABLE: 503,
+    Kind.UPSTREAM: 502,
+    Kind.NOT_CONFIGURED: 503,
+}
+
+
+def http_status(exc: BaseException) -> int:
+    """The HTTP status for an error of the station's vocabulary (500 for anything else)."""
+    kind = kind_of(exc)
+    return 500 if kind is None else STATUS_OF_KIND[kind]
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -78,9 +102,9 @@ def problem_response(request: Request, exc: Exception) -> JSONResponse:
     """The one exception handler: maps every error type to problem+json."""
     if isinstance(exc, StationError):
         headers = getattr(exc, "headers", None)
-        return problem(exc.http_status, exc.code, exc.message, headers=headers)
+        return problem(http_status(exc), exc.code, exc.message, headers=headers)
     if isinstance(exc, HsmError):
-        return problem(503, exc.code, str(exc))
+        return problem(http_status(exc), exc.code, str(exc))
     if isinstance(exc, RequestValidationError):
         errors = [
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}

@@ -8,17 +8,24 @@ from __future__ import annotations
 
 
 class HsmError(Exception):
-    """Base of every key-store failure. `code` is a stable reason code."""
+    """Base of every key-store failure.
+
+    `code` is a stable reason code; `kind` is one of the station's error kinds
+    (`station.errors.Kind`, spelled as its value because `hsm/` imports nothing
+    of the station): the edges map it to an HTTP status or an exit code."""
 
     code = "hsm-error"
+    kind = "unavailable"
 
 
 class UriError(HsmError):
     code = "hsm-bad-uri"
+    kind = "not-configured"
 
 
 class ModuleLoadError(HsmError):
     code = "hsm-module-not-loadable"
+    kind = "not-configured"
 
 
 class TokenNotFound(HsmError):
@@ -35,6 +42,7 @@ class PinLocked(HsmError):
 
 class PinUnavailable(HsmError):
     code = "hsm-pin-unavailable"
+    kind = "not-configured"
 
 
 class KeyNotFound(HsmError):

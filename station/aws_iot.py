@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from station.errors import ConfigurationError, StationError
+from station.errors import ConfigurationError, Kind, StationError
 from station.whitelist import DelistedCertificate, WhitelistEntry
 
 CA_STATUSES = ("ACTIVE", "INACTIVE")
@@ -57,7 +57,7 @@ class VerificationCertificateError(StationError):
     """The verification certificate the CA signed is not one AWS IoT would accept."""
 
     code = "verification-certificate-invalid"
-    http_status = 422
+    kind = Kind.INVALID
 
     def __init__(self, message: str, *, reason: str):
         super().__init__(message)
@@ -68,7 +68,7 @@ class AwsError(StationError):
     """AWS refused or failed a call; the message carries AWS's error code."""
 
     code = "aws-error"
-    http_status = 502
+    kind = Kind.UPSTREAM
 
 
 def _aws_error(action: str, exc: ClientError) -> AwsError:
@@ -176,7 +176,7 @@ def _check_ca_certificate(ca_cert: x509.Certificate, now: datetime) -> None:
         raise StationError(
             "the certificate to register is not a CA (basicConstraints CA:TRUE missing)",
             code="ca-certificate-invalid",
-            http_status=422,
+            kind=Kind.INVALID,
         )
     if not ca_cert.not_valid_before_utc <= now <= ca_cert.not_valid_after_utc:
         raise StationError(
@@ -329,7 +329,7 @@ def ca_status(iot: Any, state_path: Path) -> CaRegistration:
         raise StationError(
             f"AWS IoT does not know the registered CA {certificate_id} (deleted?)",
             code="ca-not-found",
-            http_status=404,
+            kind=Kind.NOT_FOUND,
         )
     registration = _registration_from(description, state.get("autoRegistrationStatus"))
     extra = {k: v for k, v in state.items() if k == "caSubject"}
@@ -372,12 +372,14 @@ def update_ca(
             raise StationError(
                 f"AWS IoT does not know the registered CA {certificate_id}",
                 code="ca-not-found",
-                http_status=404,
+                kind=Kind.NOT_FOUND,
             ) from exc
         raise _aws_error("UpdateCACertificate", exc) from exc
     description = _describe_ca(iot, certificate_id)
     if description is None:
-        raise StationError(f"CA {certificate_id} vanished", code="ca-not-found", http_status=404)
+        raise StationError(
+            f"CA {certificate_id} vanished", code="ca-not-found", kind=Kind.NOT_FOUND
+        )
     # AWS reports autoRegistrationStatus; moto ignores and omits it: keep what was asked for.
     fallback = auto_registration or state.get("autoRegistrationStatus")
     registration = _registration_from(description, fallback)
@@ -603,7 +605,7 @@ def sync_whitelist(
             raise StationError(
                 f"serial {entry.serial} appears twice with different content",
                 code="whitelist-duplicate-serial",
-                http_status=409,
+                kind=Kind.CONFLICT,
             )
         wanted[entry.serial] = item
         fingerprints[entry.serial] = entry.fingerprint

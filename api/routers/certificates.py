@@ -14,7 +14,7 @@ from api import provision
 from api.auth import BOARD_UP, Forbidden, Role, authenticate, bearer_token, permit
 from api.context import Station
 from api.schemas import CertificateIn, CertificateOut
-from station.errors import StationError
+from station.errors import Kind, StationError
 from station.whitelist import serial_hex
 
 router = APIRouter(prefix="/v1/certificates", tags=["certificates"])
@@ -60,13 +60,13 @@ async def csr_request(request: Request) -> CsrRequest:
             raise StationError(
                 "a raw CSR needs the batch and device_id query parameters",
                 code="invalid-request",
-                http_status=422,
+                kind=Kind.INVALID,
             )
         return CsrRequest(query.batch, query.device_id, body, query.reprovision, False)
     raise StationError(
         f"send application/json, {' or '.join(PEM_TYPES)}",
         code="unsupported-media-type",
-        http_status=415,
+        kind=Kind.UNSUPPORTED_MEDIA,
     )
 
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from hsm.errors import HsmError
-from station.errors import StationError
+from station.errors import Kind, StationError, kind_of
 from station.settings import Settings
 
 P = ParamSpec("P")
@@ -25,6 +25,14 @@ err_console = Console(stderr=True, soft_wrap=True)
 # configured or the HSM unusable.
 EXIT_REFUSED = 1
 EXIT_UNAVAILABLE = 3
+
+# The one place an error kind becomes an exit code: 3 when an operator must fix
+# the station or something it depends on, 1 for every refusal of the request.
+_EXIT_UNAVAILABLE_KINDS = frozenset({Kind.UNAVAILABLE, Kind.UPSTREAM, Kind.NOT_CONFIGURED})
+
+
+def exit_code(exc: BaseException) -> int:
+    return EXIT_UNAVAILABLE if kind_of(exc) in _EXIT_UNAVAILABLE_KINDS else EXIT_REFUSED
 
 
 def settings() -> Settings:
@@ -46,10 +54,9 @@ def cli_errors(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except StationError as exc:
-            code = EXIT_UNAVAILABLE if exc.http_status >= 500 else EXIT_REFUSED
-            raise fail(exc.code, exc.message, code) from None
+            raise fail(exc.code, exc.message, exit_code(exc)) from None
         except HsmError as exc:
-            raise fail(exc.code, str(exc), EXIT_UNAVAILABLE) from None
+            raise fail(exc.code, str(exc), exit_code(exc)) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
             sys.exit(130)

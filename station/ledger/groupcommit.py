@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 
-from station.errors import StationError
+from station.errors import Kind, StationError
 from station.ledger.checkpoint import WalCheckpointer
 from station.ledger.db import (
     adopt_lock,
@@ -69,7 +69,7 @@ def _sync_failed(cause: str) -> StationError:
         f"the ledger could not sync its log to disk ({cause}); it takes no more writes "
         "until the station is restarted",
         code="ledger-sync-failed",
-        http_status=503,
+        kind=Kind.UNAVAILABLE,
     )
 
 

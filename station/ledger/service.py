@@ -34,7 +34,7 @@ from sqlalchemy import Connection, Engine, and_, func, select
 from sqlalchemy.exc import IntegrityError
 
 from station import policy
-from station.errors import ConflictError, NotFoundError, PolicyError, StationError
+from station.errors import ConflictError, Kind, NotFoundError, PolicyError, StationError
 from station.ledger import audit
 from station.ledger.db import make_engine, upgrade, write_transaction
 from station.ledger.groupcommit import GroupCommitter
@@ -589,7 +589,7 @@ class Ledger:
             if isinstance(exc, StationError):
                 raise
             raise StationError(
-                f"the CA could not sign: {exc}", code="sign-failed", http_status=503
+                f"the CA could not sign: {exc}", code="sign-failed", kind=Kind.UNAVAILABLE
             ) from exc
         if self.after_sign is not None:
             self.after_sign(cert)

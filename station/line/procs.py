@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from station.errors import StationError
+from station.errors import Kind, StationError
 from station.line.driver import (
     RESCAN_INTERVAL,
     BoardRecord,
@@ -59,7 +59,7 @@ class LineError(StationError):
     """A worker process could not start, or every worker died."""
 
     code = "line-worker"
-    http_status = 503
+    kind = Kind.UNAVAILABLE
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from station.ca import CertificateAuthority
-from station.errors import StationError
+from station.errors import Kind, StationError
 from station.ledger import Ledger
 from station.report.model import CaFacts, iso
 
@@ -47,7 +47,7 @@ VERIFY_COMMANDS = (
 
 class ManifestError(StationError):
     code = "bad-manifest"
-    http_status = 422
+    kind = Kind.INVALID
 
 
 def canonical(value: Any) -> str:
