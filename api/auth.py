@@ -43,7 +43,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Annotated
 
 from fastapi import Depends
@@ -53,19 +52,9 @@ from starlette.concurrency import run_in_threadpool
 
 from api.context import Station, StationDep
 from station.errors import Kind, StationError
-from station.ledger import TOKEN_ROLES
+from station.ledger.tokens import Role
 
 CACHE_TTL_S = 5.0
-
-
-class Role(StrEnum):
-    BOARD = "board"
-    OPERATOR = "operator"
-    QA = "qa"
-    ADMIN = "admin"
-
-
-assert {r.value for r in Role} == set(TOKEN_ROLES), "api roles and ledger roles diverged"
 
 
 def role_from_ledger(name: str) -> Role | None:

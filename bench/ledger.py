@@ -238,7 +238,7 @@ def writer_process_estimate(
     import multiprocessing
 
     from station.ca import DeviceProfile, new_serial
-    from station.ledger.service import _subject_for
+    from station.ledger.issuer import subject_for
     from station.policy import check_csr, load_csr, public_key_sha256
 
     txns, path = record_issue_sql(work, ca, csrs)
@@ -288,7 +288,7 @@ def writer_process_estimate(
         check_csr(csr)
         public_key_sha256(csr)
         csr.public_bytes(serialization.Encoding.DER)
-        subject = _subject_for(TEMPLATE, device, csr)
+        subject = subject_for(TEMPLATE, device, csr)
         submit(*job[0])  # the intent
         cert = ca.issue(csr, subject=subject, serial=new_serial(), profile=profile)
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)

@@ -413,11 +413,11 @@ def test_ledger_list_devices_finds_each_live_certificate_by_device(
     every device. After the 10-minute soak (111,194 boards) listing 2,000 devices took
     4 minutes; the whole batch would have taken hours.
     """
+    from station.ledger.devices import RECORD_SELECT
     from station.ledger.schema import devices
-    from station.ledger.service import _DEVICE_SELECT
 
     with Ledger.from_settings(station_settings) as ledger:
-        stmt = _DEVICE_SELECT.where(devices.c.batch_id == 1).order_by(devices.c.id)
+        stmt = RECORD_SELECT.where(devices.c.batch_id == 1).order_by(devices.c.id)
         sql = str(stmt.compile(ledger.engine, compile_kwargs={"literal_binds": True}))
         with ledger.engine.connect() as conn:
             plan = [str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]

@@ -59,8 +59,8 @@ def append(
 ) -> int:
     """Append one entry; must run inside a ledger write transaction. Returns its seq."""
     raw = conn if isinstance(conn, Raw) else Raw(conn)
-    last = raw.one(_LAST_SQL)
-    seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
+    last = raw.first(_LAST_SQL)
+    seq, prev = (last["seq"] + 1, last["hash"]) if last else (1, GENESIS)
     at = (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="microseconds")
     body = canonical(detail or {})
     digest = entry_hash(seq, at, station_id, action, entity, body, prev)

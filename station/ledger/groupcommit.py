@@ -1,8 +1,8 @@
 """Group commit: concurrent writers share one transaction and one disk sync.
 
 A certificate must be on disk before it leaves the station, and a disk sync
-costs milliseconds (4 ms on the development VM) while everything else about a
-certificate costs well under one. When several threads issue at once (HTTP
+costs milliseconds while everything else about a certificate costs well under
+one (docs/benchmarks.md has the figures). When several threads issue at once (HTTP
 workers, serial ports), the first to arrive leads: it takes every write queued
 so far, runs each in its own savepoint inside one transaction and commits once,
 durably if any of them needs it; writes that arrive meanwhile form the next
@@ -189,6 +189,17 @@ class GroupCommitter:
         if job.error is not None:
             raise job.error
         return job.result
+
+    def run_alone(self, fn: Callable[[Connection], T]) -> T:
+        """A rare write (a batch, a token) in a durable transaction of its own.
+
+        Through the same write gate as the groups, refused like every job after a
+        failed log sync, but never grouped: nothing waits on it but its caller.
+        """
+        if self._failure is not None:
+            raise _sync_failed(self._failure)
+        with write_transaction(self._engine) as conn:
+            return fn(conn)
 
     def _lead(self, own: _Job) -> None:
         """Commit the oldest waiting jobs (the leader's own among them) as one group."""

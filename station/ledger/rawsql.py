@@ -1,9 +1,9 @@
 """The ledger's hot statements, run on the database driver's own cursor.
 
 Issuing one certificate takes about a dozen statements. Through SQLAlchemy
-Core each costs some 70 microseconds of Python before the driver sees it
-(compiled-cache lookup, parameter processing, execution context, events),
-which made the ledger, not the HSM, the limit of the issue path. The hot path
+Core each pays for a compiled-cache lookup, parameter processing, an execution
+context and events before the driver sees it, which made the ledger, not the
+HSM, the limit of the issue path (docs/benchmarks.md has the figures). The hot path
 (issuance, the line's steps, the audit log) therefore runs fixed SQL text on
 the driver's cursor of the *same* connection, inside the transaction
 SQLAlchemy opened: same transaction, same savepoints, same locks.
@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 
@@ -84,12 +84,36 @@ class Raw:
             ) from exc
         return self._cur
 
-    def one(self, sql: str, params: Mapping[str, Any] | None = None) -> tuple[Any, ...] | None:
-        row: tuple[Any, ...] | None = self.run(sql, params).fetchone()
-        return row
+    def first(self, sql: str, params: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """The first row, keyed by column name (or alias): rows are never read by position."""
+        cur = self.run(sql, params)
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip([d[0] for d in cur.description], row, strict=True))
+
+    def first_of(self, stmt: Select[Any], params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """:meth:`first` for a select written in SQLAlchemy (see :func:`compiled`)."""
+        sql, fixed = compiled(stmt, self._dialect)
+        return self.first(sql, {**fixed, **params})
 
     def value(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         """The first column of the first row (``INSERT ... RETURNING id``)."""
-        row = self.one(sql, params)
+        row = self.run(sql, params).fetchone()
         assert row is not None, sql
         return row[0]
+
+
+@functools.lru_cache(maxsize=64)
+def compiled(stmt: Select[Any], dialect: Dialect) -> tuple[str, dict[str, Any]]:
+    """A SQLAlchemy select as the driver's SQL text and its fixed parameters,
+    compiled once per dialect.
+
+    For a hot read whose SQL should be written once, from the table metadata;
+    the parameters a caller gives must be named (``bindparam("device_id")``).
+    Compiled with the ``:name`` parameter style :meth:`Raw.run` takes on every driver.
+    """
+    named: Dialect = type(dialect)(paramstyle="named")  # type: ignore[call-arg]
+    text = stmt.compile(dialect=named)
+    fixed = {k: v for k, v in text.params.items() if v is not None}
+    return str(text), fixed

@@ -1,0 +1,428 @@
+"""The issuer: every way a certificate is asked for ends here.
+
+Issuance survives a crash at any instant:
+
+1. check the CSR (policy) and the batch, and record the intent (device, CSR,
+   reserved serial, signing instant), not yet synced;
+2. sign through the token (any :class:`Signer`);
+3. commit the certificate, synced;
+4. only then hand it out.
+
+A crash before 3 leaves an ``intent`` row that :meth:`Issuer.recover` signs
+again (same serial, same instant, so the same certificate body) or marks
+failed; a certificate is never handed out before the ledger holds it.
+The issuer knows the repositories and the unit of work, not HTTP or serial frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+from station import policy
+from station.ca import DeviceProfile, new_serial
+from station.errors import ConflictError, Kind, NotFoundError, PolicyError, StationError
+from station.ledger import audit, batches, certificates, changes, devices
+from station.ledger.batches import BatchHead
+from station.ledger.certificates import SignedCertificate
+from station.ledger.devices import LiveDevice
+from station.ledger.groupcommit import GroupCommitter
+from station.ledger.lifecycle import Event
+from station.ledger.rawsql import Raw
+from station.ledger.records import IssueResult, RecoveryReport
+from station.ledger.schema import CertState, DeviceState
+from station.whitelist import serial_hex
+
+# A batch whose template is "*" issues the subject the CSR presents (after
+# policy); the device id is the CSR's CN. `station sign` without --batch uses it.
+AS_PRESENTED = "*"
+
+# Everything the intent checks, in one statement: the batch, the board and its
+# live certificate if any, and which board (if any) already holds this key.
+_SQL_INTENT_CHECKS = (
+    f"SELECT {batches.HEAD_COLUMNS}, {devices.LIVE_COLUMNS}, "  # noqa: S608 - fixed text
+    f"{certificates.KEY_HOLDER_COLUMNS} "
+    f"FROM batches b LEFT OUTER JOIN devices d ON d.device_id = :device_id "
+    f"{devices.LIVE_CERT_JOIN} WHERE b.name = :name"
+)
+
+
+class Signer(Protocol):
+    """What the issuer needs of a CA: its chain and a signature in the token."""
+
+    @property
+    def chain_pem(self) -> bytes: ...
+
+    def issue(
+        self,
+        csr: x509.CertificateSigningRequest,
+        *,
+        subject: x509.Name,
+        serial: int,
+        profile: DeviceProfile,
+        now: datetime | None = None,
+    ) -> x509.Certificate: ...
+
+
+def subject_for(template: str, device_id: str, csr: x509.CertificateSigningRequest) -> x509.Name:
+    """The subject the certificate gets; refuses a CSR that does not fit the batch."""
+    presented = csr.subject  # parsed anew on every access: once here
+    cn = policy.common_name(presented)
+    if template == AS_PRESENTED:
+        if cn is None:
+            raise PolicyError("the CSR has no single CN to name the device", code="missing-cn")
+        if cn != device_id:
+            raise PolicyError(
+                f"the CSR names device {cn!r}, the board is {device_id!r}",
+                code="device-id-mismatch",
+            )
+        return presented
+    expected = policy.subject_from_template(template, device_id)
+    if cn is not None and cn != device_id and policy.common_name(expected) == device_id:
+        raise PolicyError(
+            f"the CSR names device {cn!r}, the board's hardware id is {device_id!r}",
+            code="device-id-mismatch",
+        )
+    policy.check_subject(presented, expected)
+    return expected
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """An intent recorded, waiting for its signature."""
+
+    cert_id: int
+    device_pk: int
+    serial: int
+    subject: x509.Name
+    sign_time: datetime
+    days: int
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _on_disk(_conn: Connection) -> None:
+    """An empty durable write: returns once everything committed before it is synced."""
+
+
+class Issuer:
+    """Issue and recover certificates through one unit of work."""
+
+    def __init__(
+        self, engine: Engine, writes: GroupCommitter, station_id: str, backdate_seconds: int
+    ) -> None:
+        self._engine = engine
+        self._writes = writes
+        self.station_id = station_id
+        self.backdate_seconds = backdate_seconds
+        self.templates: dict[str, str] = {}  # batch -> subject template, as last read
+        #: Test seam: called with the certificate after the token signed it and
+        #: before the ledger commits it (crash-recovery tests raise here).
+        self.after_sign: Callable[[x509.Certificate], None] | None = None
+
+    def issue(
+        self,
+        batch: str,
+        device_id: str,
+        csr_der_or_pem: bytes,
+        ca: Signer,
+        *,
+        reprovision: bool = False,
+    ) -> IssueResult:
+        csr = policy.load_csr(csr_der_or_pem)
+        policy.check_csr(csr)
+        policy.check_device_id(device_id)
+        pk = policy.public_key_sha256(csr)
+        csr_der = csr.public_bytes(serialization.Encoding.DER)
+
+        for attempt in range(5):
+            try:
+                planned = self._record_intent(
+                    batch, device_id, csr, csr_der, pk, reprovision, ca.chain_pem
+                )
+                break
+            except IntegrityError as exc:
+                # A serial collision (new serial next time) or a concurrent writer
+                # that slipped past a check (the next attempt's checks see it).
+                if attempt == 4:
+                    raise ConflictError(
+                        "the ledger refused the intent repeatedly", code="ledger-conflict"
+                    ) from exc
+        if isinstance(planned, IssueResult):
+            # Handed back only once it is on disk: the row just read may be one
+            # that another group or process committed and has not synced yet
+            # (or could not: then this fails too, ledger-sync-failed).
+            self._writes.submit(_on_disk, durable=True)
+            return planned
+
+        p = planned
+        try:
+            cert = ca.issue(
+                csr,
+                subject=p.subject,
+                serial=p.serial,
+                profile=DeviceProfile(days=p.days, backdate_seconds=self.backdate_seconds),
+                now=p.sign_time,
+            )
+        except Exception as exc:
+            self.abandon(p.cert_id, p.device_pk, device_id, p.serial, "sign-failed", str(exc))
+            if isinstance(exc, StationError):
+                raise
+            raise StationError(
+                f"the CA could not sign: {exc}", code="sign-failed", kind=Kind.UNAVAILABLE
+            ) from exc
+        if self.after_sign is not None:
+            self.after_sign(cert)
+        signed = SignedCertificate.of(p.cert_id, p.device_pk, device_id, cert)
+        fingerprint = self._commit(signed)
+        return IssueResult(
+            certificate=cert,
+            chain_pem=signed.pem.encode() + ca.chain_pem,
+            serial=p.serial,
+            fingerprint=fingerprint,
+            reused=False,
+            device_id=device_id,
+            batch=batch,
+        )
+
+    def _record_intent(
+        self,
+        batch_name: str,
+        device_id: str,
+        csr: x509.CertificateSigningRequest,
+        csr_der: bytes,
+        pk: str,
+        reprovision: bool,
+        chain_pem: bytes,
+    ) -> IssueResult | _Planned:
+        now = _now()
+        # The subject (or why the CSR does not fit) worked out before the write
+        # lock, from the batch's template as last seen; checked against the
+        # template read in the transaction, and redone there if it changed.
+        seen_template = self.templates.get(batch_name)
+        early: x509.Name | PolicyError | None = None
+        if seen_template is not None:
+            try:
+                early = subject_for(seen_template, device_id, csr)
+            except PolicyError as exc:
+                early = exc
+        serial = new_serial()
+
+        def write(conn: Connection) -> IssueResult | _Planned:
+            raw = Raw(conn)
+            row = raw.first(
+                _SQL_INTENT_CHECKS, {"name": batch_name, "device_id": device_id, "pk": pk}
+            )
+            if row is None:
+                raise NotFoundError(f"no batch named {batch_name!r}", code="unknown-batch")
+            b = BatchHead.of(row)
+            d = None if row["d_id"] is None else LiveDevice.of(row)
+            if not b.is_open:
+                raise ConflictError(f"batch {batch_name!r} is closed", code="batch-closed")
+            if early is not None and b.subject_template == seen_template:
+                if isinstance(early, PolicyError):
+                    raise early
+                subject = early
+            else:
+                subject = subject_for(b.subject_template, device_id, csr)
+                self.templates[batch_name] = b.subject_template
+
+            if d is not None and d.cert_id is not None:
+                if d.cert_state is CertState.INTENT:
+                    raise ConflictError(
+                        f"device {device_id!r} has an issuance in progress (serial "
+                        f"{d.serial}); run recovery if a station crashed",
+                        code="issuance-in-progress",
+                    )
+                if d.public_key_sha256 == pk and d.batch_id == b.id:
+                    return self._reuse(conn, d, device_id, batch_name, chain_pem, now)
+                if not reprovision:
+                    raise ConflictError(
+                        f"device {device_id!r} already has live certificate {d.serial} "
+                        "for another key; re-provision to replace it",
+                        code="already-provisioned",
+                    )
+                assert d.serial is not None
+                changes.revoke_certificate(
+                    conn, d.cert_id, device_id, d.serial, "reprovisioned", now, self.station_id
+                )
+
+            # (A re-provisioning just revoked leaves the key held: revoked is not failed.)
+            if row["holder_device"] is not None:
+                raise ConflictError(
+                    f"this public key is already certified (device {row['holder_device']!r}, "
+                    f"serial {row['holder_serial']}); every board needs its own key",
+                    code="duplicate-key",
+                )
+
+            if d is None or d.batch_id != b.id:
+                if b.is_full:
+                    raise ConflictError(
+                        f"batch {batch_name!r} already has its {b.planned_count} devices",
+                        code="batch-full",
+                    )
+                batches.count_device(raw, b.id, +1)
+            if d is None:
+                device_pk = devices.insert(raw, device_id, b.id, self.station_id, now)
+            else:
+                device_pk = d.id
+                if d.batch_id != b.id:
+                    batches.count_device(raw, d.batch_id, -1)
+                    devices.move(raw, d.id, b.id)
+
+            cert_id = certificates.insert_intent(
+                raw,
+                serial=serial_hex(serial),
+                device_pk=device_pk,
+                batch_id=b.id,
+                station_id=self.station_id,
+                csr_der=csr_der,
+                public_key_sha256=pk,
+                subject=subject.rfc4514_string(),
+                now=now,
+                days=b.days,
+                backdate_seconds=self.backdate_seconds,
+            )
+            audit.append(
+                raw,
+                self.station_id,
+                "cert.intent",
+                device_id,
+                {"serial": serial_hex(serial), "batch": batch_name, "public_key_sha256": pk},
+                now=now,
+            )
+            return _Planned(cert_id, device_pk, serial, subject, now, b.days)
+
+        # Not durable: losing an intent in a power cut loses nothing that left the station.
+        return self._writes.submit(write, durable=False)
+
+    def _reuse(
+        self,
+        conn: Connection,
+        d: LiveDevice,
+        device_id: str,
+        batch: str,
+        chain_pem: bytes,
+        now: datetime,
+    ) -> IssueResult:
+        assert d.pem is not None and d.fingerprint is not None  # an issued certificate
+        cert = x509.load_pem_x509_certificate(d.pem.encode())
+        changes.apply(conn, d, device_id, Event.REISSUE, now, self.station_id)
+        return IssueResult(
+            certificate=cert,
+            chain_pem=d.pem.encode() + chain_pem,
+            serial=cert.serial_number,
+            fingerprint=d.fingerprint,
+            reused=True,
+            device_id=device_id,
+            batch=batch,
+        )
+
+    def _commit(self, signed: SignedCertificate) -> str:
+        """Make the signed certificate durable; returns its fingerprint.
+
+        Concurrent callers share one durable commit (see groupcommit.py).
+        """
+
+        def write(conn: Connection) -> str:
+            now = _now()
+            raw = Raw(conn)
+            if not certificates.mark_issued(raw, signed, now):
+                raise ConflictError(
+                    f"intent {signed.serial} was resolved elsewhere; certificate discarded",
+                    code="intent-resolved",
+                )
+            devices.set_state(raw, signed.device_pk, DeviceState.ISSUED, now, self.station_id)
+            audit.append(
+                raw,
+                self.station_id,
+                "cert.issued",
+                signed.device_id,
+                {
+                    "serial": signed.serial,
+                    "fingerprint": signed.fingerprint,
+                    "not_after": signed.not_after.isoformat(),
+                    "device_state": DeviceState.ISSUED.value,
+                },
+                now=now,
+            )
+            return signed.fingerprint
+
+        return self._writes.submit(write, durable=True)
+
+    def abandon(
+        self, cert_id: int, device_pk: int, device_id: str, serial: int, code: str, message: str
+    ) -> None:
+        """An intent that will not be signed: the certificate row and the board fail."""
+        now = _now()
+
+        def write(conn: Connection) -> None:
+            if not certificates.mark_abandoned(conn, cert_id, code):
+                # Resolved meanwhile (another process's recovery signed and committed
+                # it): the certificate and the board's step stand as they are.
+                return
+            audit.append(
+                conn,
+                self.station_id,
+                "cert.failed",
+                device_id,
+                {"serial": serial_hex(serial), "code": code},
+                now=now,
+            )
+            changes.fail(conn, device_pk, device_id, code, message, now, self.station_id)
+
+        self._writes.submit(write, durable=True)
+
+    def recover(
+        self,
+        ca: Signer,
+        *,
+        all_stations: bool = False,
+        older_than: timedelta | None = None,
+    ) -> RecoveryReport:
+        """Resolve intents that have no certificate (this station's, or every station's).
+
+        Each is signed again with its recorded serial, subject and signing
+        instant, then committed; one that cannot be signed is marked failed.
+        ``older_than`` leaves alone intents young enough to belong to a run
+        that is still signing them.
+        """
+        with self._engine.connect() as conn:
+            intents = certificates.open_intents(
+                conn,
+                station_id=None if all_stations else self.station_id,
+                created_before=None if older_than is None else _now() - older_than,
+            )
+        resigned: list[str] = []
+        failed: list[tuple[str, str]] = []
+        for it in intents:
+            serial = int(it.serial, 16)
+            try:
+                csr = policy.load_csr(it.csr_der)
+                cert = ca.issue(
+                    csr,
+                    subject=subject_for(it.subject_template, it.device_id, csr),
+                    serial=serial,
+                    profile=DeviceProfile(days=it.days, backdate_seconds=it.backdate_seconds),
+                    now=it.sign_time,
+                )
+            except Exception as exc:
+                code = exc.code if isinstance(exc, StationError) else "recovery-failed"
+                self.abandon(it.id, it.device_pk, it.device_id, serial, code, str(exc))
+                failed.append((it.serial, code))
+                continue
+            try:
+                self._commit(SignedCertificate.of(it.id, it.device_pk, it.device_id, cert))
+            except ConflictError:
+                continue  # resolved meanwhile by another recovery
+            resigned.append(it.serial)
+        return RecoveryReport(resigned=tuple(resigned), failed=tuple(failed))
