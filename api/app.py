@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from api import problems
-from api.context import Station
+from api.context import AppContext
 from api.middleware import BodyLimitMiddleware, PlainTextParamsMiddleware
 from api.routers import (
     batches,
@@ -38,7 +38,7 @@ log = logging.getLogger("api")
 API_VERSION = "1"
 
 
-def _warm(station: Station) -> None:
+def _warm(station: AppContext) -> None:
     """Open the ledger and the CA in this (worker) process, then recover this
     station's orphaned intents; failures show in /healthz."""
     try:
@@ -64,16 +64,16 @@ def _freeze_heap() -> None:
     """Leave what start-up made out of every later garbage collection.
 
     A worker holds a large heap of long-lived objects (FastAPI, pydantic, SQLAlchemy,
-    cryptography); a full collection walked all of it, pausing the worker 100-220
-    ms a few times a second under load, the bulk of the p99 of certificate
-    requests. Frozen objects are never collected, so only for a server process:
+    cryptography); a full collection walked all of it, pausing the worker a few
+    times a second under load, the bulk of the p99 of certificate requests
+    (docs/benchmarks.md). Frozen objects are never collected, so only for a server process:
     tests build many apps in one process."""
     gc.collect()
     gc.freeze()
 
 
 def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -> FastAPI:
-    station = Station(settings or Settings())
+    station = AppContext(settings or Settings())
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

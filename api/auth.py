@@ -39,10 +39,6 @@ certificate for another key) needs operator or admin. No token: 401 with
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends
@@ -50,11 +46,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.concurrency import run_in_threadpool
 
-from api.context import Station, StationDep
+from api.context import AppContext, ContextDep
+from api.token_cache import Principal, TokenCache
 from station.errors import Kind, StationError
 from station.ledger.tokens import Role
-
-CACHE_TTL_S = 5.0
 
 
 def role_from_ledger(name: str) -> Role | None:
@@ -78,60 +73,10 @@ class Forbidden(StationError):
     kind = Kind.FORBIDDEN
 
 
-@dataclass(frozen=True)
-class Principal:
-    name: str
-    role: Role
-
-
-class TokenCache:
-    """Accepted tokens for ``ttl`` seconds from their lookup, keyed by the token's SHA-256.
-
-    An entry is never extended by a hit: ``ttl`` bounds how long a token revoked
-    in the ledger keeps working. At most ``max_entries`` are kept (all are dropped
-    when full: a flood of valid tokens is not a case worth an LRU).
-    """
-
-    def __init__(
-        self,
-        ttl: float = CACHE_TTL_S,
-        *,
-        max_entries: int = 10_000,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._entries: dict[str, tuple[float, Principal]] = {}
-
-    def get(self, key: str) -> Principal | None:
-        with self._lock:
-            hit = self._entries.get(key)
-            if hit is None:
-                return None
-            if hit[0] <= self._clock():
-                del self._entries[key]
-                return None
-            return hit[1]
-
-    def put(self, key: str, principal: Principal) -> None:
-        if self.ttl <= 0:
-            return
-        with self._lock:
-            if len(self._entries) >= self.max_entries:
-                self._entries.clear()
-            self._entries[key] = (self._clock() + self.ttl, principal)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-
 _bearer = HTTPBearer(auto_error=False)
 
 
-def _lookup(station: Station, token: str) -> Principal | None:
+def _lookup(station: AppContext, token: str) -> Principal | None:
     found = station.ledger.lookup_token(token)
     role = role_from_ledger(found[1]) if found is not None else None
     if found is None or role is None:
@@ -139,7 +84,7 @@ def _lookup(station: Station, token: str) -> Principal | None:
     return Principal(found[0], role)
 
 
-async def authenticate(station: Station, token: str | None) -> Principal:
+async def authenticate(station: AppContext, token: str | None) -> Principal:
     """The holder of a bearer token: from the cache, else from the ledger (in a thread)."""
     if not token:
         raise AuthError("a bearer token is required")
@@ -170,7 +115,7 @@ def permit(principal: Principal, allowed: frozenset[Role]) -> Principal:
 
 
 async def current_principal(
-    station: StationDep,
+    station: ContextDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     return await authenticate(station, creds.credentials if creds is not None else None)

@@ -12,16 +12,16 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy.engine import make_url
 
-from api.line import FILE_NAME, LineView
+from api.line_view import FILE_NAME, LineView
 from api.metrics import Metrics, TimedCA
-from hsm.errors import HsmError, KeyNotFound
+from api.token_cache import TokenCache
+from hsm.errors import HsmError, KeyMismatch, KeyNotFound
 from station.ca import CertificateAuthority, open_ca
 from station.errors import Kind, StationError
 from station.ledger import Ledger
@@ -29,6 +29,7 @@ from station.ledger.db import ping
 from station.ledger.records import RecoveryReport
 from station.recovery import StationLock, recover_at_startup
 from station.settings import Settings
+from station.timefmt import rfc3339, utc_now
 
 RATE_WINDOW_S = 60.0
 
@@ -57,7 +58,7 @@ class Activity:
             self._trim(now)
 
     def failed(self, device_id: str | None, batch: str | None, code: str, detail: str) -> None:
-        at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        at = rfc3339(utc_now())
         with self._lock:
             self._failures.append(Failure(at, device_id, batch, code, detail[:300]))
 
@@ -81,8 +82,9 @@ class Activity:
 ISSUE_THREADS = 64
 
 
-class Station:
-    """What every route needs, built once per app by create_app()."""
+class AppContext:
+    """The station as one API process holds it (settings, ledger, CA, metrics,
+    line view, activity): what every route needs, built once per app by create_app()."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -95,8 +97,6 @@ class Station:
         self.metrics = Metrics(lambda: self.ledger.counts())
         self.line = LineView(settings.data_dir / FILE_NAME)
         self.activity = Activity()
-        from api.auth import TokenCache
-
         self.token_cache = TokenCache()
 
     @property
@@ -188,13 +188,13 @@ class Station:
         try:
             try:
                 self.ca.health()
-            except KeyNotFound:
+            except (KeyNotFound, KeyMismatch):
                 # Perhaps only the open CA is stale (key and certificate replaced).
                 self.forget_ca()
                 self.ca.health()
             checks["token"] = ok
             checks["key"] = ok
-        except KeyNotFound as exc:
+        except (KeyNotFound, KeyMismatch) as exc:
             checks["token"] = ok
             checks["key"] = {"status": "failing", "code": exc.code, "detail": str(exc)}
         except HsmError as exc:
@@ -237,13 +237,13 @@ class Station:
         ping(self.ledger.engine)
 
 
-async def get_station(request: Request) -> Station:
+async def get_station(request: Request) -> AppContext:
     # async: a sync dependency costs a threadpool round trip on every request.
-    station: Station = request.app.state.station
+    station: AppContext = request.app.state.station
     return station
 
 
-StationDep = Annotated[Station, Depends(get_station)]
+ContextDep = Annotated[AppContext, Depends(get_station)]
 
 
 def jsonable(obj: Any) -> Any:

@@ -28,8 +28,9 @@ The nonce must be fresh random bytes (16 to 1024; 32 is a good choice).
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from firmware_hooks.link import Link, SerialLike
 from firmware_hooks.protocol import (
@@ -101,11 +102,16 @@ class BoardClient:
         baudrate: int = 115200,
         timeouts: Mapping[MsgType, float] | None = None,
         retries: int = DEFAULT_RETRIES,
+        wrap: Callable[[Any], Any] | None = None,
     ) -> BoardClient:
-        """Open a device path (``/dev/ttyACM0``, a pty) or a pyserial URL (``loop://``)."""
+        """Open a device path (``/dev/ttyACM0``, a pty) or a pyserial URL (``loop://``).
+
+        ``wrap`` wraps the opened port (the line counts its bytes that way)."""
         import serial  # pyserial; imported here so the codec stays importable without it
 
         port = serial.serial_for_url(url, baudrate=baudrate, timeout=0.05)
+        if wrap is not None:
+            port = wrap(port)
         return cls(port, timeouts=timeouts, retries=retries, baudrate=baudrate)
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from hsm.errors import (
     HsmError,
     KeyExists,
+    KeyMismatch,
     KeyNotFound,
     MechanismNotSupported,
     ModuleLoadError,
@@ -23,6 +24,7 @@ __all__ = [
     "HsmPrivateKey",
     "HsmRsaPrivateKey",
     "KeyExists",
+    "KeyMismatch",
     "KeyNotFound",
     "KeyStore",
     "KeyType",

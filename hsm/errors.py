@@ -49,6 +49,12 @@ class KeyNotFound(HsmError):
     code = "hsm-key-not-found"
 
 
+class KeyMismatch(HsmError):
+    """A key was found, but it is not the one the CA certificate names (replaced?)."""
+
+    code = "hsm-key-mismatch"
+
+
 class KeyExists(HsmError):
     code = "hsm-key-exists"
 

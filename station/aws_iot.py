@@ -18,9 +18,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import os
 import re
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,6 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from station.errors import ConfigurationError, Kind, StationError
+from station.files import atomic_writer, write_atomically
+from station.timefmt import rfc3339, utc_now
 from station.whitelist import DelistedCertificate, WhitelistEntry
 
 CA_STATUSES = ("ACTIVE", "INACTIVE")
@@ -116,18 +116,11 @@ def _write_state(state_path: Path, registration: CaRegistration, **extra: Any) -
         "certificateArn": registration.certificate_arn,
         "status": registration.status,
         "autoRegistrationStatus": registration.auto_registration,
-        "updatedAt": datetime.now(UTC).isoformat(timespec="seconds"),
+        "updatedAt": rfc3339(utc_now(), timespec="seconds"),
         **extra,
     }
-    fd, tmp = tempfile.mkstemp(dir=state_path.parent, prefix=f".{state_path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, state_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    write_atomically(state_path, text.encode(), mode=0o600)
 
 
 def _described(
@@ -704,20 +697,15 @@ def package_lambda(out: Path) -> Path:
     if not any(p.name == "handler.py" for p in files):
         raise ConfigurationError(f"no handler.py in {source}", code="jitr-missing")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for path in files:
-                name = "jitr/" + path.relative_to(source).as_posix()
-                info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o100644 << 16
-                info.create_system = 3
-                archive.writestr(info, path.read_bytes())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with (
+        atomic_writer(out) as fh,
+        zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as archive,
+    ):
+        for path in files:
+            name = "jitr/" + path.relative_to(source).as_posix()
+            info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o100644 << 16
+            info.create_system = 3
+            archive.writestr(info, path.read_bytes())
     return out

@@ -19,9 +19,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from hsm import HsmPrivateKey, KeyNotFound, KeyStore, KeyType, Pkcs11Uri, reset_module
+from hsm import HsmPrivateKey, KeyMismatch, KeyNotFound, KeyStore, KeyType, Pkcs11Uri, reset_module
 from hsm.softhsm import ensure_dev_token, use_config
-from station.errors import ConfigurationError, ConflictError, StationError
+from station.errors import ConfigurationError, ConflictError, Kind, StationError
+from station.files import write_atomically
 from station.policy import format_subject, parse_subject
 from station.settings import Settings
 
@@ -38,9 +39,13 @@ class DeviceProfile:
 
     def __post_init__(self) -> None:
         if not 1 <= self.days <= 36500:
-            raise ValueError("device validity must be 1 to 36500 days")
+            raise StationError(
+                "device validity must be 1 to 36500 days", code="bad-days", kind=Kind.INVALID
+            )
         if not 0 <= self.backdate_seconds <= 86400:
-            raise ValueError("backdate must be 0 to 86400 seconds")
+            raise StationError(
+                "backdate must be 0 to 86400 seconds", code="bad-backdate", kind=Kind.INVALID
+            )
 
 
 def new_serial() -> int:
@@ -97,7 +102,7 @@ class CertificateAuthority:
         try:
             cert.verify_directly_issued_by(self.certificate)
         except (InvalidSignature, ValueError, TypeError):
-            raise KeyNotFound(
+            raise KeyMismatch(
                 f"the key named by {self.key_uri} no longer belongs to the CA certificate "
                 "(replaced?); the station opens the CA again on its next use"
             ) from None
@@ -114,7 +119,11 @@ class CertificateAuthority:
     ) -> x509.Certificate:
         """Sign a device certificate for csr's key. Policy is the caller's job (station.policy)."""
         if not 0 < serial < 2**MAX_SERIAL_BITS:
-            raise ValueError("serial out of range")
+            raise StationError(
+                f"serial {serial} is outside 1 to 2**{MAX_SERIAL_BITS} - 1",
+                code="bad-serial",
+                kind=Kind.INVALID,
+            )
         now = now or _utcnow()
         not_before = now - dt.timedelta(seconds=profile.backdate_seconds)
         not_after = min(now + dt.timedelta(days=profile.days), self.certificate.not_valid_after_utc)
@@ -182,7 +191,7 @@ class CertificateAuthority:
         """Raise an HsmError naming the cause unless the token answers and holds this CA's key."""
         self.keystore.health()
         if _spki(self.keystore.private_key()) != _spki(self.certificate):
-            raise KeyNotFound(
+            raise KeyMismatch(
                 f"the key named by {self.key_uri} no longer belongs to the CA certificate "
                 "(replaced?)"
             )
@@ -258,17 +267,6 @@ def _check_matches(key: HsmPrivateKey, cert: x509.Certificate) -> None:
             "the CA certificate does not belong to the key in the token; "
             "re-run `station ca import-cert` with the right certificate"
         )
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -360,7 +358,7 @@ def init_ca(
             .sign(key, hash_alg)
         )
         pem = csr.public_bytes(serialization.Encoding.PEM)
-        _write_private(csr_out, pem)
+        write_atomically(csr_out, pem)
         return InitOutcome(
             "csr-written",
             f"wrote the station CA's CSR to {csr_out}; have the root sign it, then run "
@@ -378,7 +376,7 @@ def init_ca(
         .not_valid_after(now + dt.timedelta(days=days))
     )
     cert = _ca_extensions(builder, key.public_key()).sign(key, hash_alg)
-    _write_private(settings.ca_cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    write_atomically(settings.ca_cert_path, cert.public_bytes(serialization.Encoding.PEM))
     ca = CertificateAuthority(keystore, key, cert)
     if replaced:
         return InitOutcome("replaced", "replaced the CA key and certificate (--force)", ca)
@@ -416,5 +414,5 @@ def import_ca_certificate(settings: Settings, pem: bytes) -> CertificateAuthorit
         raise StationError(
             "the certificate's public key is not the key in the token", code="key-mismatch"
         )
-    _write_private(settings.ca_cert_path, pem)
+    write_atomically(settings.ca_cert_path, pem)
     return CertificateAuthority(keystore, key, cert, certs[1:])

@@ -17,8 +17,9 @@ import uvicorn
 import uvloop
 
 from api.app import create_app
-from api.auth import CACHE_TTL_S, Principal, Role, TokenCache
 from api.server import TcpConfig
+from api.token_cache import CACHE_TTL_S, Principal, TokenCache
+from station.ledger.tokens import Role
 from station.policy import CONTROL_CHARACTERS_PATTERN
 from station.settings import Settings
 from tests.test_api_helpers import TEMPLATE, Api, api, new_csr

@@ -363,7 +363,8 @@ def test_key_replaced_between_requests_is_never_used_with_the_old_certificate(
         chain[0].verify_directly_issued_by(chain[1])
         chain[0].verify_directly_issued_by(ca_on_disk)
         return
-    assert_problem(r, 503, "hsm-key-not-found")
+    # The key the open CA found is not its certificate's (issue 14: not "not found").
+    assert_problem(r, 503, "hsm-key-mismatch")
     assert_nothing_half_recorded(rig.settings, "dev-r1")
     assert_issues_and_verifies(rig, "dev-r1", csr)
 
@@ -381,7 +382,7 @@ def test_health_after_the_key_was_replaced_serves_the_new_ca(rig: Rig) -> None:
 
 
 def test_ledger_chains_the_hsm_error_under_sign_failed(rig: Rig) -> None:
-    """What the API's reason code relies on (api/provision.py), and what the serial line
+    """What the API's reason code relies on (api/issuance.py), and what the serial line
     and CLI see today: the ledger reports sign-failed with the HsmError as __cause__, and
     marks the board failed although the fault is the station's."""
     ca = open_ca(rig.settings)

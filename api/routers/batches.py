@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from api.auth import OperatorUp, Reader
-from api.context import StationDep
+from api.context import ContextDep
 from api.schemas import BatchIn, BatchOut
 from station.errors import PolicyError
 from station.ledger import BatchState
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=BatchOut)
-def create_batch(body: BatchIn, station: StationDep, who: OperatorUp) -> BatchOut:
+def create_batch(body: BatchIn, station: ContextDep, who: OperatorUp) -> BatchOut:
     batch = station.ledger.create_batch(
         body.name,
         product=body.product,
@@ -32,7 +32,7 @@ def create_batch(body: BatchIn, station: StationDep, who: OperatorUp) -> BatchOu
 
 @router.get("", response_model=list[BatchOut])
 def list_batches(
-    station: StationDep,
+    station: ContextDep,
     _: Reader,
     state: Annotated[str | None, Query(json_schema_extra={"enum": list(BatchState)})] = None,
 ) -> list[BatchOut]:
@@ -44,10 +44,10 @@ def list_batches(
 
 
 @router.get("/{name}", response_model=BatchOut)
-def get_batch(name: str, station: StationDep, _: Reader) -> BatchOut:
+def get_batch(name: str, station: ContextDep, _: Reader) -> BatchOut:
     return BatchOut(**asdict(station.ledger.get_batch(name)))
 
 
 @router.post("/{name}/close", response_model=BatchOut)
-def close_batch(name: str, station: StationDep, who: OperatorUp) -> BatchOut:
+def close_batch(name: str, station: ContextDep, who: OperatorUp) -> BatchOut:
     return BatchOut(**asdict(station.ledger.close_batch(name, operator=who.name)))

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from api.auth import AnyRole
-from api.context import StationDep
+from api.context import ContextDep
 
 router = APIRouter(prefix="/v1/ca", tags=["ca"])
 
@@ -21,7 +21,7 @@ router = APIRouter(prefix="/v1/ca", tags=["ca"])
         }
     },
 )
-def get_ca(request: Request, station: StationDep, _: AnyRole) -> Any:
+def get_ca(request: Request, station: ContextDep, _: AnyRole) -> Any:
     ca = station.ca
     if "application/json" in request.headers.get("accept", ""):
         return {**ca.describe(), "chain": ca.chain_pem.decode()}

@@ -10,9 +10,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
-from api import provision
+from api import issuance
 from api.auth import BOARD_UP, Forbidden, Role, authenticate, bearer_token, permit
-from api.context import Station
+from api.context import AppContext
 from api.schemas import CertificateIn, CertificateOut
 from station.errors import Kind, StationError
 from station.whitelist import serial_hex
@@ -113,16 +113,16 @@ async def request_certificate(request: Request) -> Response:
     # The hot route takes no FastAPI dependencies: solving them (station, bearer,
     # role, query: seven nested solves) cost more CPU per request than the rest of
     # the HTTP layer. It calls the functions the dependencies of the other routes use.
-    station: Station = request.app.state.station
+    station: AppContext = request.app.state.station
     token = bearer_token(request.headers.get("authorization"))
     who = permit(await authenticate(station, token), _BOARD_UP)
     req = await csr_request(request)
     if req.reprovision and who.role == Role.BOARD:
         raise Forbidden("re-provisioning a board needs the operator role")
     # The event loop only parses and answers; the ledger, policy and HSM work runs in
-    # the station's issue executor (see Station.issue_executor).
+    # the station's issue executor (see AppContext.issue_executor).
     issue = functools.partial(
-        provision.issue, station, req.batch, req.device_id, req.csr, reprovision=req.reprovision
+        issuance.issue, station, req.batch, req.device_id, req.csr, reprovision=req.reprovision
     )
     result = await asyncio.get_running_loop().run_in_executor(station.issue_executor, issue)
     status = 200 if result.reused else 201

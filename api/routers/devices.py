@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.auth import Admin, BoardUp, Reader
-from api.context import StationDep
+from api.context import ContextDep
 from api.schemas import ChallengeOut, DeviceOut, ProofIn, RevokeIn
 from station.errors import StationError
 from station.ledger import DeviceState
@@ -29,7 +29,7 @@ def _b64(value: str, field: str) -> bytes:
 
 @router.get("", response_model=list[DeviceOut])
 def list_devices(
-    station: StationDep,
+    station: ContextDep,
     _: Reader,
     batch: str | None = None,
     state: Annotated[str | None, Query(json_schema_extra={"enum": list(DeviceState)})] = None,
@@ -41,18 +41,18 @@ def list_devices(
 
 
 @router.get("/{device_id}", response_model=DeviceOut)
-def get_device(device_id: str, station: StationDep, _: Reader) -> DeviceOut:
+def get_device(device_id: str, station: ContextDep, _: Reader) -> DeviceOut:
     return DeviceOut(**asdict(station.ledger.get_device(device_id)))
 
 
 @router.post("/{device_id}/challenge", response_model=ChallengeOut)
-def challenge(device_id: str, station: StationDep, _: BoardUp) -> ChallengeOut:
+def challenge(device_id: str, station: ContextDep, _: BoardUp) -> ChallengeOut:
     nonce = station.ledger.create_challenge(device_id)
     return ChallengeOut(device_id=device_id, nonce=base64.b64encode(nonce).decode())
 
 
 @router.post("/{device_id}/proof", response_model=DeviceOut)
-def proof(device_id: str, body: ProofIn, station: StationDep, _: BoardUp) -> DeviceOut:
+def proof(device_id: str, body: ProofIn, station: ContextDep, _: BoardUp) -> DeviceOut:
     nonce = _b64(body.nonce, "nonce")
     signature = _b64(body.signature, "signature")
     try:
@@ -64,5 +64,5 @@ def proof(device_id: str, body: ProofIn, station: StationDep, _: BoardUp) -> Dev
 
 
 @router.post("/{device_id}/revoke", response_model=DeviceOut)
-def revoke(device_id: str, body: RevokeIn, station: StationDep, _: Admin) -> DeviceOut:
+def revoke(device_id: str, body: RevokeIn, station: ContextDep, _: Admin) -> DeviceOut:
     return DeviceOut(**asdict(station.ledger.revoke(device_id, body.reason)))

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from api.context import StationDep
+from api.context import ContextDep
 from api.problems import problem
 
 router = APIRouter(tags=["health"])
@@ -17,7 +17,7 @@ router = APIRouter(tags=["health"])
     "/healthz",
     responses={503: {"description": "a part is failing (problem+json naming it)"}},
 )
-def healthz(station: StationDep) -> Any:
+def healthz(station: ContextDep) -> Any:
     checks = station.health()
     failing = [(part, c) for part, c in checks.items() if c["status"] == "failing"]
     if not failing:
@@ -28,5 +28,5 @@ def healthz(station: StationDep) -> Any:
 
 
 @router.get("/metrics", response_class=Response)
-def metrics(station: StationDep) -> Response:
+def metrics(station: ContextDep) -> Response:
     return Response(generate_latest(station.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from api.auth import Reader
-from api.context import StationDep
+from api.context import ContextDep
 
 router = APIRouter(prefix="/v1/line", tags=["line"])
 
@@ -19,7 +19,7 @@ MAX_FAILURES = 10
 
 
 @router.get("/status")
-def line_status(station: StationDep, _: Reader) -> dict[str, Any]:
+def line_status(station: ContextDep, _: Reader) -> dict[str, Any]:
     ledger = station.ledger
     counts = ledger.counts()
     batches = []

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from api.auth import Reader
-from api.context import StationDep
+from api.context import ContextDep
 from station.errors import StationError
 from station.report import MEDIA_TYPES, CaFacts, Format, build_report, stream_report
 
@@ -67,7 +67,7 @@ def content_disposition(filename: str, disposition: str = "inline") -> str:
 def get_report(
     name: str,
     request: Request,
-    station: StationDep,
+    station: ContextDep,
     _: Reader,
     format: Annotated[str | None, Query(json_schema_extra={"enum": list(Format)})] = None,
 ) -> Response:

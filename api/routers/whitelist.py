@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from api.auth import Reader
-from api.context import StationDep
+from api.context import ContextDep
 from station.whitelist import WhitelistEntry
 
 router = APIRouter(prefix="/v1/whitelist", tags=["whitelist"])
@@ -55,7 +55,7 @@ def _json(entries: Iterator[WhitelistEntry]) -> Iterator[str]:
     },
 )
 def get_whitelist(
-    request: Request, station: StationDep, _: Reader, batch: str | None = None
+    request: Request, station: ContextDep, _: Reader, batch: str | None = None
 ) -> StreamingResponse:
     entries = station.ledger.whitelist(batch)  # unknown-batch is raised here, before streaming
     if "text/csv" in request.headers.get("accept", ""):

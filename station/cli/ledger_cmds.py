@@ -9,6 +9,7 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Annotated, ParamSpec, TypeVar
 
@@ -20,6 +21,7 @@ from station.ledger import ADHOC_BATCH, Ledger
 from station.ledger.records import Batch, Device
 from station.ledger.schema import DeviceState, KeyMode
 from station.policy import check_printable
+from station.timefmt import rfc3339
 from station.whitelist import WhitelistEntry
 
 P = ParamSpec("P")
@@ -47,8 +49,8 @@ def _operator() -> str | None:
         return None
 
 
-def _ts(value: object) -> str:
-    return value.isoformat(timespec="seconds") if hasattr(value, "isoformat") else "-"
+def _ts(value: datetime | None) -> str:
+    return "-" if value is None else rfc3339(value, timespec="seconds")
 
 
 def _print_batch(b: Batch) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from typer.core import TyperGroup
 
 from station.ca import open_ca
 from station.cli.common import cli_errors, console, err_console, fail, settings
+from station.files import atomic_writer
 from station.ledger import Ledger
 from station.report import (
     VERIFY_COMMANDS,
@@ -102,13 +102,8 @@ def report_batch(
             write_report(ledger, report, fmt, sys.stdout.buffer)
             sys.stdout.buffer.flush()
             return
-        tmp = out.with_name(out.name + ".tmp")
-        try:
-            with tmp.open("wb") as fh:
-                write_report(ledger, report, fmt, fh)
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_writer(out) as fh:
+            write_report(ledger, report, fmt, fh)
     err_console.print(
         f"wrote the {fmt.value} report of {batch} ({report.summary.enrolled} boards) to {out}",
         highlight=False,

@@ -131,10 +131,9 @@ def open_port_client(
     retries: int = 2,
 ) -> BoardClient:
     """A BoardClient on a device path or pyserial URL, counting its bytes (``client.port``)."""
-    import serial
-
-    raw = serial.serial_for_url(path, baudrate=baudrate, timeout=0.05)
-    return BoardClient(CountingPort(raw), timeouts=timeouts, retries=retries, baudrate=baudrate)
+    return BoardClient.open(
+        path, baudrate=baudrate, timeouts=timeouts, retries=retries, wrap=CountingPort
+    )
 
 
 def glob_ports(pattern: str) -> Callable[[], list[str]]:

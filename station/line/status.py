@@ -8,8 +8,6 @@ at most every ``min_interval`` seconds, so the dashboard never reads half a file
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
@@ -17,6 +15,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from station.files import write_atomically
+from station.timefmt import rfc3339
 
 STATUS_FILE = "line-status.json"
 RECENT_FAILURES = 50
@@ -31,7 +32,7 @@ TERMINAL = ("verified", "failed", "skipped")
 
 
 def _iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds")
+    return rfc3339(moment, timespec="milliseconds")
 
 
 def _bounded(text: str, limit: int) -> str:
@@ -201,15 +202,7 @@ class LineStatus:
         self._dirty = False
         self._last_write = now
         data = json.dumps(self.snapshot(), indent=1).encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".line-status-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Rewritten twice a second and made anew by the next write: not synced.
+        write_atomically(self.path, data, sync=False)
         self.writes += 1
         return True

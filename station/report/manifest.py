@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from station.ca import CertificateAuthority
 from station.errors import Kind, StationError
+from station.files import atomic_writer
 from station.ledger import Ledger
 from station.report.model import CaFacts, iso
 
@@ -87,8 +87,7 @@ def _write_manifest(
     tail = '],"generated_at":' + canonical(generated_at) + ',"manifest_version":1}'
     digest = hashlib.sha256()
     count = 0
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("wb") as fh:
+    with atomic_writer(path) as fh:
 
         def put(text: str) -> None:
             data = text.encode("utf-8")
@@ -106,9 +105,6 @@ def _write_manifest(
             put(("," if count else "") + canonical(item))
             count += 1
         put(tail)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
     return count, digest.digest()
 
 

@@ -24,6 +24,7 @@ from station.ledger import Batch, Ledger
 from station.ledger.records import utc
 from station.ledger.schema import CertState, DeviceState, batches, certificates, devices
 from station.policy import format_subject
+from station.timefmt import rfc3339
 
 #: Example device ids kept per failure code.
 EXAMPLES_PER_CODE = 5
@@ -53,9 +54,7 @@ IN_PROGRESS = (
 
 
 def iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return None if value is None else rfc3339(value)
 
 
 @dataclass(frozen=True, slots=True)

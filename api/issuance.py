@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 
-from api.context import Station
+from api.context import AppContext
 from hsm.errors import HsmError
 from station.errors import StationError
 from station.ledger import IssueResult
 
 
 def issue(
-    station: Station, batch: str, device_id: str, csr: bytes, *, reprovision: bool = False
+    station: AppContext, batch: str, device_id: str, csr: bytes, *, reprovision: bool = False
 ) -> IssueResult:
     m = station.metrics
     start = time.perf_counter()
