@@ -17,6 +17,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 RUNS = {
+    "against_commit": [
+        *("--base", "HEAD", "--rounds", "1", "--", "--count", "5", "--export-count", "50"),
+        *("--no-pg", "--threads", "2", "--no-writer-estimate"),
+    ],
     "issuance": ["--count", "30", "--raw-count", "50", "--openssl-count", "2"],
     "ledger": ["--count", "20", "--export-count", "200", "--no-pg", "--threads", "2"],
     "http_issuance": ["--duration", "1", "--workers", "1"],
