@@ -57,7 +57,17 @@ _LOCK = threading.RLock()
 # Logged-in sessions shared by every KeyStore of this process: PKCS#11 login is
 # per application, a second login raises UserAlreadyLoggedIn.
 _SESSIONS: dict[tuple[str, str], Any] = {}
-_SESSIONS_PID = os.getpid()
+# Set in a forked child (as station/ledger/db.py notices forks: a callback, not a
+# getpid() per call): the sessions and handles it inherited are not valid in it.
+_FORKED = False
+
+
+def _after_fork_in_child() -> None:
+    global _FORKED
+    _FORKED = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _BROKEN_SESSION = (
     p11e.SessionHandleInvalid,
@@ -192,12 +202,11 @@ class KeyStore:
         return self._open_session()
 
     def _open_session(self) -> Any:
-        global _SESSIONS_PID
-        if os.getpid() != _SESSIONS_PID:
-            # A forked child inherits handles that are not valid in it.
+        global _FORKED
+        if _FORKED:
             _SESSIONS.clear()
             self._handles.clear()
-            _SESSIONS_PID = os.getpid()
+            _FORKED = False
             with contextlib.suppress(p11e.PKCS11Error):
                 _load_lib(self.module).reinitialize()
         if self._session_key is not None:
