@@ -6,7 +6,7 @@ import time
 
 from api.context import AppContext
 from hsm.errors import HsmError
-from station.errors import StationError
+from station.errors import StationError, innermost
 from station.ledger import IssueResult
 
 
@@ -18,11 +18,11 @@ def issue(
     try:
         ca = station.issuing_ca()
         result = station.ledger.issue(batch, device_id, csr, ca, reprovision=reprovision)
-    except (StationError, HsmError) as exc:
-        if isinstance(exc, StationError) and isinstance(exc.__cause__, HsmError):
-            # The ledger abandoned the intent as sign-failed; the token's own reason
-            # (hsm-token-not-found, hsm-key-not-found, ...) tells the operator what to fix.
-            exc = exc.__cause__
+    except (StationError, HsmError) as raised:
+        # The ledger abandoned the intent as sign-failed; the token's own reason
+        # (hsm-token-not-found, hsm-key-not-found, ...) tells the operator what to fix.
+        cause = innermost(raised)
+        exc = cause if isinstance(cause, StationError | HsmError) else raised
         if isinstance(exc, HsmError):
             station.forget_ca()
         code = exc.code

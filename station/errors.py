@@ -95,3 +95,18 @@ def kind_of(exc: BaseException) -> Kind | None:
         return Kind(kind)
     except ValueError:
         return None
+
+
+def innermost(exc: BaseException) -> BaseException:
+    """The innermost error of the vocabulary along ``exc``'s ``__cause__`` chain.
+
+    A wrapper names the step that failed (``sign-failed``); its cause, when it
+    speaks the vocabulary too (``hsm-key-not-found``), says what to fix.
+    """
+    found = exc
+    cause = exc.__cause__
+    while cause is not None:
+        if kind_of(cause) is not None:
+            found = cause
+        cause = cause.__cause__
+    return found
