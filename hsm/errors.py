@@ -60,10 +60,46 @@ class KeyExists(HsmError):
 
 
 class MechanismNotSupported(HsmError):
+    """The station's signer cannot make the signature asked for (e.g. ECDH with a CA key)."""
+
     code = "hsm-mechanism-not-supported"
+    kind = "refused"
 
 
 class TokenUnavailable(HsmError):
     """The token went away or the session broke while running; retried on next use."""
 
     code = "hsm-token-unavailable"
+
+
+class TemplateRefused(HsmError):
+    """The token refused a key template or attribute: deterministic, never retried."""
+
+    code = "hsm-template-refused"
+    kind = "refused"
+
+
+class MechanismUnsupported(MechanismNotSupported):
+    """The token lacks the mechanism or key type asked for: deterministic, never retried."""
+
+    code = "hsm-mechanism-unsupported"
+    kind = "refused"
+
+
+class KeyNotProtected(HsmError):
+    """A key came out (or is) extractable or not sensitive: it could leave the token."""
+
+    code = "hsm-key-not-protected"
+    kind = "refused"
+
+
+class PinFileNotPrivate(HsmError):
+    code = "hsm-pin-file-not-private"
+    kind = "not-configured"
+
+
+class KeyNotOwned(HsmError):
+    """The station refuses to delete a key it did not make."""
+
+    code = "hsm-key-not-owned"
+    kind = "refused"

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import Attribute, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import KeyType as P11KeyType
+from pkcs11.constants import DEFAULT
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 from pkcs11.util.rsa import encode_rsa_public_key
 
@@ -40,15 +41,18 @@ from hsm.errors import (
     HsmError,
     KeyExists,
     KeyNotFound,
+    KeyNotProtected,
     MechanismNotSupported,
+    MechanismUnsupported,
     ModuleLoadError,
     PinLocked,
+    TemplateRefused,
     TokenNotFound,
     TokenUnavailable,
     WrongPin,
 )
 from hsm.signer import HsmEcPrivateKey, HsmPrivateKey, HsmRsaPrivateKey
-from hsm.uri import Pkcs11Uri
+from hsm.uri import Pkcs11Uri, resolve_module
 
 T = TypeVar("T")
 
@@ -80,6 +84,26 @@ _BROKEN_SESSION = (
     p11e.DeviceError,
 )
 _CRYPTOKI_NOT_INITIALIZED = 0x190
+# The token said no to what was asked: deterministic, so never retried, and not
+# an outage (a retry would get the same answer and could leave objects behind).
+_TEMPLATE_REFUSALS = (
+    p11e.AttributeTypeInvalid,
+    p11e.AttributeValueInvalid,
+    p11e.AttributeReadOnly,
+    p11e.AttributeSensitive,
+    p11e.TemplateIncomplete,
+    p11e.TemplateInconsistent,
+)
+_MECHANISM_REFUSALS = (
+    p11e.MechanismInvalid,
+    p11e.MechanismParamInvalid,
+    p11e.KeyTypeInconsistent,
+    p11e.KeySizeRange,
+    p11e.DomainParamsInvalid,
+    p11e.FunctionNotSupported,
+)
+# Mechanism lists, probed once per process and token.
+_MECHANISMS: dict[tuple[str, str], frozenset[Mechanism]] = {}
 # Digests of user PINs a token refused, per token (see KeyStore._login).
 _PIN_KEY = os.urandom(32)
 _REFUSED_PINS: dict[str, bytes] = {}
@@ -98,6 +122,35 @@ class KeyType(StrEnum):
 
 
 _CURVE_NAMES = {KeyType.EC_P256: "secp256r1", KeyType.EC_P384: "secp384r1"}
+
+
+def ckr_name(exc: BaseException) -> str:
+    """CKR_* name of a python-pkcs11 exception (its class name, upper snake case)."""
+    name = exc.__class__.__name__
+    snake = "".join(f"_{c}" if c.isupper() and i else c for i, c in enumerate(name)).upper()
+    return f"CKR_{snake}"
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A private key in the token, its protection flags as the token reports them."""
+
+    label: str
+    id: bytes
+    key_type: str
+    attributes: dict[str, bool | None]
+
+    @property
+    def could_leave_the_token(self) -> bool:
+        a = self.attributes
+        return a.get("EXTRACTABLE") is not False or a.get("SENSITIVE") is not True
+
+    @property
+    def sign_only(self) -> bool:
+        a = self.attributes
+        return bool(a.get("SIGN")) and not any(a.get(n) for n in ("DECRYPT", "UNWRAP", "DERIVE"))
+
+
 _RSA_BITS = {KeyType.RSA_2048: 2048, KeyType.RSA_3072: 3072}
 
 
@@ -108,6 +161,9 @@ class TokenInfo:
     manufacturer: str
     model: str
     slot_id: int
+    slot_description: str = ""
+    library: str = ""
+    library_version: str = ""
 
 
 def _load_lib(module: str) -> Any:
@@ -138,7 +194,7 @@ class KeyStore:
 
     def __init__(self, uri: Pkcs11Uri | str, *, default_module: str) -> None:
         self.uri = Pkcs11Uri.parse(uri) if isinstance(uri, str) else uri
-        self.module = self.uri.module_path or default_module
+        self.module = resolve_module(self.uri, default_module)
         self._handles: dict[tuple[str | None, bytes | None, ObjectClass], Any] = {}
         # Registry key of this store's token once found: the hot path then skips
         # the slot scan (C_GetSlotList + C_GetTokenInfo per slot) on every call.
@@ -149,27 +205,43 @@ class KeyStore:
 
     # -- sessions -------------------------------------------------------------
     def _select_token(self, lib: Any) -> Any:
-        wanted = []
-        for name, value in (
-            ("token", self.uri.token),
-            ("serial", self.uri.serial),
-            ("slot-id", self.uri.slot_id),
-        ):
-            if value is not None:
-                wanted.append(f"{name}={value}")
+        u = self.uri
+        wanted = [
+            f"{name}={value}"
+            for name, value in (
+                ("token", u.token),
+                ("manufacturer", u.manufacturer),
+                ("model", u.model),
+                ("serial", u.serial),
+                ("slot-id", u.slot_id),
+                ("slot-description", u.slot_description),
+                ("slot-manufacturer", u.slot_manufacturer),
+                ("library-manufacturer", u.library_manufacturer),
+                ("library-description", u.library_description),
+                ("library-version", u.library_version),
+            )
+            if value is not None
+        ]
         found = []
-        for slot in lib.get_slots(token_present=True):
-            if self.uri.slot_id is not None and slot.slot_id != self.uri.slot_id:
-                continue
-            try:
-                token = slot.get_token()
-            except (p11e.TokenNotPresent, p11e.TokenNotRecognised):
-                continue
-            if self.uri.token is not None and token.label != self.uri.token:
-                continue
-            if self.uri.serial is not None and _text(token.serial) != self.uri.serial:
-                continue
-            found.append(token)
+        if _library_matches(lib, u):
+            for slot in lib.get_slots(token_present=True):
+                if u.slot_id is not None and slot.slot_id != u.slot_id:
+                    continue
+                if not _matches(u.slot_description, slot.slot_description):
+                    continue
+                if not _matches(u.slot_manufacturer, slot.manufacturer_id):
+                    continue
+                try:
+                    token = slot.get_token()
+                except (p11e.TokenNotPresent, p11e.TokenNotRecognised):
+                    continue
+                if not _matches(u.token, token.label) or not _matches(u.serial, token.serial):
+                    continue
+                if not _matches(u.manufacturer, token.manufacturer_id):
+                    continue
+                if not _matches(u.model, token.model):
+                    continue
+                found.append(token)
         if not found:
             raise TokenNotFound(
                 f"no token matching {' '.join(wanted) or 'the key URI'} in {self.module}; "
@@ -283,9 +355,15 @@ class KeyStore:
                     return fn(self._session())
                 except HsmError:
                     raise
-                except p11e.MechanismInvalid:
-                    raise MechanismNotSupported(
-                        f"the token in {self.module} does not support the mechanism asked for"
+                except _MECHANISM_REFUSALS as exc:
+                    raise MechanismUnsupported(
+                        f"the token in {self.module} refused the mechanism or key type asked "
+                        f"for ({ckr_name(exc)}); `station hsm check` lists what it offers"
+                    ) from None
+                except _TEMPLATE_REFUSALS as exc:
+                    raise TemplateRefused(
+                        f"the token in {self.module} refused an attribute asked for "
+                        f"({ckr_name(exc)})"
                     ) from None
                 except p11e.NoSuchKey:
                     raise KeyNotFound(f"no such key in the token named by {self.uri}") from None
@@ -294,7 +372,7 @@ class KeyStore:
                         _CRYPTOKI_NOT_INITIALIZED in getattr(exc, "args", ())
                     )
                     if not broken:
-                        raise HsmError(f"PKCS#11 call failed: {exc.__class__.__name__}") from None
+                        raise HsmError(f"PKCS#11 call failed: {ckr_name(exc)}") from None
                     self._drop_session()
                     if attempt >= 1:
                         # A fresh session failed too: the module's own view of the token
@@ -305,7 +383,7 @@ class KeyStore:
                             reset_module(self.module)
                     if delay is None:
                         raise TokenUnavailable(
-                            f"the token stopped answering ({exc.__class__.__name__}) after "
+                            f"the token stopped answering ({ckr_name(exc)}) after "
                             f"{attempt + 1} attempts; check that it is connected"
                         ) from None
                     time.sleep(delay)
@@ -352,31 +430,72 @@ class KeyStore:
     def generate_key(
         self, key_type: KeyType, label: str | None = None, key_id: bytes | None = None
     ) -> HsmPrivateKey:
-        """Generate a sign-only, sensitive, non-extractable key pair inside the token."""
+        """Generate a sign-only, sensitive, non-extractable key pair inside the token.
+
+        Asked first with every attribute the station's policy names (private key
+        sign-only: no decrypt, unwrap or derive; public key verify-only); a token
+        that refuses one of the optional ones (a TPM sets the public key's usage
+        itself and refuses CKA_VERIFY or CKA_ENCRYPT given explicitly) is asked
+        again without the public key's, then with only what the standard needs:
+        token, private, sensitive, not extractable, sign (opencryptoki then makes
+        a key that may decrypt too, which is why the full template comes first).
+        The new key's flags are read back: a key that could leave the token is
+        deleted and refused. A failed generation leaves no object behind.
+        """
         label, key_id = self._names(label, key_id)
         if self.has_key(label, key_id):
             raise KeyExists(f"the token already holds a key named by {self.uri}")
-        key_id = key_id if key_id is not None else os.urandom(8)
-        private_template = {
+        # A fresh id: whatever carries it after a failure is this call's half pair.
+        new_id = key_id if key_id is not None else os.urandom(8)
+        gen_mech = Mechanism.EC_KEY_PAIR_GEN if key_type.is_ec else Mechanism.RSA_PKCS_KEY_PAIR_GEN
+        offered = self.mechanisms()
+        if offered and gen_mech not in offered:
+            raise MechanismUnsupported(
+                f"the token in {self.module} cannot generate {key_type.value} keys "
+                f"({gen_mech.name} is not in its mechanism list)"
+            )
+        required = {
             Attribute.TOKEN: True,
             Attribute.PRIVATE: True,
             Attribute.SENSITIVE: True,
             Attribute.EXTRACTABLE: False,
             Attribute.SIGN: True,
+        }
+        full_private = {
+            **required,
             Attribute.DECRYPT: False,
             Attribute.UNWRAP: False,
             Attribute.DERIVE: False,
         }
-        public_template = {Attribute.TOKEN: True, Attribute.VERIFY: True}
+        full_public = {
+            Attribute.TOKEN: True,
+            Attribute.VERIFY: True,
+            Attribute.ENCRYPT: False,
+            Attribute.WRAP: False,
+        }
+        # DEFAULT leaves an attribute out of the template (python-pkcs11 would
+        # otherwise set every capability flag explicitly).
+        min_private = {
+            **required,
+            Attribute.DECRYPT: DEFAULT,
+            Attribute.UNWRAP: DEFAULT,
+            Attribute.DERIVE: DEFAULT,
+        }
+        min_public = {
+            Attribute.TOKEN: True,
+            Attribute.VERIFY: DEFAULT,
+            Attribute.ENCRYPT: DEFAULT,
+            Attribute.WRAP: DEFAULT,
+        }
 
-        def generate(session: Any) -> None:
+        def attempt(session: Any, private: dict[Any, Any], public: dict[Any, Any]) -> None:
             common: dict[str, Any] = {
                 "store": True,
                 "label": label,
-                "id": key_id,
+                "id": new_id,
                 "capabilities": MechanismFlag.SIGN | MechanismFlag.VERIFY,
-                "private_template": private_template,
-                "public_template": public_template,
+                "private_template": private,
+                "public_template": public,
             }
             if key_type.is_ec:
                 params = session.create_domain_parameters(
@@ -388,19 +507,115 @@ class KeyStore:
             else:
                 session.generate_keypair(P11KeyType.RSA, _RSA_BITS[key_type], **common)
 
+        def generate(session: Any) -> None:
+            self._destroy_id(session, new_id)
+            refusal: BaseException | None = None
+            for private, public in (
+                (full_private, full_public),
+                (full_private, min_public),  # a TPM sets the public key's usage itself
+                (min_private, min_public),
+            ):
+                try:
+                    attempt(session, private, public)
+                except (*_TEMPLATE_REFUSALS, p11e.GeneralError, p11e.FunctionFailed) as exc:
+                    # CKR_GENERAL_ERROR is what tpm2-pkcs11 answers for a template it
+                    # will not honour; it is a refusal if the session still answers.
+                    if not self._alive(session):
+                        raise
+                    self._destroy_id(session, new_id)
+                    refusal = exc
+                    continue
+                except _MECHANISM_REFUSALS as exc:
+                    self._destroy_id(session, new_id)
+                    raise MechanismUnsupported(
+                        f"the token in {self.module} cannot generate a {key_type.value} key "
+                        f"({ckr_name(exc)})"
+                    ) from None
+                except p11e.PKCS11Error:
+                    with contextlib.suppress(p11e.PKCS11Error):
+                        self._destroy_id(session, new_id)
+                    raise
+                self._handles.clear()
+                return
+            assert refusal is not None
+            raise TemplateRefused(
+                f"the token in {self.module} refused to generate a {key_type.value} key even "
+                f"with the minimal template ({ckr_name(refusal)}); see its log"
+            )
+
         self.call(generate)
-        return self.private_key(label, key_id)
+        info = self.key_info(label, new_id)
+        if info.could_leave_the_token:
+            self.call(lambda s: self._destroy_id(s, new_id))
+            self._handles.clear()
+            raise KeyNotProtected(
+                f"the token in {self.module} made a key that could leave it "
+                f"(sensitive={info.attributes.get('SENSITIVE')}, "
+                f"extractable={info.attributes.get('EXTRACTABLE')}); the station deleted it"
+            )
+        return self.private_key(label, new_id)
+
+    def _alive(self, session: Any) -> bool:
+        try:
+            list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: b""}))
+        except p11e.PKCS11Error:
+            return False
+        return True
+
+    def _destroy_id(self, session: Any, key_id: bytes) -> None:
+        for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+            for obj in list(session.get_objects({Attribute.CLASS: cls, Attribute.ID: key_id})):
+                obj.destroy()
+        self._handles.clear()
 
     def delete_key(self, label: str | None = None, key_id: bytes | None = None) -> None:
+        """Destroy the key pair. Callers decide whether the station may (it made the key)."""
         label, key_id = self._names(label, key_id)
 
         def delete(session: Any) -> None:
-            for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
-                with contextlib.suppress(KeyNotFound):
-                    self._find(session, label, key_id, cls).destroy()
+            priv = self._find(session, label, key_id, ObjectClass.PRIVATE_KEY)
+            pub_id = key_id if key_id is not None else bytes(priv[Attribute.ID])
+            with contextlib.suppress(KeyNotFound):
+                self._find(session, label, pub_id or None, ObjectClass.PUBLIC_KEY).destroy()
+            priv.destroy()
             self._handles.clear()
 
         self.call(delete)
+
+    def key_info(self, label: str | None = None, key_id: bytes | None = None) -> KeyInfo:
+        """Label, id, type and protection flags of the private key."""
+        label, key_id = self._names(label, key_id)
+
+        def read(session: Any) -> KeyInfo:
+            priv = self._find(session, label, key_id, ObjectClass.PRIVATE_KEY)
+            return _key_info(priv)
+
+        return self.call(read)
+
+    def mechanisms(self) -> frozenset[Mechanism]:
+        """The token's mechanism list, asked once per process (empty if it will not say)."""
+        if self._session_key is not None and self._session_key in _MECHANISMS:
+            return _MECHANISMS[self._session_key]
+
+        def read(session: Any) -> frozenset[Mechanism]:
+            try:
+                return frozenset(session.token.slot.get_mechanisms())
+            except (p11e.PKCS11Error, ValueError):
+                return frozenset()
+
+        found = self.call(read)
+        if self._session_key is not None:
+            _MECHANISMS[self._session_key] = found
+        return found
+
+    def private_keys(self) -> list[KeyInfo]:
+        """Every private key the logged-in user can see."""
+
+        def read(session: Any) -> list[KeyInfo]:
+            objs = session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})
+            return [_key_info(o) for o in objs]
+
+        return self.call(read)
 
     def private_key(self, label: str | None = None, key_id: bytes | None = None) -> HsmPrivateKey:
         """The key as an object pyca/cryptography's builders can sign with."""
@@ -408,7 +623,10 @@ class KeyStore:
 
         def describe(session: Any) -> tuple[P11KeyType, bytes]:
             priv = self._find(session, label, key_id, ObjectClass.PRIVATE_KEY)
-            pub = self._find(session, label, key_id, ObjectClass.PUBLIC_KEY)
+            # The public key by the private key's id too: a stray public key with the
+            # same label (another tool's failed generation) does not make it ambiguous.
+            pub_id = key_id if key_id is not None else bytes(priv[Attribute.ID]) or None
+            pub = self._find(session, label, pub_id, ObjectClass.PUBLIC_KEY)
             kt = priv[Attribute.KEY_TYPE]
             spki = encode_ec_public_key(pub) if kt == P11KeyType.EC else encode_rsa_public_key(pub)
             return kt, spki
@@ -440,14 +658,7 @@ class KeyStore:
 
     def token_info(self) -> TokenInfo:
         def read(session: Any) -> TokenInfo:
-            token = session.token
-            return TokenInfo(
-                label=token.label,
-                serial=_text(token.serial),
-                manufacturer=token.manufacturer_id,
-                model=token.model,
-                slot_id=token.slot.slot_id,
-            )
+            return _token_info(_load_lib(self.module), session.token)
 
         return self.call(read)
 
@@ -469,11 +680,16 @@ class KeyStore:
         self.call(probe)
 
     def raw_sign(
-        self, label: str | None, key_id: bytes | None, data: bytes, mechanism: Mechanism
+        self,
+        label: str | None,
+        key_id: bytes | None,
+        data: bytes,
+        mechanism: Mechanism,
+        mechanism_param: Any = None,
     ) -> bytes:
         def sign(session: Any) -> bytes:
             key = self._find(session, label, key_id, ObjectClass.PRIVATE_KEY)
-            return bytes(key.sign(data, mechanism=mechanism))
+            return bytes(key.sign(data, mechanism=mechanism, mechanism_param=mechanism_param))
 
         return self.call(sign)
 
@@ -494,8 +710,11 @@ class _KeyRef:
     label: str | None
     key_id: bytes | None
 
-    def sign(self, data: bytes, mechanism: Mechanism) -> bytes:
-        return self.store.raw_sign(self.label, self.key_id, data, mechanism)
+    def sign(self, data: bytes, mechanism: Mechanism, mechanism_param: Any = None) -> bytes:
+        return self.store.raw_sign(self.label, self.key_id, data, mechanism, mechanism_param)
+
+    def mechanisms(self) -> frozenset[Mechanism]:
+        return self.store.mechanisms()
 
 
 def _open_with_pin(token: Any, pin: str | None) -> Any:
@@ -507,3 +726,91 @@ def _text(value: bytes | str) -> str:
     if isinstance(value, bytes):
         return value.decode("ascii", "replace").strip()
     return value.strip()
+
+
+def _matches(wanted: str | None, value: bytes | str) -> bool:
+    return wanted is None or _text(value) == wanted
+
+
+def _library_matches(lib: Any, uri: Pkcs11Uri) -> bool:
+    if not _matches(uri.library_manufacturer, lib.manufacturer_id):
+        return False
+    if not _matches(uri.library_description, lib.library_description):
+        return False
+    if uri.library_version is not None:
+        major, _, minor = uri.library_version.partition(".")
+        have = tuple(lib.library_version)
+        if int(major) != have[0] or (minor and int(minor) != have[1]):
+            return False
+    return True
+
+
+def _version(value: Any) -> str:
+    try:
+        return ".".join(str(int(v)) for v in value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _token_info(lib: Any, token: Any) -> TokenInfo:
+    slot = token.slot
+    return TokenInfo(
+        label=_text(token.label),
+        serial=_text(token.serial),
+        manufacturer=_text(token.manufacturer_id),
+        model=_text(token.model),
+        slot_id=slot.slot_id,
+        slot_description=_text(slot.slot_description),
+        library=f"{_text(lib.manufacturer_id)} {_text(lib.library_description)}".strip(),
+        library_version=_version(lib.library_version),
+    )
+
+
+_KEY_FLAGS = (
+    "TOKEN",
+    "PRIVATE",
+    "SENSITIVE",
+    "ALWAYS_SENSITIVE",
+    "EXTRACTABLE",
+    "NEVER_EXTRACTABLE",
+    "SIGN",
+    "DECRYPT",
+    "UNWRAP",
+    "DERIVE",
+)
+
+
+def _key_info(priv: Any) -> KeyInfo:
+    attrs: dict[str, bool | None] = {}
+    for name in _KEY_FLAGS:
+        try:
+            attrs[name] = bool(priv[getattr(Attribute, name)])
+        except p11e.PKCS11Error:
+            attrs[name] = None  # the token does not say
+    try:
+        kt = P11KeyType(priv[Attribute.KEY_TYPE]).name
+    except (p11e.PKCS11Error, ValueError):
+        kt = "unknown"
+    try:
+        label = _text(priv[Attribute.LABEL])
+    except p11e.PKCS11Error:
+        label = ""
+    try:
+        key_id = bytes(priv[Attribute.ID])
+    except p11e.PKCS11Error:
+        key_id = b""
+    return KeyInfo(label=label, id=key_id, key_type=kt, attributes=attrs)
+
+
+def list_tokens(module: str) -> list[TokenInfo]:
+    """Every initialised token the module shows (no login)."""
+    with _LOCK:
+        lib = _load_lib(module)
+        out = []
+        for slot in lib.get_slots(token_present=True):
+            try:
+                token = slot.get_token()
+            except p11e.PKCS11Error:
+                continue
+            out.append(_token_info(lib, token))
+        return out

@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.fixtures.hsm",
+    "tests.fixtures.tokens",
     "tests.fixtures.pg",
     "tests.fixtures.aws",
     "tests.fixtures.boards",
