@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from hsm import HsmPrivateKey, KeyMismatch, KeyNotFound, KeyStore, KeyType, Pkcs11Uri, reset_module
 from hsm.softhsm import ensure_dev_token, use_config
+from station import keys_made
 from station.errors import ConfigurationError, ConflictError, Kind, StationError
 from station.files import write_atomically
 from station.policy import format_subject, parse_subject
@@ -316,7 +317,10 @@ def init_ca(
 ) -> InitOutcome:
     """Create the CA key in the token and a self-signed CA certificate (or a CSR for a root).
 
-    Idempotent: with a CA in place it keeps it and says so; ``force`` replaces it.
+    Idempotent: with a CA in place it keeps it and says so. ``force`` makes a new
+    key *beside* the old one (a new label) and a new certificate: no key is ever
+    deleted here, it may be a key ceremony's (`station hsm delete-key` deletes a
+    key the station made, on its own).
     """
     if not 1 <= days <= 36500:
         raise StationError("--days must be 1 to 36500", code="bad-argument")
@@ -339,16 +343,18 @@ def init_ca(
     if have_cert and have_key and not force and csr_out is None:
         ca = open_ca(settings)
         return InitOutcome("kept", "a CA already exists; kept it (use --force to replace)", ca)
-    if have_key and force:
-        keystore.delete_key()
-        have_key = False
     replaced = have_cert and force
+    beside = ""
+    if have_key and force:
+        keystore, beside = _new_key_beside(settings, keystore)
+        have_key = False
     if have_key:
         key = keystore.private_key()
         if have_cert and csr_out is None:  # pragma: no cover - handled above
             raise ConflictError("a CA already exists")
     else:
         key = keystore.generate_key(key_type)
+        keys_made.record(settings, str(keystore.uri), key)
     hash_alg = _hash_for(key)
     if csr_out is not None:
         csr = (
@@ -378,9 +384,36 @@ def init_ca(
     cert = _ca_extensions(builder, key.public_key()).sign(key, hash_alg)
     write_atomically(settings.ca_cert_path, cert.public_bytes(serialization.Encoding.PEM))
     ca = CertificateAuthority(keystore, key, cert)
-    if replaced:
-        return InitOutcome("replaced", "replaced the CA key and certificate (--force)", ca)
+    if replaced or beside:
+        return InitOutcome("replaced", f"replaced the CA certificate (--force){beside or ''}", ca)
     return InitOutcome("created", "created the CA key in the token and its certificate", ca)
+
+
+def _new_key_beside(settings: Settings, keystore: KeyStore) -> tuple[KeyStore, str]:
+    """A key store for a new label next to the existing key, which is kept; and what to say.
+
+    The new key's URI goes to DATA_DIR/ca-key.uri. With STATION_CA_KEY_URI set the
+    operator must point it at the new key: the message says so.
+    """
+    old = keystore.uri
+    stamp = _utcnow().strftime("%Y%m%dT%H%M%SZ")
+    base = old.object or DEV_KEY_LABEL
+    label = f"{base}-{stamp}"
+    n = 1
+    while keystore.has_key(label, None):
+        n += 1
+        label = f"{base}-{stamp}-{n}"
+    new_uri = old.with_object(label, None)
+    write_atomically(settings.ca_key_uri_path, (new_uri.to_string() + "\n").encode())
+    new_store = KeyStore(new_uri, default_module=settings.pkcs11_module)
+    message = (
+        f"; the old key {old} stays in the token (delete it with "
+        f"`station hsm delete-key --key-uri ...` if the station made it); "
+        f"the new key is {new_uri}"
+    )
+    if settings.ca_key_uri:
+        message += f"; set STATION_CA_KEY_URI to {new_uri}"
+    return new_store, message
 
 
 def import_ca_certificate(settings: Settings, pem: bytes) -> CertificateAuthority:

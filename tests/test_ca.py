@@ -1,9 +1,14 @@
-"""The CA: init, intermediates, and the device certificate profile, checked by OpenSSL too."""
+"""The CA: init, intermediates, and the device certificate profile, checked by OpenSSL too.
+
+The CA tests run with the CA key in each of the three tested PKCS#11 implementations
+(SoftHSM2, tpm2-pkcs11 over swtpm, opencryptoki's soft token).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -13,12 +18,39 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from hsm import KeyType
-from station.ca import DeviceProfile, import_ca_certificate, init_ca, new_serial, open_ca
+from station.ca import (
+    CertificateAuthority,
+    DeviceProfile,
+    import_ca_certificate,
+    init_ca,
+    new_serial,
+    open_ca,
+)
 from station.errors import StationError
 from station.settings import Settings
 from tests.csrs import device_name, make_csr, rsa_key
+from tests.fixtures.tokens import TOKEN_NAMES, Token
 
 DEFAULT_PROFILE = DeviceProfile()
+
+
+@pytest.fixture(scope="module", params=TOKEN_NAMES)
+def token_ca_settings(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Settings:
+    """A CA whose key is in one of the three tokens (EC P-256, RSA-2048 where no EC)."""
+    token: Token = request.getfixturevalue(f"{request.param}_token")
+    home = tmp_path_factory.mktemp(f"ca-{request.param}")
+    settings = Settings(
+        data_dir=home, ca_key_uri=token.uri(f"ca-{uuid.uuid4().hex[:8]}"), station_id="ca-tests"
+    )
+    assert init_ca(settings, key_type=token.ca_key_type).status == "created"
+    return settings
+
+
+@pytest.fixture
+def ca(token_ca_settings: Settings) -> CertificateAuthority:
+    return open_ca(token_ca_settings)
 
 
 def issue(ca, key=None, serial=None, profile=DEFAULT_PROFILE):
@@ -74,9 +106,7 @@ def test_device_certificate_profile(ca) -> None:
     )
     assert len(ext) == 5
     assert cert.issuer == ca.certificate.subject
-    ca.certificate.public_key().verify(
-        cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256())
-    )
+    cert.verify_directly_issued_by(ca.certificate)
 
 
 def test_rsa_device_gets_key_encipherment(ca) -> None:
@@ -169,10 +199,20 @@ def test_p384_ca_signs_with_sha384(tmp_path) -> None:
     assert openssl_verify(ca.chain_pem, ca.chain_for(cert), tmp_path).returncode == 0
 
 
-def test_intermediate_via_external_root(tmp_path) -> None:
-    settings = Settings(data_dir=tmp_path / "inter", station_id="s3", dev_token_label="t-inter")
+def test_intermediate_via_external_root(any_token: Token, tmp_path) -> None:
+    """The key ceremony on each token: key in the token, CSR out, root signs, cert in."""
+    settings = Settings(
+        data_dir=tmp_path / "inter",
+        station_id="s3",
+        ca_key_uri=any_token.uri(f"inter-{uuid.uuid4().hex[:8]}"),
+    )
     csr_path = tmp_path / "ca.csr"
-    outcome = init_ca(settings, subject="/O=acme/CN=Line CA", csr_out=csr_path)
+    outcome = init_ca(
+        settings,
+        subject="/O=acme/CN=Line CA",
+        csr_out=csr_path,
+        key_type=any_token.ca_key_type,
+    )
     assert outcome.status == "csr-written"
     station_csr = x509.load_pem_x509_csr(csr_path.read_bytes())
     assert station_csr.is_signature_valid

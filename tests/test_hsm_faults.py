@@ -220,6 +220,7 @@ def test_pin_not_usable_is_pin_locked_and_recovers_when_the_so_sets_it(
     reset_module(MODULE)
     pin_file = tmp_path / "user.pin"
     pin_file.write_text(secrets.token_urlsafe(12))
+    pin_file.chmod(0o600)  # the station refuses a PIN file others may read
     uri = Pkcs11Uri(token=label, object="ca", module_path=MODULE, pin_source=str(pin_file))
     settings = Settings(data_dir=tmp_path / "data", ca_key_uri=uri.to_string(), station_id="f")
     settings.data_dir.mkdir(parents=True)
@@ -328,6 +329,13 @@ def test_session_closed_under_the_key_store_is_reopened(rig: Rig) -> None:
 # ------------------------------------------------------------------ key deleted
 
 
+def _replace_key_under_the_same_uri(settings: Settings) -> None:
+    """What the token's own tools can do behind the station's back (`station init --force`
+    never deletes a key: it makes the new one beside the old)."""
+    open_keystore(settings).delete_key()
+    assert init_ca(settings).status == "created"
+
+
 def test_key_deleted_then_replaced_by_a_new_ca(rig: Rig) -> None:
     csr0, _ = new_csr("dev-k0")
     assert_issues_and_verifies(rig, "dev-k0", csr0)
@@ -341,8 +349,8 @@ def test_key_deleted_then_replaced_by_a_new_ca(rig: Rig) -> None:
     body = assert_problem(rig.healthz(), 503, "hsm-key-not-found")
     assert body["part"] == "key"
 
-    # Recovery: a new CA key and certificate (station init --force), same running app.
-    assert init_ca(rig.settings, force=True).status == "replaced"
+    # Recovery: a new CA key and certificate (station init), same running app.
+    assert init_ca(rig.settings).status == "created"
     assert_healthy(rig)
     assert_issues_and_verifies(rig, "dev-k1", csr)
 
@@ -353,7 +361,7 @@ def test_key_replaced_between_requests_is_never_used_with_the_old_certificate(
     """No health probe in between: the app still holds the old CA certificate."""
     csr0, _ = new_csr("dev-r0")
     assert_issues_and_verifies(rig, "dev-r0", csr0)
-    assert init_ca(rig.settings, force=True).status == "replaced"
+    _replace_key_under_the_same_uri(rig.settings)
     csr, _ = new_csr("dev-r1")
     r = rig.post("dev-r1", csr)
     if r.status_code == 201:
@@ -372,7 +380,7 @@ def test_key_replaced_between_requests_is_never_used_with_the_old_certificate(
 def test_health_after_the_key_was_replaced_serves_the_new_ca(rig: Rig) -> None:
     csr0, _ = new_csr("dev-h0")
     assert_issues_and_verifies(rig, "dev-h0", csr0)
-    assert init_ca(rig.settings, force=True).status == "replaced"
+    _replace_key_under_the_same_uri(rig.settings)
     assert_healthy(rig)  # the stale CA is noticed and reopened by the probe
     r = rig.client.get("/v1/ca", headers={"Authorization": f"Bearer {rig.bearer}"})
     assert r.status_code == 200, r.text

@@ -26,7 +26,11 @@ def init_cmd(
     ] = None,
     days: Annotated[int, typer.Option(help="Validity of the CA certificate.")] = 7300,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing CA key and certificate.")
+        bool,
+        typer.Option(
+            "--force",
+            help="Make a new CA key beside the existing one (kept) and a new certificate.",
+        ),
     ] = False,
     csr_out: Annotated[
         Path | None,

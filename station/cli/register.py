@@ -9,6 +9,7 @@ import typer
 # Each module exposes `register(app: typer.Typer) -> None`.
 MODULES = [
     "station.cli.ca_cmds",
+    "station.cli.hsm_cmds",
     "station.cli.ledger_cmds",
     "station.cli.aws_cmds",
     "station.cli.serve_cmds",
