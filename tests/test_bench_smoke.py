@@ -21,7 +21,10 @@ RUNS = {
         *("--base", "HEAD", "--rounds", "1", "--", "--count", "5", "--export-count", "50"),
         *("--no-pg", "--threads", "2", "--no-writer-estimate"),
     ],
-    "issuance": ["--count", "30", "--raw-count", "50", "--openssl-count", "2"],
+    "issuance": [
+        *("--count", "30", "--raw-count", "50", "--openssl-count", "2"),
+        *("--module-seconds", "0.2"),
+    ],
     "ledger": ["--count", "20", "--export-count", "200", "--no-pg", "--threads", "2"],
     "http_issuance": ["--duration", "1", "--workers", "1"],
     "line": ["--boards", "1", "--ports", "1,2", "--per-port", "1"],
