@@ -115,6 +115,7 @@ class KeyType(StrEnum):
     EC_P384 = "ec-p384"
     RSA_2048 = "rsa-2048"
     RSA_3072 = "rsa-3072"
+    RSA_4096 = "rsa-4096"
 
     @property
     def is_ec(self) -> bool:
@@ -151,7 +152,7 @@ class KeyInfo:
         return bool(a.get("SIGN")) and not any(a.get(n) for n in ("DECRYPT", "UNWRAP", "DERIVE"))
 
 
-_RSA_BITS = {KeyType.RSA_2048: 2048, KeyType.RSA_3072: 3072}
+_RSA_BITS = {KeyType.RSA_2048: 2048, KeyType.RSA_3072: 3072, KeyType.RSA_4096: 4096}
 
 
 @dataclass(frozen=True)
@@ -454,6 +455,14 @@ class KeyStore:
                 f"the token in {self.module} cannot generate {key_type.value} keys "
                 f"({gen_mech.name} is not in its mechanism list)"
             )
+        if not key_type.is_ec:
+            low, high = self._key_sizes(gen_mech)
+            bits = _RSA_BITS[key_type]
+            if high and not (low or 0) <= bits <= high:
+                raise MechanismUnsupported(
+                    f"the token in {self.module} makes RSA keys of {low} to {high} bits, "
+                    f"not {bits} ({gen_mech.name}'s key sizes)"
+                )
         required = {
             Attribute.TOKEN: True,
             Attribute.PRIVATE: True,
@@ -554,6 +563,18 @@ class KeyStore:
                 f"extractable={info.attributes.get('EXTRACTABLE')}); the station deleted it"
             )
         return self.private_key(label, new_id)
+
+    def _key_sizes(self, mechanism: Mechanism) -> tuple[int | None, int | None]:
+        """The key sizes the token says a mechanism takes (None when it will not say)."""
+
+        def read(session: Any) -> tuple[int | None, int | None]:
+            try:
+                info = session.token.slot.get_mechanism_info(mechanism)
+            except (p11e.PKCS11Error, ValueError):
+                return None, None
+            return info.min_key_length, info.max_key_length
+
+        return self.call(read)
 
     def _alive(self, session: Any) -> bool:
         try:

@@ -150,7 +150,11 @@ def test_delete_key_deletes_a_key_the_station_made_but_not_the_ca_key(
     assert "[ca-key-in-use]" in result.stderr
 
 
-def test_force_on_the_dev_token_switches_to_the_new_key(run: Run, tmp_path: Path) -> None:
+def test_force_on_the_dev_token_switches_to_the_new_key(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The run shares one SoftHSM directory: a label of this test's own.
+    monkeypatch.setenv("STATION_DEV_TOKEN_LABEL", f"force-{uuid.uuid4().hex[:6]}")
     run("init")
     data = tmp_path / "data"
     old = (data / "ca-key.uri").read_text().strip()
