@@ -833,5 +833,7 @@ def list_tokens(module: str) -> list[TokenInfo]:
                 token = slot.get_token()
             except p11e.PKCS11Error:
                 continue
+            if not token.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED:
+                continue  # a free slot (SoftHSM always shows one)
             out.append(_token_info(lib, token))
         return out

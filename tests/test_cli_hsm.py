@@ -83,6 +83,7 @@ def test_init_sign_and_check_on_each_token(
     obj = Pkcs11Uri.parse(uri).object
     assert f"token={any_token.label}" in listed
     assert f"object={obj}" in listed
+    assert "token=;" not in listed  # free slots are not tokens
     assert any_token.pin_file.read_text() not in listed + check
 
 
