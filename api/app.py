@@ -17,7 +17,11 @@ from starlette.concurrency import run_in_threadpool
 
 from api import problems
 from api.context import AppContext
-from api.middleware import BodyLimitMiddleware, PlainTextParamsMiddleware
+from api.middleware import (
+    BodyLimitMiddleware,
+    PlainTextParamsMiddleware,
+    SecurityHeadersMiddleware,
+)
 from api.routers import (
     batches,
     ca,
@@ -88,11 +92,17 @@ def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -
         version=API_VERSION,
         description="Certificates for factory-line IoT boards, signed by an HSM-backed CA.",
         lifespan=lifespan,
+        # FastAPI's /docs and /redoc load their scripts from a public CDN onto the
+        # station's origin (and a factory network is often offline): off. The
+        # schema stays at /openapi.json for any viewer run elsewhere.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.station = station
     problems.install(app)
     app.add_middleware(PlainTextParamsMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=station.settings.max_body_bytes)
+    app.add_middleware(SecurityHeadersMiddleware)
     for module in (
         batches,
         reports,

@@ -9,6 +9,13 @@ token revoked in the ledger therefore stops working in every worker within 5
 seconds (a hit never extends the entry). Refused tokens are not remembered, so a
 newly created token works at once.
 
+Failed authentications (no token, or one the ledger does not accept) are counted
+per client address: past ``STATION_AUTH_FAILURES_PER_MINUTE`` in a minute the
+address gets 429 ``too-many-auth-failures`` (with ``Retry-After``) for every
+request needing a token until its failures age out, so tokens cannot be guessed at
+line speed. Per worker process; ``/metrics`` counts both
+(``station_auth_failures_total``, ``station_auth_rate_limited_total``).
+
 The dependencies are ``async``: a cached token is checked on the event loop
 without a hop to the threadpool; only a lookup in the ledger runs in a thread.
 
@@ -17,7 +24,7 @@ previous may); ``qa`` is read-only and outside the chain.
 
 | route                                   | board | operator | qa  | admin |
 |-----------------------------------------|:-----:|:--------:|:---:|:-----:|
-| GET /, /static/*, /healthz, /metrics, /openapi.json, /docs | public | public | public | public |
+| GET /, /static/*, /healthz, /metrics, /openapi.json | public | public | public | public |
 | GET /v1/ca                              |  yes  |   yes    | yes |  yes  |
 | POST /v1/certificates                   |  yes  |   yes    |  -  |  yes  |
 | POST /v1/devices/{id}/challenge         |  yes  |   yes    |  -  |  yes  |
@@ -29,7 +36,8 @@ previous may); ``qa`` is read-only and outside the chain.
 | GET /v1/whitelist                       |   -   |   yes    | yes |  yes  |
 | GET /v1/line/status                     |   -   |   yes    | yes |  yes  |
 | POST /v1/devices/{id}/revoke            |   -   |    -     |  -  |  yes  |
-| POST /v1/tokens                         |   -   |    -     |  -  |  yes  |
+| POST /v1/tokens, GET /v1/tokens         |   -   |    -     |  -  |  yes  |
+| DELETE /v1/tokens/{name}                |   -   |    -     |  -  |  yes  |
 
 ``reprovision: true`` on POST /v1/certificates (revoke a board's live
 certificate for another key) needs operator or admin. No token: 401 with
@@ -39,13 +47,15 @@ certificate for another key) needs operator or admin. No token: 401 with
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.concurrency import run_in_threadpool
 
+from api.auth_limit import AuthFailureLimiter, TooManyAuthFailures
 from api.context import AppContext, ContextDep
 from api.token_cache import Principal, TokenCache
 from station.errors import Kind, StationError
@@ -76,27 +86,48 @@ class Forbidden(StationError):
 _bearer = HTTPBearer(auto_error=False)
 
 
-def _lookup(station: AppContext, token: str) -> Principal | None:
-    found = station.ledger.lookup_token(token)
-    role = role_from_ledger(found[1]) if found is not None else None
+def _lookup(station: AppContext, token: str) -> tuple[Principal, datetime | None] | None:
+    found = station.ledger.lookup_token_record(token)
+    role = role_from_ledger(found.role) if found is not None else None
     if found is None or role is None:
         return None
-    return Principal(found[0], role)
+    return Principal(found.name, role), found.expires_at
 
 
-async def authenticate(station: AppContext, token: str | None) -> Principal:
-    """The holder of a bearer token: from the cache, else from the ledger (in a thread)."""
+async def authenticate(station: AppContext, token: str | None, address: str = "") -> Principal:
+    """The holder of a bearer token: from the cache, else from the ledger (in a thread).
+
+    ``address`` is the client's: its failures are counted, and past the limit it is
+    refused (too-many-auth-failures) before its token is looked at.
+    """
+    limiter: AuthFailureLimiter = station.auth_limiter
+    wait = limiter.retry_after(address)
+    if wait is not None:
+        station.metrics.auth_rate_limited.inc()
+        raise TooManyAuthFailures(wait)
     if not token:
+        _failed(station, address)
         raise AuthError("a bearer token is required")
     key = hashlib.sha256(token.encode()).hexdigest()
     cache: TokenCache = station.token_cache
     principal = cache.get(key)
     if principal is None:
-        principal = await run_in_threadpool(_lookup, station, token)
-        if principal is None:
+        found = await run_in_threadpool(_lookup, station, token)
+        if found is None:
+            _failed(station, address)
             raise AuthError("the bearer token is not valid")
-        cache.put(key, principal)
+        principal, expires_at = found
+        cache.put(key, principal, expires_at)
     return principal
+
+
+def _failed(station: AppContext, address: str) -> None:
+    station.auth_limiter.failed(address)
+    station.metrics.auth_failures.inc()
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client is not None else ""
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -115,10 +146,30 @@ def permit(principal: Principal, allowed: frozenset[Role]) -> Principal:
 
 
 async def current_principal(
+    request: Request,
     station: ContextDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    return await authenticate(station, creds.credentials if creds is not None else None)
+    token = creds.credentials if creds is not None else None
+    return await authenticate(station, token, client_address(request))
+
+
+async def optional_principal(
+    request: Request,
+    station: ContextDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal | None:
+    """The holder of the request's token for a public route that says more to some
+    roles: None without a token, or with one that is refused (counted as a failure)."""
+    if creds is None:
+        return None
+    try:
+        return await authenticate(station, creds.credentials, client_address(request))
+    except (AuthError, TooManyAuthFailures):
+        return None
+
+
+MaybePrincipal = Annotated[Principal | None, Depends(optional_principal)]
 
 
 def require(*roles: Role) -> object:

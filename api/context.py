@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from sqlalchemy.engine import make_url
 
+from api.auth_limit import AuthFailureLimiter
 from api.line_view import FILE_NAME, LineView
 from api.metrics import Metrics, TimedCA
 from api.token_cache import TokenCache
@@ -98,6 +99,7 @@ class AppContext:
         self.line = LineView(settings.data_dir / FILE_NAME)
         self.activity = Activity()
         self.token_cache = TokenCache()
+        self.auth_limiter = AuthFailureLimiter(settings.auth_failures_per_minute, 60.0)
 
     @property
     def ledger(self) -> Ledger:

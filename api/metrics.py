@@ -77,7 +77,20 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        r.register(_BoardsCollector(counts))
+        self.auth_failures = Counter(
+            "station_auth_failures",
+            "Requests refused for a missing or unknown bearer token (401)",
+            registry=r,
+        )
+        self.auth_rate_limited = Counter(
+            "station_auth_rate_limited",
+            "Requests refused because their address failed to authenticate too often (429)",
+            registry=r,
+        )
+        # Batch names and board counts are for reader roles (as /v1/batches is): a
+        # registry of their own, added to a scrape that carries a reader token.
+        self.private_registry = CollectorRegistry(auto_describe=False)
+        self.private_registry.register(_BoardsCollector(counts))
 
 
 class TimedCA(CertificateAuthority):

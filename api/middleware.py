@@ -1,5 +1,5 @@
 """Pure ASGI middleware: request body limit enforced on the stream, not only Content-Length;
-no control characters in the path or the query."""
+no control characters in the path or the query; security headers on every answer."""
 
 from __future__ import annotations
 
@@ -120,3 +120,47 @@ class BodyLimitMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+# The dashboard loads only its own files (no inline script or style, no CDN); no
+# page of the station may be framed (clickjacking an operator's session).
+DEFAULT_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+# A QA report: inline style and data: charts, nothing that runs.
+REPORT_CSP = (
+    "default-src 'none'; script-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+class SecurityHeadersMiddleware:
+    """``X-Content-Type-Options: nosniff`` on every answer; on HTML answers also
+    ``X-Frame-Options: DENY`` and a Content-Security-Policy (DEFAULT_CSP unless the
+    route set its own)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                names = {name.lower() for name, _ in headers}
+                headers.append((b"x-content-type-options", b"nosniff"))
+                ctype = next((v for n, v in headers if n.lower() == b"content-type"), b"")
+                if ctype.lower().startswith(b"text/html"):
+                    if b"x-frame-options" not in names:
+                        headers.append((b"x-frame-options", b"DENY"))
+                    if b"content-security-policy" not in names:
+                        headers.append((b"content-security-policy", DEFAULT_CSP.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

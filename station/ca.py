@@ -23,6 +23,7 @@ from hsm import HsmPrivateKey, KeyMismatch, KeyNotFound, KeyStore, KeyType, Pkcs
 from hsm.softhsm import ensure_dev_token, use_config
 from station import keys_made
 from station.errors import ConfigurationError, ConflictError, Kind, StationError
+from station.filemodes import private_dir
 from station.files import write_atomically
 from station.policy import format_subject, parse_subject
 from station.settings import Settings
@@ -325,7 +326,7 @@ def init_ca(
     if not 1 <= days <= 36500:
         raise StationError("--days must be 1 to 36500", code="bad-argument")
     name = parse_subject(subject or default_ca_subject(settings))
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     if settings.resolved_ca_key_uri() is None:
         _conf, pin_file, created = ensure_dev_token(settings.token_dir, settings.dev_token_label)
         if created:

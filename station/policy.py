@@ -39,6 +39,10 @@ _PEM_CSR = re.compile(
     re.S,
 )
 
+# The only attribute types a subject the station signs may hold (from a template or,
+# in the `adhoc` batch, from the CSR): a board that could name its own UID, role,
+# e-mail address or any other OID would get a certificate a relying party reads as
+# something the station never meant to say.
 SUBJECT_ATTRS = {
     "C": NameOID.COUNTRY_NAME,
     "ST": NameOID.STATE_OR_PROVINCE_NAME,
@@ -47,9 +51,12 @@ SUBJECT_ATTRS = {
     "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
     "CN": NameOID.COMMON_NAME,
     "serialNumber": NameOID.SERIAL_NUMBER,
-    "emailAddress": NameOID.EMAIL_ADDRESS,
 }
 _ATTR_NAMES = {oid: name for name, oid in SUBJECT_ATTRS.items()}
+_ALLOWED_ATTR_OIDS = frozenset(SUBJECT_ATTRS.values())
+# Named curves in an EC key's AlgorithmIdentifier: an OID. Explicit parameters are a
+# SEQUENCE (and NULL is implicitlyCA); both refused (explicit-curve-params).
+_DER_OID = 0x06
 
 
 def load_csr(data: bytes) -> x509.CertificateSigningRequest:
@@ -99,6 +106,7 @@ def check_csr(csr: x509.CertificateSigningRequest) -> None:
     except (ValueError, TypeError, NotImplementedError, UnsupportedAlgorithm):
         raise PolicyError("the CSR's public key cannot be read", code="unsupported-key") from None
     if isinstance(key, ec.EllipticCurvePublicKey):
+        check_named_curve(csr)
         if key.curve.name in WEAK_CURVES:
             raise PolicyError(
                 f"EC curve {key.curve.name} is too weak; use P-256 or P-384", code="weak-key"
@@ -159,15 +167,76 @@ def check_csr(csr: x509.CertificateSigningRequest) -> None:
     check_name_characters(csr.subject)
 
 
+def check_named_curve(csr: x509.CertificateSigningRequest) -> None:
+    """An EC key must name its curve: cryptography maps explicit parameters that
+    match a named curve onto that curve, and the certificate would then carry a key
+    encoding the board never sent. Code: explicit-curve-params."""
+    try:
+        params_tag = _spki_parameters_tag(csr.tbs_certrequest_bytes)
+    except (IndexError, ValueError):
+        raise PolicyError("the CSR's public key cannot be read", code="malformed-csr") from None
+    if params_tag != _DER_OID:
+        raise PolicyError(
+            "the EC key carries explicit curve parameters; name the curve (P-256 or P-384)",
+            code="explicit-curve-params",
+        )
+
+
+def _der_item(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start of the content, end of the content) of the DER item at ``pos``."""
+    tag = data[pos]
+    length = data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 1 <= count <= 4:
+            raise ValueError("bad DER length")
+        length = int.from_bytes(data[pos : pos + count], "big")
+        pos += count
+    if pos + length > len(data):
+        raise ValueError("DER item runs past its parent")
+    return tag, pos, pos + length
+
+
+def _spki_parameters_tag(tbs: bytes) -> int:
+    """The DER tag of the algorithm parameters in a CertificationRequestInfo's SPKI."""
+    _, pos, _ = _der_item(tbs, 0)  # CertificationRequestInfo SEQUENCE
+    _, _, pos = _der_item(tbs, pos)  # version, skipped
+    _, _, pos = _der_item(tbs, pos)  # subject, skipped
+    _, pos, _ = _der_item(tbs, pos)  # subjectPKInfo SEQUENCE
+    _, pos, alg_end = _der_item(tbs, pos)  # AlgorithmIdentifier SEQUENCE
+    _, _, pos = _der_item(tbs, pos)  # algorithm OID, skipped
+    if pos >= alg_end:
+        return -1  # no parameters at all
+    return tbs[pos]
+
+
 def check_name_characters(name: x509.Name) -> None:
+    """Every rule a subject the station signs must follow (from a CSR or a template)."""
     for rdn in name.rdns:
-        if len(rdn) != 1:
-            raise PolicyError("multi-valued subject RDNs are not accepted", code="bad-subject")
+        check_single_valued(rdn)
     for attr in name:
         _check_attribute(attr)
 
 
-def _check_attribute(attr: x509.NameAttribute) -> None:
+def check_single_valued(rdn: x509.RelativeDistinguishedName) -> None:
+    """Code: bad-subject."""
+    if len(rdn) != 1:
+        raise PolicyError("multi-valued subject RDNs are not accepted", code="bad-subject")
+
+
+def check_attribute_type(attr: x509.NameAttribute) -> None:
+    """Only the allow-listed types (SUBJECT_ATTRS). Code: subject-attribute-not-allowed."""
+    if attr.oid not in _ALLOWED_ATTR_OIDS:
+        raise PolicyError(
+            f"subject attribute {attr.oid.dotted_string} ({attr.oid._name}) is not one of "
+            f"{', '.join(SUBJECT_ATTRS)}",
+            code="subject-attribute-not-allowed",
+        )
+
+
+def check_attribute_length(attr: x509.NameAttribute) -> None:
+    """Text of 1 to MAX_ATTRIBUTE_CHARS characters. Code: bad-subject."""
     value = attr.value
     if not isinstance(value, str):
         raise PolicyError("subject attributes must be text", code="bad-subject")
@@ -176,11 +245,32 @@ def _check_attribute(attr: x509.NameAttribute) -> None:
             f"subject attribute {attr.oid._name} must be 1 to {MAX_ATTRIBUTE_CHARS} chars",
             code="bad-subject",
         )
+
+
+def check_attribute_text(attr: x509.NameAttribute) -> None:
+    """Printable text only: no control characters, no bidi controls (U+202E turns
+    "Amazon Web Services<RLO>evil" around on screen), no zero-width or other
+    invisible characters. Code: bad-subject."""
+    value = attr.value
+    if not isinstance(value, str):
+        raise PolicyError("subject attributes must be text", code="bad-subject")
     if has_control_characters(value):
         raise PolicyError(
             f"subject attribute {attr.oid._name} contains control characters",
             code="bad-subject",
         )
+    if has_invisible_characters(value) or not value.isprintable():
+        raise PolicyError(
+            f"subject attribute {attr.oid._name} holds a bidi control, an invisible or "
+            "another non-printable character",
+            code="bad-subject",
+        )
+
+
+def _check_attribute(attr: x509.NameAttribute) -> None:
+    check_attribute_type(attr)
+    check_attribute_length(attr)
+    check_attribute_text(attr)
 
 
 def public_key_sha256(obj: x509.CertificateSigningRequest | x509.Certificate) -> str:
@@ -308,6 +398,18 @@ CONTROL_CHARACTERS_PATTERN = r"^[^\x00-\x1f\x7f]*$"  # the same, for JSON Schema
 
 def has_control_characters(text: str) -> bool:
     return CONTROL_CHARACTERS.search(text) is not None
+
+
+# Bidi controls (embeddings, overrides, isolates, marks) and zero-width characters:
+# all of Unicode's Cf category that people mistake for nothing (str.isprintable
+# refuses them too; named here so the rule reads as what it is for).
+INVISIBLE_CHARACTERS = re.compile(
+    "[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]"
+)
+
+
+def has_invisible_characters(text: str) -> bool:
+    return INVISIBLE_CHARACTERS.search(text) is not None
 
 
 def check_printable(value: str, what: str) -> None:

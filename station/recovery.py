@@ -30,6 +30,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from station.ca import CertificateAuthority
+from station.filemodes import private_dir
 from station.ledger import Ledger
 from station.ledger.records import RecoveryReport
 
@@ -74,8 +75,8 @@ def recover_at_startup(
     """
     path = lock_path(data_dir, ledger.station_id)
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        private_dir(data_dir)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         log.warning("cannot open %s (%s); recovering intents older than %s only", path, exc, grace)
         return ledger.recover(ca, older_than=grace), StationLock(path, None)

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
         default="station-whitelist", description="DynamoDB table the JITR Lambda reads."
     )
     max_body_bytes: int = Field(default=65536, description="Largest HTTP request body accepted.")
+    auth_failures_per_minute: int = Field(
+        default=30,
+        ge=1,
+        description="Failed HTTP authentications an address may make in a minute before it "
+        "is answered 429 (per worker process).",
+    )
 
     @property
     def ca_cert_path(self) -> Path:

@@ -46,6 +46,8 @@ ROUTES: list[tuple[str, str, str, object, frozenset[str]]] = [
     ("GET", "/v1/line/status", "/v1/line/status", None, READERS),
     ("POST", "/v1/devices/{device_id}/revoke", "/v1/devices/d/revoke", {"reason": "test"}, ADMIN),
     ("POST", "/v1/tokens", "/v1/tokens", {"name": "", "role": "qa"}, ADMIN),
+    ("GET", "/v1/tokens", "/v1/tokens", None, ADMIN),
+    ("DELETE", "/v1/tokens/{name}", "/v1/tokens/nobody", None, ADMIN),
 ]  # fmt: skip
 
 # Served to anyone: the dashboard page and its files, health, metrics, the API's description.
@@ -54,12 +56,9 @@ PUBLIC_ROUTES = {
     ("GET", "/healthz"),
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
-    ("GET", "/docs"),
-    ("GET", "/docs/oauth2-redirect"),
-    ("GET", "/redoc"),
     ("GET", "/static"),
 }
-PUBLIC = ["/", "/healthz", "/metrics", "/openapi.json", "/docs", "/redoc", "/static/app.js"]
+PUBLIC = ["/", "/healthz", "/metrics", "/openapi.json", "/static/app.js"]
 
 
 def app_routes(app: FastAPI) -> set[tuple[str, str]]:

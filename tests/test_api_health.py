@@ -86,6 +86,8 @@ def test_healthz_after_a_failed_log_sync(
         monkeypatch.undo()  # the disk answers again; the worker still refuses
         assert_problem(api.post("/v1/certificates", "board", json=body), 503, "ledger-sync-failed")
         health = assert_problem(api.get("/healthz", None), 503, "ledger-sync-failed")
+        assert health["part"] == "database"
+        health = assert_problem(api.get("/healthz", "operator"), 503, "ledger-sync-failed")
         assert health["part"] == "database" and "restart" in health["detail"]
 
 

@@ -1,32 +1,58 @@
-"""Liveness for orchestrators and Prometheus: no auth."""
+"""Liveness for orchestrators and Prometheus: no auth needed.
+
+A public answer says a status and a reason code, no more: a failing part's detail
+(a PIN file's path, the module path, the token label, a database URL) goes to the
+log and to a request with an operator or admin token. Batch names and board counts
+in /metrics are for reader roles (as /v1/batches is).
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api.auth import OPERATOR_UP, READERS, MaybePrincipal
 from api.context import ContextDep
 from api.problems import problem
 
+log = logging.getLogger("api")
+
 router = APIRouter(tags=["health"])
+
+_DETAILS_FOR = frozenset(OPERATOR_UP)
+# The bearer token is optional here: appended to the HTTPBearer requirement FastAPI
+# derives, the empty requirement says "or none" (OpenAPI 3.1, 4.8.30).
+_OPTIONAL_AUTH: dict[str, Any] = {"security": [{}]}
+_PRIVATE_METRICS_FOR = frozenset(READERS)
 
 
 @router.get(
     "/healthz",
-    responses={503: {"description": "a part is failing (problem+json naming it)"}},
+    responses={503: {"description": "a part is failing (problem+json with its reason code)"}},
+    openapi_extra=_OPTIONAL_AUTH,
 )
-def healthz(station: ContextDep) -> Any:
+def healthz(station: ContextDep, who: MaybePrincipal) -> Any:
     checks = station.health()
     failing = [(part, c) for part, c in checks.items() if c["status"] == "failing"]
     if not failing:
         return {"status": "ok", "checks": checks}
     part, first = failing[0]
     detail = "; ".join(f"{p}: {c.get('detail', '')}" for p, c in failing)
+    log.warning("health check failing: %s", detail)
+    if who is None or who.role not in _DETAILS_FOR:
+        public = {
+            p: {k: v for k, v in c.items() if k in ("status", "code")} for p, c in checks.items()
+        }
+        return problem(503, first["code"], f"{part} is failing", part=part, checks=public)
     return problem(503, first["code"], detail, part=part, checks=checks)
 
 
-@router.get("/metrics", response_class=Response)
-def metrics(station: ContextDep) -> Response:
-    return Response(generate_latest(station.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+@router.get("/metrics", response_class=Response, openapi_extra=_OPTIONAL_AUTH)
+def metrics(station: ContextDep, who: MaybePrincipal) -> Response:
+    body = generate_latest(station.metrics.registry)
+    if who is not None and who.role in _PRIVATE_METRICS_FOR:
+        body += generate_latest(station.metrics.private_registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -17,6 +17,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from api.auth import Reader
 from api.context import ContextDep
+from api.middleware import REPORT_CSP
 from station.errors import StationError
 from station.report import MEDIA_TYPES, CaFacts, Format, build_report, stream_report
 
@@ -76,6 +77,8 @@ def get_report(
     # unknown-batch is raised here, before the response starts.
     report = build_report(ledger, name, CaFacts.from_file(station.settings.ca_cert_path))
     headers = {"Content-Disposition": content_disposition(f"{name}-report.{fmt.value}")}
+    if fmt == Format.HTML:
+        headers["Content-Security-Policy"] = REPORT_CSP
     if fmt in _STREAMED:
         return StreamingResponse(
             stream_report(ledger, report, fmt), media_type=MEDIA_TYPES[fmt], headers=headers

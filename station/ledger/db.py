@@ -22,6 +22,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
+from station.filemodes import private_dir, private_file, tighten
+
 # Any constant works; it only has to be the same for every station.
 WRITE_LOCK_KEY = 0x5354_4C45  # "STLE"
 
@@ -69,7 +71,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _private_sqlite_files(Path(parsed.database))
         connect_args = {"timeout": 30.0, "check_same_thread": False}
         connect_args.update(kwargs.pop("connect_args", {}))
         engine = create_engine(url, connect_args=connect_args, **kwargs)
@@ -79,6 +81,17 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
+
+
+def _private_sqlite_files(database: Path) -> None:
+    """The database file 0600 before SQLite opens it: SQLite gives its log (-wal) and
+    shared-memory index (-shm) the database file's mode. A directory made here is
+    0700; files of ours left looser by an older station are tightened."""
+    if not database.parent.exists():
+        private_dir(database.parent)
+    private_file(database)
+    for suffix in ("-wal", "-shm", "-journal", ".writelock"):
+        tighten(Path(f"{database}{suffix}"))
 
 
 def _switch_to_wal(engine: Engine, path: str, timeout: float) -> None:
