@@ -11,13 +11,21 @@ from station.ledger import IssueResult
 
 
 def issue(
-    station: AppContext, batch: str, device_id: str, csr: bytes, *, reprovision: bool = False
+    station: AppContext,
+    batch: str,
+    device_id: str,
+    csr: bytes,
+    *,
+    reprovision: bool = False,
+    reason: str | None = None,
 ) -> IssueResult:
     m = station.metrics
     start = time.perf_counter()
     try:
         ca = station.issuing_ca()
-        result = station.ledger.issue(batch, device_id, csr, ca, reprovision=reprovision)
+        result = station.ledger.issue(
+            batch, device_id, csr, ca, reprovision=reprovision, reason=reason
+        )
     except (StationError, HsmError) as raised:
         # The ledger abandoned the intent as sign-failed; the token's own reason
         # (hsm-token-not-found, hsm-key-not-found, ...) tells the operator what to fix.

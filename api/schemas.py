@@ -73,6 +73,12 @@ class CertificateIn(BaseModel):
     # PEM has line breaks; it is parsed (malformed-csr) and kept as DER, never as text.
     csr: str = Field(min_length=1, description="PKCS#10 CSR, PEM")
     reprovision: bool = False
+    reason: PrintableText | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="why a board is re-provisioned; required to bring back a revoked board",
+    )
 
 
 class CertificateOut(BaseModel):
@@ -117,16 +123,31 @@ class ProofIn(BaseModel):
 
 
 class RevokeIn(BaseModel):
-    reason: PrintableText = Field(min_length=1, max_length=500)
+    reason: PrintableText = Field(min_length=1, max_length=256)
 
 
 class TokenIn(BaseModel):
     # Printed by `station token list` and in logs: no control characters (log injection).
     name: str = Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
     role: str = Field(json_schema_extra={"enum": list(TOKEN_ROLES)})
+    expires_in: Text | None = Field(
+        default=None, max_length=32, description="lifetime, e.g. 12h, 30d, 2w; none: until revoked"
+    )
 
 
 class TokenOut(BaseModel):
     name: str
     role: str
     token: str = Field(description="shown once; only its SHA-256 is stored")
+    expires_at: datetime | None
+
+
+class TokenInfo(BaseModel):
+    """A token's record: never the token nor its hash."""
+
+    name: str
+    role: str
+    created_at: datetime
+    last_used_at: datetime | None = Field(description="to the minute")
+    expires_at: datetime | None
+    revoked_at: datetime | None

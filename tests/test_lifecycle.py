@@ -24,17 +24,21 @@ N, K, IS, IN, V, F, R = (
 ORDER = (N, K, IS, IN, V, F, R)
 BAD = "bad-state"
 DONE = "already-provisioned"
+GONE = "device-revoked"
 
 # Rows: events; columns: the states in ORDER. A state is where the board goes,
 # a string the reason code it is refused with.
 EXPECTED: dict[Event, tuple[DeviceState | str, ...]] = {
-    Event.KEY_READY: (K, K, BAD, BAD, DONE, K, K),
+    # A revoked board stays revoked (issue 15): no key step, no reissue, a failure
+    # leaves it revoked; only REPROVISION (an operator, with a reason) takes it out.
+    Event.KEY_READY: (K, K, BAD, BAD, DONE, K, GONE),
     Event.ISSUE: (IS, IS, IS, IS, IS, IS, IS),
-    Event.REISSUE: (N, K, IS, IN, V, IS, IS),
+    Event.REISSUE: (N, K, IS, IN, V, IS, R),
     Event.INSTALL: (BAD, BAD, IN, IN, BAD, BAD, BAD),
     Event.VERIFY: (BAD, BAD, V, V, V, BAD, BAD),
-    Event.FAIL: (F, F, F, F, F, F, F),
+    Event.FAIL: (F, F, F, F, F, F, R),
     Event.REVOKE: (R, R, R, R, R, R, R),
+    Event.REPROVISION: (BAD, BAD, BAD, BAD, BAD, BAD, K),
 }
 
 CASES = [

@@ -11,10 +11,19 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
 from api import issuance
-from api.auth import BOARD_UP, Forbidden, Role, authenticate, bearer_token, permit
+from api.auth import (
+    BOARD_UP,
+    Forbidden,
+    Role,
+    authenticate,
+    bearer_token,
+    client_address,
+    permit,
+)
 from api.context import AppContext
-from api.schemas import CertificateIn, CertificateOut
+from api.schemas import CertificateIn, CertificateOut, PrintableText
 from station.errors import Kind, StationError
+from station.ledger import ADHOC_BATCH
 from station.whitelist import serial_hex
 
 router = APIRouter(prefix="/v1/certificates", tags=["certificates"])
@@ -30,6 +39,7 @@ class CsrRequest:
     csr: bytes
     reprovision: bool
     as_json: bool
+    reason: str | None = None
 
 
 class CsrQuery(BaseModel):
@@ -38,6 +48,7 @@ class CsrQuery(BaseModel):
     batch: str | None = Field(default=None, max_length=128)
     device_id: str | None = Field(default=None, max_length=128)
     reprovision: bool = False
+    reason: PrintableText | None = Field(default=None, min_length=1, max_length=256)
 
 
 async def csr_request(request: Request) -> CsrRequest:
@@ -54,7 +65,9 @@ async def csr_request(request: Request) -> CsrRequest:
             data = CertificateIn.model_validate_json(body)
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_context=False)) from None
-        return CsrRequest(data.batch, data.device_id, data.csr.encode(), data.reprovision, True)
+        return CsrRequest(
+            data.batch, data.device_id, data.csr.encode(), data.reprovision, True, data.reason
+        )
     if ctype in PEM_TYPES:
         if not query.batch or not query.device_id:
             raise StationError(
@@ -62,12 +75,26 @@ async def csr_request(request: Request) -> CsrRequest:
                 code="invalid-request",
                 kind=Kind.INVALID,
             )
-        return CsrRequest(query.batch, query.device_id, body, query.reprovision, False)
+        return CsrRequest(
+            query.batch, query.device_id, body, query.reprovision, False, query.reason
+        )
     raise StationError(
         f"send application/json, {' or '.join(PEM_TYPES)}",
         code="unsupported-media-type",
         kind=Kind.UNSUPPORTED_MEDIA,
     )
+
+
+def refuse_to_boards(req: CsrRequest) -> None:
+    """What a board token may not ask for: re-provisioning, and the ``adhoc`` batch
+    (its subject comes from the CSR, so a board would name itself)."""
+    if req.reprovision:
+        raise Forbidden("re-provisioning a board needs the operator role")
+    if req.batch == ADHOC_BATCH:
+        raise Forbidden(
+            f"the {ADHOC_BATCH!r} batch takes its subject from the CSR: operator or admin only",
+            code="adhoc-needs-operator",
+        )
 
 
 def _query_parameters() -> list[dict[str, object]]:
@@ -115,14 +142,20 @@ async def request_certificate(request: Request) -> Response:
     # the HTTP layer. It calls the functions the dependencies of the other routes use.
     station: AppContext = request.app.state.station
     token = bearer_token(request.headers.get("authorization"))
-    who = permit(await authenticate(station, token), _BOARD_UP)
+    who = permit(await authenticate(station, token, client_address(request)), _BOARD_UP)
     req = await csr_request(request)
-    if req.reprovision and who.role == Role.BOARD:
-        raise Forbidden("re-provisioning a board needs the operator role")
+    if who.role == Role.BOARD:
+        refuse_to_boards(req)
     # The event loop only parses and answers; the ledger, policy and HSM work runs in
     # the station's issue executor (see AppContext.issue_executor).
     issue = functools.partial(
-        issuance.issue, station, req.batch, req.device_id, req.csr, reprovision=req.reprovision
+        issuance.issue,
+        station,
+        req.batch,
+        req.device_id,
+        req.csr,
+        reprovision=req.reprovision,
+        reason=req.reason,
     )
     result = await asyncio.get_running_loop().run_in_executor(station.issue_executor, issue)
     status = 200 if result.reused else 201

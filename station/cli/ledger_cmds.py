@@ -167,6 +167,12 @@ def sign_cmd(
         bool,
         typer.Option("--reprovision", help="Revoke the board's live certificate and issue anew."),
     ] = False,
+    reason: Annotated[
+        str | None,
+        typer.Option(
+            "--reason", help="Why it is re-provisioned (required to bring back a revoked board)."
+        ),
+    ] = None,
     chain: Annotated[
         bool, typer.Option("--chain", help="Write the CA certificate after the device's.")
     ] = False,
@@ -199,7 +205,7 @@ def sign_cmd(
                 raise fail("missing-cn", "the CSR has no single CN to name the device")
             batch, device = led.ensure_adhoc_batch(days=cfg.device_days).name, cn
         assert device is not None
-        result = led.issue(batch, device, data, ca, reprovision=reprovision)
+        result = led.issue(batch, device, data, ca, reprovision=reprovision, reason=reason)
     pem = result.chain_pem if chain else result.certificate.public_bytes(Encoding.PEM)
     if out is None:
         sys.stdout.buffer.write(pem)

@@ -1,51 +1,49 @@
-"""Proof-of-possession challenges: how they are stored and taken (the ``challenges`` table).
+"""Proof-of-possession challenges: how they are stored and spent (the ``challenges`` table).
 
-Storage only; what a challenge is and how its answer is checked is
-:mod:`station.ledger.proof`'s business.
+Storage only; who may get a challenge and how its answer is checked is
+:mod:`station.ledger.proof`'s business. The table stays small by construction:
+
+- a board has at most one open challenge: a new one replaces the old;
+- a challenge is spent by any answer, good or bad (its row is deleted, so a
+  nonce cannot be tried twice and used challenges are not kept);
+- expired challenges of every board are purged whenever one is made.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
-
-from sqlalchemy import Connection, select
 
 from station.ledger.rawsql import Raw
 from station.ledger.records import utc
-from station.ledger.schema import challenges
 
+_SQL_PURGE = "DELETE FROM challenges WHERE device_pk = :did OR expires_at < :now"
 _SQL_INSERT = (
     "INSERT INTO challenges (nonce, device_pk, created_at, expires_at) "
     "VALUES (:nonce, :did, :now, :expires)"
 )
+_SQL_FIND = "SELECT expires_at FROM challenges WHERE nonce = :nonce AND device_pk = :did"
+_SQL_SPEND = "DELETE FROM challenges WHERE nonce = :nonce AND device_pk = :did"
 
 
-@dataclass(frozen=True, slots=True)
-class Challenge:
-    nonce: bytes
-    expires_at: datetime
-    used: bool
-
-
-def insert(raw: Raw, nonce: bytes, device_pk: int, now: datetime, expires: datetime) -> None:
+def replace(raw: Raw, nonce: bytes, device_pk: int, now: datetime, expires: datetime) -> None:
+    """Make ``nonce`` the board's one open challenge; drop every expired one."""
+    ts = raw.ts(now)
+    raw.run(_SQL_PURGE, {"did": device_pk, "now": ts})
     raw.run(
         _SQL_INSERT,
-        {"nonce": nonce.hex(), "did": device_pk, "now": raw.ts(now), "expires": raw.ts(expires)},
+        {"nonce": nonce.hex(), "did": device_pk, "now": ts, "expires": raw.ts(expires)},
     )
 
 
-def take(conn: Connection, nonce: bytes, device_pk: int, now: datetime) -> Challenge | None:
-    """The device's challenge with this nonce, marked used (single use whatever the
-    answer, so a nonce cannot be tried twice); None when there is no such challenge."""
-    row = conn.execute(
-        select(challenges.c.expires_at, challenges.c.used_at).where(
-            challenges.c.nonce == nonce.hex(), challenges.c.device_pk == device_pk
-        )
-    ).first()
+def spend(raw: Raw, nonce: bytes, device_pk: int) -> datetime | None:
+    """The expiry of the board's challenge with this nonce, which is deleted; None when
+    there is no such challenge."""
+    params = {"nonce": nonce.hex(), "did": device_pk}
+    row = raw.first(_SQL_FIND, params)
     if row is None:
         return None
-    conn.execute(challenges.update().where(challenges.c.nonce == nonce.hex()).values(used_at=now))
-    expires = utc(row.expires_at)
+    raw.run(_SQL_SPEND, params)
+    value = row["expires_at"]
+    expires = utc(datetime.fromisoformat(value) if isinstance(value, str) else value)
     assert expires is not None  # NOT NULL
-    return Challenge(nonce=nonce, expires_at=expires, used=row.used_at is not None)
+    return expires

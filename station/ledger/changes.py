@@ -67,7 +67,11 @@ def fail(
     """Record why a board failed; a verified board leaves the whitelist."""
     message = message[:MAX_FAILURE_MESSAGE]
     certificates.whitelist_remove_device(conn, device_pk)
-    old = devices.set_failed(conn, device_pk, code, message, now, station_id)
+
+    def target(old: DeviceState | None) -> DeviceState:
+        return DeviceState.FAILED if old is None else next_state(old, Event.FAIL, device_id)
+
+    old, new = devices.set_failed(conn, device_pk, code, message, now, station_id, target)
     audit.append(
         conn,
         station_id,
@@ -75,7 +79,7 @@ def fail(
         device_id,
         {
             "from": None if old is None else old.value,
-            "to": DeviceState.FAILED.value,
+            "to": new.value,
             "code": code,
             "message": message,
         },

@@ -7,7 +7,7 @@ row is read by column name; states come back as :class:`DeviceState`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -139,15 +139,24 @@ def set_state(
 
 
 def set_failed(
-    conn: Connection, device_pk: int, code: str, message: str, now: datetime, station_id: str
-) -> DeviceState | None:
-    """Record why a board failed (attempts + 1); returns the state it left."""
-    old = conn.execute(select(devices.c.state).where(devices.c.id == device_pk)).scalar()
+    conn: Connection,
+    device_pk: int,
+    code: str,
+    message: str,
+    now: datetime,
+    station_id: str,
+    state: Callable[[DeviceState | None], DeviceState] = lambda _old: DeviceState.FAILED,
+) -> tuple[DeviceState | None, DeviceState]:
+    """Record why a board failed (attempts + 1); returns the state it left and the one
+    ``state(old)`` put it in."""
+    row = conn.execute(select(devices.c.state).where(devices.c.id == device_pk)).scalar()
+    old = None if row is None else DeviceState(row)
+    new = state(old)
     conn.execute(
         devices.update()
         .where(devices.c.id == device_pk)
         .values(
-            state=DeviceState.FAILED.value,
+            state=new.value,
             failure_code=code,
             failure_message=message,
             attempts=devices.c.attempts + 1,
@@ -156,7 +165,7 @@ def set_failed(
             station_id=station_id,
         )
     )
-    return None if old is None else DeviceState(old)
+    return old, new
 
 
 # A board as the ledger hands it out: its batch's name and its issued

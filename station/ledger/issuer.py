@@ -37,7 +37,9 @@ from station.ledger.groupcommit import GroupCommitter
 from station.ledger.lifecycle import Event
 from station.ledger.rawsql import Raw
 from station.ledger.records import IssueResult, RecoveryReport
+from station.ledger.revocation import device_revoked
 from station.ledger.schema import CertState, DeviceState
+from station.ledger.textrules import check_text
 from station.whitelist import serial_hex
 
 # A batch whose template is "*" issues the subject the CSR presents (after
@@ -137,17 +139,21 @@ class Issuer:
         ca: Signer,
         *,
         reprovision: bool = False,
+        reason: str | None = None,
     ) -> IssueResult:
         csr = policy.load_csr(csr_der_or_pem)
         policy.check_csr(csr)
         policy.check_device_id(device_id)
         pk = policy.public_key_sha256(csr)
         csr_der = csr.public_bytes(serialization.Encoding.DER)
+        if reason is not None:
+            check_text(reason, "a re-provisioning reason", max_chars=256)
+        comeback = reason if reprovision else None
 
         for attempt in range(5):
             try:
                 planned = self._record_intent(
-                    batch, device_id, csr, csr_der, pk, reprovision, ca.chain_pem
+                    batch, device_id, csr, csr_der, pk, reprovision, ca.chain_pem, comeback
                 )
                 break
             except IntegrityError as exc:
@@ -203,6 +209,7 @@ class Issuer:
         pk: str,
         reprovision: bool,
         chain_pem: bytes,
+        comeback: str | None = None,
     ) -> IssueResult | _Planned:
         now = _now()
         # The subject (or why the CSR does not fit) worked out before the write
@@ -236,6 +243,10 @@ class Issuer:
                 subject = subject_for(b.subject_template, device_id, csr)
                 self.templates[batch_name] = b.subject_template
 
+            # A revoked board comes back only re-provisioned with a reason (revocation.py).
+            revoked = d is not None and d.state is DeviceState.REVOKED
+            if revoked and not comeback:
+                raise device_revoked(device_id)
             if d is not None and d.cert_id is not None:
                 if d.cert_state is CertState.INTENT:
                     raise ConflictError(
@@ -278,6 +289,12 @@ class Issuer:
                 if d.batch_id != b.id:
                     batches.count_device(raw, d.batch_id, -1)
                     devices.move(raw, d.id, b.id)
+                if revoked:
+                    detail = {"reason": comeback, "batch": batch_name}
+                    audit.append(
+                        raw, self.station_id, "device.reprovision", device_id, detail, now=now
+                    )
+                    changes.apply(conn, d, device_id, Event.REPROVISION, now, self.station_id)
 
             cert_id = certificates.insert_intent(
                 raw,

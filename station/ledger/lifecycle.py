@@ -24,24 +24,33 @@ class Event(StrEnum):
     VERIFY = "verify"  # proof of possession passed
     FAIL = "fail"
     REVOKE = "revoke"
+    # An operator brings a revoked board back, with a reason (the only way out of
+    # revoked: station.ledger.revocation).
+    REPROVISION = "reprovision"
 
 
 _EVERY = tuple(S)
 
 TRANSITIONS: Mapping[Event, Mapping[DeviceState, DeviceState]] = {
-    Event.KEY_READY: {s: S.KEY_READY for s in (S.NEW, S.KEY_READY, S.FAILED, S.REVOKED)},
+    Event.KEY_READY: {s: S.KEY_READY for s in (S.NEW, S.KEY_READY, S.FAILED)},
     Event.ISSUE: {s: S.ISSUED for s in _EVERY},
-    # A board that failed after issuance (or was revoked) is back on the issued step.
-    Event.REISSUE: {s: S.ISSUED if s in (S.FAILED, S.REVOKED) else s for s in _EVERY},
+    # A board that failed after issuance is back on the issued step.
+    Event.REISSUE: {s: S.ISSUED if s is S.FAILED else s for s in _EVERY},
     Event.INSTALL: {S.ISSUED: S.INSTALLED, S.INSTALLED: S.INSTALLED},
     Event.VERIFY: {S.ISSUED: S.VERIFIED, S.INSTALLED: S.VERIFIED, S.VERIFIED: S.VERIFIED},
-    Event.FAIL: {s: S.FAILED for s in _EVERY},
+    # A failure never takes a board out of revoked (a failed board may retry).
+    Event.FAIL: {s: S.REVOKED if s is S.REVOKED else S.FAILED for s in _EVERY},
     Event.REVOKE: {s: S.REVOKED for s in _EVERY},
+    Event.REPROVISION: {S.REVOKED: S.KEY_READY},
 }
 
 # Refusals with a reason of their own; every other missing entry is bad-state.
 _REFUSALS: Mapping[tuple[DeviceState, Event], tuple[str, str]] = {
     (S.VERIFIED, Event.KEY_READY): ("already-provisioned", "is already provisioned and verified"),
+    (S.REVOKED, Event.KEY_READY): (
+        "device-revoked",
+        "is revoked; only an operator re-provisioning it with a reason brings it back",
+    ),
 }
 
 # Events that need the board's live, issued certificate (checked by the caller,

@@ -1,6 +1,8 @@
 """Proof of possession: the challenge a board signs and how its answer is checked.
 
-A challenge is a fresh 32-byte nonce, single use, valid for CHALLENGE_TTL.
+A challenge is a fresh 32-byte nonce, spent by any answer, valid for CHALLENGE_TTL;
+a board has at most one (:mod:`station.ledger.challenges`), and only a board with a
+live, issued certificate that is neither verified nor revoked gets one.
 The board signs it with the key its certificate certifies: ECDSA-SHA256 (DER
 signature) for EC keys, PKCS#1 v1.5 SHA-256 for RSA. Knows nothing of storage
 or channels: the ledger stores challenges, the serial line and the HTTP API
@@ -18,6 +20,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from station.errors import ConflictError, PolicyError, StationError
+from station.ledger.revocation import device_revoked
+from station.ledger.schema import DeviceState
 
 CHALLENGE_TTL = timedelta(seconds=120)
 NONCE_BYTES = 32
@@ -25,6 +29,20 @@ NONCE_BYTES = 32
 
 def new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_BYTES)
+
+
+def may_challenge(device_id: str, state: DeviceState, has_issued_certificate: bool) -> None:
+    """Refuse a challenge that could never be answered usefully.
+
+    Codes: device-revoked, already-verified, no-certificate."""
+    if state is DeviceState.REVOKED:
+        raise device_revoked(device_id)
+    if state is DeviceState.VERIFIED:
+        raise ConflictError(
+            f"device {device_id!r} is already verified; nothing to prove", code="already-verified"
+        )
+    if not has_issued_certificate:
+        raise ConflictError(f"device {device_id!r} has no live certificate", code="no-certificate")
 
 
 def signature_ok(certificate_pem: str, nonce: bytes, signature: bytes) -> bool:

@@ -21,6 +21,7 @@ with a stable reason code and a kind.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -31,6 +32,7 @@ from sqlalchemy import Connection, Engine
 
 from station import policy
 from station.errors import ConflictError, NotFoundError, PolicyError, StationError
+from station.filemodes import private_dir
 from station.ledger import audit, batches, certificates, challenges, changes, devices, proof, tokens
 from station.ledger.db import make_engine, upgrade
 from station.ledger.devices import LiveDevice
@@ -45,7 +47,9 @@ from station.ledger.records import (
     IssueResult,
     RecoveryReport,
 )
+from station.ledger.revocation import device_revoked
 from station.ledger.schema import BatchState, DeviceState, KeyMode
+from station.ledger.textrules import check_batch_name, check_text, clean_text
 from station.ledger.tokens import TOKEN_ROLES, Role
 
 __all__ = ["ADHOC_BATCH", "AS_PRESENTED", "TOKEN_ROLES", "Ledger"]
@@ -110,6 +114,7 @@ class Ledger(LedgerReads):
     @classmethod
     def from_settings(cls, settings: Any) -> Ledger:
         """The ledger a :class:`station.settings.Settings` points at."""
+        private_dir(settings.data_dir)
         return cls(
             settings.resolved_database_url(),
             settings.station_id,
@@ -140,9 +145,11 @@ class Ledger(LedgerReads):
         days: int = 3650,
         operator: str | None = None,
     ) -> Batch:
-        """Open a batch. Codes: bad-batch, bad-key-mode, bad-template, batch-exists."""
-        if not name or len(name) > 128 or not name.isprintable():
-            raise PolicyError("a batch name is 1-128 printable characters", code="bad-batch")
+        """Open a batch. Codes: bad-batch, bad-text, bad-key-mode, bad-template, batch-exists."""
+        check_batch_name(name)
+        check_text(product, "a product")
+        if operator is not None:
+            check_text(operator, "an operator")
         if planned_count < 1:
             raise PolicyError("the planned count must be at least 1", code="bad-batch")
         if not 1 <= days <= 36500:
@@ -230,6 +237,7 @@ class Ledger(LedgerReads):
         ca: Signer,
         *,
         reprovision: bool = False,
+        reason: str | None = None,
     ) -> IssueResult:
         """Issue (or hand back) the certificate of ``device_id`` in ``batch``.
 
@@ -238,9 +246,13 @@ class Ledger(LedgerReads):
         unsupported-key, ... (policy), subject-mismatch, device-id-mismatch,
         unknown-batch, batch-closed, batch-full, already-provisioned
         (a live certificate for another key; pass ``reprovision=True`` to revoke
-        it), duplicate-key, issuance-in-progress, sign-failed.
+        it), duplicate-key, issuance-in-progress, sign-failed, device-revoked (a
+        revoked board comes back only re-provisioned with a ``reason``, audited:
+        station.ledger.revocation).
         """
-        return self._issuer.issue(batch, device_id, csr_der_or_pem, ca, reprovision=reprovision)
+        return self._issuer.issue(
+            batch, device_id, csr_der_or_pem, ca, reprovision=reprovision, reason=reason
+        )
 
     def recover(
         self,
@@ -383,6 +395,7 @@ class Ledger(LedgerReads):
         A verified board that fails leaves the whitelist. Codes: unknown-device.
         """
         now = _now()
+        code, message = clean_text(code, max_chars=64), clean_text(message)
 
         def write(conn: Connection) -> None:
             d = self._live(conn, device_id)
@@ -397,6 +410,7 @@ class Ledger(LedgerReads):
         """
         if not reason:
             raise PolicyError("a revocation needs a reason", code="bad-reason")
+        check_text(reason, "a revocation reason", max_chars=256)
         now = _now()
 
         def write(conn: Connection) -> None:
@@ -416,13 +430,18 @@ class Ledger(LedgerReads):
     # ------------------------------------------------------ proof of possession
 
     def create_challenge(self, device_id: str, *, ttl: timedelta = CHALLENGE_TTL) -> bytes:
-        """A fresh 32-byte nonce for the board to sign; single use, expires after ``ttl``."""
+        """A fresh 32-byte nonce for the board to sign; it replaces the board's open
+        challenge, is spent by any answer and expires after ``ttl``.
+
+        Codes: unknown-device, device-revoked, already-verified, no-certificate.
+        """
         nonce = proof.new_nonce()
         now = _now()
 
         def write(conn: Connection) -> None:
             d = self._live(conn, device_id)
-            challenges.insert(Raw(conn), nonce, d.id, now, now + ttl)
+            proof.may_challenge(device_id, d.state, d.has_issued_certificate)
+            challenges.replace(Raw(conn), nonce, d.id, now, now + ttl)
 
         self._writes.submit(write, durable=False)
         return nonce
@@ -430,76 +449,122 @@ class Ledger(LedgerReads):
     def verify_proof(self, device_id: str, nonce: bytes, signature: bytes) -> Device:
         """Check the board's signature over ``nonce`` with its certificate's key; then verified.
 
-        Codes: no-challenge, challenge-expired, bad-proof, unknown-device, bad-state
+        The challenge is spent whatever the answer, and every refusal is audited
+        (``proof.refused`` with its code). Codes: unknown-device, no-challenge,
+        challenge-expired, device-revoked, no-certificate, bad-proof, bad-state
         (see :mod:`station.ledger.proof`).
         """
         now = _now()
 
         def write(conn: Connection) -> StationError | None:
-            d = self._live(conn, device_id)
-            challenge = challenges.take(conn, nonce, d.id, now)
-            if challenge is None or challenge.used:
-                raise PolicyError(
-                    f"no open challenge with this nonce for {device_id!r}", code="no-challenge"
-                )
-            failure = proof.refusal(
-                device_id,
-                expires_at=challenge.expires_at,
-                now=now,
-                certificate_pem=d.pem if d.has_issued_certificate else None,
-                nonce=nonce,
-                signature=signature,
-            )
-            if failure is None:
-                self._verify(conn, d, device_id, now)
-            else:
+            failure = self._proof_refusal(conn, device_id, nonce, signature, now)
+            if failure is not None:
                 audit.append(
                     conn, self.station_id, "proof.refused", device_id, {"code": failure.code}
                 )
             return failure
 
-        # Durable: a good proof whitelists the board; a refused one burns the nonce.
+        # Durable: a good proof whitelists the board; a refused one spends the nonce.
         failure = self._writes.submit(write, durable=True)
         if failure is not None:
             raise failure
         return self.get_device(device_id)
 
+    def _proof_refusal(
+        self, conn: Connection, device_id: str, nonce: bytes, signature: bytes, now: datetime
+    ) -> StationError | None:
+        """Verify the board (None), or the refusal to record and raise."""
+        d = devices.live(conn, device_id)
+        if d is None:
+            return unknown_device(device_id)
+        expires_at = challenges.spend(Raw(conn), nonce, d.id)
+        if expires_at is None:
+            return PolicyError(
+                f"no open challenge with this nonce for {device_id!r}", code="no-challenge"
+            )
+        if d.state is DeviceState.REVOKED and expires_at >= now:
+            return device_revoked(device_id)
+        failure = proof.refusal(
+            device_id,
+            expires_at=expires_at,
+            now=now,
+            certificate_pem=d.pem if d.has_issued_certificate else None,
+            nonce=nonce,
+            signature=signature,
+        )
+        if failure is not None:
+            return failure
+        try:
+            self._verify(conn, d, device_id, now)
+        except StationError as exc:  # refused before it wrote anything (bad-state)
+            return exc
+        return None
+
     # --------------------------------------------------------------- API tokens
 
-    def create_token(self, name: str, role: str) -> str:
-        """A new bearer token for the HTTP API; only its SHA-256 is stored.
+    def create_token(self, name: str, role: str, *, expires_in: timedelta | None = None) -> str:
+        """A new bearer token for the HTTP API; only its SHA-256 is stored. It works
+        until revoked, or for ``expires_in`` when given.
 
-        Codes: bad-token-name, bad-role, token-exists.
+        Codes: bad-token-name, bad-role, bad-duration, token-exists.
         """
         # Names are printed and logged: no control characters (log injection).
-        if not 1 <= len(name) <= 128 or not name.isprintable():
-            raise PolicyError("a token name is 1-128 printable characters", code="bad-token-name")
+        try:
+            check_text(name, "a token name")
+        except PolicyError as exc:
+            raise PolicyError(exc.message, code="bad-token-name") from None
         try:
             checked_role = Role(role)
         except ValueError:
             raise PolicyError(
                 f"role {role!r} is not one of {', '.join(TOKEN_ROLES)}", code="bad-role"
             ) from None
+        tokens.check_lifetime(expires_in)
         token = secrets.token_urlsafe(32)
         now = _now()
+        expires = None if expires_in is None else now + expires_in
 
         def write(conn: Connection) -> None:
             if tokens.exists(conn, name):
                 raise ConflictError(f"a token named {name!r} exists", code="token-exists")
-            tokens.insert(conn, name, checked_role, token, now)
-            detail = {"role": checked_role.value}
+            tokens.insert(conn, name, checked_role, token, now, expires)
+            detail = {
+                "role": checked_role.value,
+                "expires_at": None if expires is None else expires.isoformat(),
+            }
             audit.append(conn, self.station_id, "token.create", name, detail, now=now)
 
         self._writes.run_alone(write)
         return token
 
-    def revoke_token(self, name: str) -> None:
-        """Codes: unknown-token."""
+    def lookup_token(self, plaintext: str) -> tuple[str, str] | None:
+        """(name, role) of a live token, or None."""
+        found = self.lookup_token_record(plaintext)
+        return None if found is None else (found.name, found.role)
+
+    def lookup_token_record(self, plaintext: str) -> tokens.TokenRecord | None:
+        """The record of a live token (not revoked, not expired), or None; records its use."""
+        now = _now()
+        with self.engine.connect() as conn:
+            row = tokens.live_row(conn, plaintext, now)
+        if row is None:
+            return None
+        if tokens.needs_touch(row, now):
+            # A ledger that takes no writes (ledger-sync-failed) still authenticates.
+            with contextlib.suppress(StationError):
+                self._writes.submit(lambda c: tokens.touch(c, row.id, now), durable=False)
+        return tokens.record(row)
+
+    def revoke_token(self, name: str) -> tokens.TokenRecord:
+        """Codes: unknown-token (no live token of that name)."""
         now = _now()
 
-        def write(conn: Connection) -> None:
+        def write(conn: Connection) -> tokens.TokenRecord:
             if not tokens.revoke(conn, name, now):
                 raise NotFoundError(f"no live token named {name!r}", code="unknown-token")
             audit.append(conn, self.station_id, "token.revoke", name, {}, now=now)
+            revoked = tokens.by_name(conn, name)
+            assert revoked is not None
+            return revoked
 
-        self._writes.run_alone(write)
+        return self._writes.run_alone(write)

@@ -272,6 +272,12 @@ def _provision_claimed(
         existing = ledger.get_device(device_id)
     except NotFoundError:
         existing = None
+    if existing is not None and existing.state == DeviceState.REVOKED.value:
+        # Refused on this channel as on every other (station.ledger.revocation); nothing
+        # is recorded on the board, which stays revoked.
+        message = f"revoked (serial {existing.serial or '-'}); only an operator re-provisions it"
+        log.warning("%s: %s", device_id, message)
+        return Outcome(device_id, "failed", "device-revoked", message)
     if existing is not None and existing.state == DeviceState.VERIFIED.value:
         where = "" if existing.batch == batch.name else f" in batch {existing.batch}"
         message = f"already verified{where} with serial {existing.serial}; not re-provisioned"
