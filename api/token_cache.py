@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from station.ledger.tokens import Role
 
@@ -53,13 +54,17 @@ class TokenCache:
                 return None
             return hit[1]
 
-    def put(self, key: str, principal: Principal) -> None:
-        if self.ttl <= 0:
+    def put(self, key: str, principal: Principal, expires_at: datetime | None = None) -> None:
+        """Remember ``principal`` for ``ttl`` seconds, or until its token expires if sooner."""
+        ttl = self.ttl
+        if expires_at is not None:
+            ttl = min(ttl, (expires_at - datetime.now(UTC)).total_seconds())
+        if ttl <= 0:
             return
         with self._lock:
             if len(self._entries) >= self.max_entries:
                 self._entries.clear()
-            self._entries[key] = (self._clock() + self.ttl, principal)
+            self._entries[key] = (self._clock() + ttl, principal)
 
     def clear(self) -> None:
         with self._lock:

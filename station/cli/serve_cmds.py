@@ -1,7 +1,8 @@
-"""`station serve` (the HTTP API under uvicorn) and `station token create`."""
+"""`station serve` (the HTTP API under uvicorn) and `station token create|list|revoke`."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 import typer
@@ -33,16 +34,59 @@ def serve(
 def token_create(
     role: Annotated[str, typer.Option(help="board, operator, qa or admin.")],
     name: Annotated[str, typer.Option(help="Who or what holds the token (unique).")],
+    expires_in: Annotated[
+        str | None,
+        typer.Option(help="Lifetime, e.g. 12h, 30d, 2w (default: until revoked)."),
+    ] = None,
 ) -> None:
     """Create a bearer token; it is printed once, only its SHA-256 is stored."""
+    from station.durations import parse_duration
+    from station.ledger import Ledger
+
+    lifetime = None if expires_in is None else parse_duration(expires_in)
+    with Ledger.from_settings(settings()) as ledger:
+        token = ledger.create_token(name, role, expires_in=lifetime)
+    console.print(token, highlight=False)
+
+
+def _when(value: datetime | None) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@cli_errors
+def token_list() -> None:
+    """Every token: name, role, created, last used, expires, revoked (never the token)."""
     from station.ledger import Ledger
 
     with Ledger.from_settings(settings()) as ledger:
-        token = ledger.create_token(name, role)
-    console.print(token, highlight=False)
+        tokens = ledger.list_tokens()
+    rows = [("name", "role", "created", "last-used", "expires", "revoked")]
+    rows += [
+        (t.name, t.role, _when(t.created_at), _when(t.last_used_at), _when(t.expires_at),
+         _when(t.revoked_at))
+        for t in tokens
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+        console.print(line.rstrip(), highlight=False, markup=False)
+
+
+@cli_errors
+def token_revoke(
+    name: Annotated[str, typer.Argument(help="The token's name.")],
+) -> None:
+    """Revoke a token: the API refuses it within 5 seconds in every worker."""
+    from station.ledger import Ledger
+
+    with Ledger.from_settings(settings()) as ledger:
+        revoked = ledger.revoke_token(name)
+    console.print(f"revoked token {revoked.name} ({revoked.role})", highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
     token_app.command("create")(token_create)
+    token_app.command("list")(token_list)
+    token_app.command("revoke")(token_revoke)
     app.add_typer(token_app, name="token")

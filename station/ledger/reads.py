@@ -163,7 +163,7 @@ class LedgerReads:
         with self.engine.connect() as conn:
             return audit.entry_hash_at(conn, seq)
 
-    def lookup_token(self, plaintext: str) -> tuple[str, str] | None:
-        """(name, role) of a live token, or None."""
+    def list_tokens(self) -> list[tokens.TokenRecord]:
+        """Every token, revoked and expired ones too, oldest first (never a hash)."""
         with self.engine.connect() as conn:
-            return tokens.live(conn, plaintext)
+            return tokens.all_records(conn)

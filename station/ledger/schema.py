@@ -184,6 +184,9 @@ challenges = Table(
     Column("created_at", TS, nullable=False),
     Column("expires_at", TS, nullable=False),
     Column("used_at", TS, nullable=True),
+    # One open challenge per board (replaced by device), expired ones purged by time.
+    Index(None, "device_pk"),
+    Index(None, "expires_at"),
 )
 
 audit_log = Table(
@@ -210,4 +213,6 @@ api_tokens = Table(
     Column("token_sha256", String(64), nullable=False, unique=True),
     Column("created_at", TS, nullable=False),
     Column("revoked_at", TS, nullable=True),
+    Column("expires_at", TS, nullable=True),  # None: until revoked
+    Column("last_used_at", TS, nullable=True),  # at most a minute stale (see Ledger)
 )
