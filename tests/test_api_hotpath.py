@@ -10,6 +10,7 @@ import asyncio
 import pickle
 import socket
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -48,17 +49,17 @@ def clock(api: Api) -> FakeClock:
 def lookups(api: Api) -> Iterator[list[str]]:
     """Names the ledger's token lookups returned (a spy around the real ledger)."""
     ledger = api.client.app.state.station.ledger  # type: ignore[attr-defined]
-    real: Callable[[str], tuple[str, str] | None] = ledger.lookup_token
+    real: Callable[[str], Any] = ledger.lookup_token_record
     seen: list[str] = []
 
-    def spy(token: str) -> tuple[str, str] | None:
+    def spy(token: str) -> Any:
         found = real(token)
-        seen.append(found[0] if found else "")
+        seen.append(found.name if found else "")
         return found
 
-    ledger.lookup_token = spy
+    ledger.lookup_token_record = spy
     yield seen
-    del ledger.lookup_token
+    del ledger.lookup_token_record
 
 
 # ------------------------------------------------------------------ the cache alone
@@ -237,7 +238,7 @@ def test_the_certificate_route_documents_what_dependencies_would_have(api: Api) 
     op = api.client.get("/openapi.json").json()["paths"]["/v1/certificates"]["post"]
     assert op["security"] == [{"HTTPBearer": []}]
     params = {p["name"]: p for p in op["parameters"]}
-    assert set(params) == {"batch", "device_id", "reprovision"}
+    assert set(params) == {"batch", "device_id", "reprovision", "reason"}
     assert all(p["in"] == "query" and not p["required"] for p in params.values())
     no_control = {"pattern": CONTROL_CHARACTERS_PATTERN}  # api.middleware refuses them
     assert {"maxLength": 128, "type": "string", **no_control} in params["batch"]["schema"]["anyOf"]

@@ -48,7 +48,8 @@ CODE_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
 def ledger_dump(settings: Settings) -> dict[str, list[tuple[object, ...]]]:
-    """Every row of every table of the SQLite ledger (audit log included), sorted."""
+    """Every row of every table of the SQLite ledger (audit log included), sorted; but a
+    token's last use, which a refused request of a valid token records too."""
     path = settings.resolved_database_url().removeprefix("sqlite:///")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
@@ -58,10 +59,16 @@ def ledger_dump(settings: Settings) -> dict[str, list[tuple[object, ...]]]:
             if not r[0].startswith("sqlite_")
         ]
         assert {"audit_log", "certificates", "devices", "batches"} <= set(tables)
-        return {
+        dump = {
             t: sorted(conn.execute(f'SELECT * FROM "{t}"').fetchall(), key=repr)  # noqa: S608
             for t in sorted(tables)
         }
+        dump["api_tokens"] = sorted(
+            conn.execute("SELECT id, name, role, token_sha256, created_at, revoked_at, expires_at "
+                         "FROM api_tokens").fetchall(),
+            key=repr,
+        )  # fmt: skip
+        return dump
     finally:
         conn.close()
 
