@@ -7,13 +7,18 @@ from __future__ import annotations
 import base64
 import json
 from datetime import timedelta
+from pathlib import Path
 
+import typer
+from click.testing import Result
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import func, select
+from typer.testing import CliRunner
 
 from firmware_hooks.host import BoardClient
 from firmware_hooks.simboard import SimulatedBoard
 from station.ca import CertificateAuthority
+from station.cli import ledger_cmds
 from station.ledger import Ledger
 from station.ledger.schema import audit_log, challenges
 from station.line import ProvisionContext
@@ -206,3 +211,32 @@ def test_expired_and_used_challenges_are_purged(
         with ledger.engine.connect() as conn:
             rows = conn.execute(select(challenges.c.device_pk)).all()
         assert len(rows) == 1  # p-1's expired challenge is gone
+
+
+def test_station_sign_refuses_a_revoked_board_without_a_reason(
+    station_env: object, tmp_path: Path
+) -> None:
+    """The CLI channel: `station sign` (typer's runner, the real ledger and token)."""
+    app = typer.Typer(pretty_exceptions_enable=False)
+    ledger_cmds.register(app)
+    runner = CliRunner()
+
+    def sign_csr(device_id: str, *extra: str) -> Result:
+        pem, _ = new_csr(device_id)
+        path = tmp_path / f"{device_id}-{len(list(tmp_path.iterdir()))}.csr"
+        path.write_text(pem)
+        args = ["sign", "--batch", "B1", "--device", device_id, "--csr", str(path), *extra]
+        return runner.invoke(app, [*args, "--out", str(tmp_path / "out.pem")])
+
+    with Ledger.from_settings(station_env) as ledger:
+        ledger.create_batch(
+            "B1", product="p", planned_count=4, key_mode="board-ecc", subject_template=TEMPLATE
+        )
+    assert sign_csr("r-1").exit_code == 0
+    assert runner.invoke(app, ["revoke", "r-1", "--reason", "stolen"]).exit_code == 0
+    refused = sign_csr("r-1", "--reprovision")
+    assert refused.exit_code == 1 and "error [device-revoked]" in refused.stderr, refused.stderr
+    back = sign_csr("r-1", "--reprovision", "--reason", "refurbished")
+    assert back.exit_code == 0, back.stderr
+    with Ledger.from_settings(station_env) as ledger:
+        assert ledger.get_device("r-1").state == "issued"
