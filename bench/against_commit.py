@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Only the figures of the benchmarks' own JSON that say how fast something went.
-RATE_SUFFIXES = ("_per_s", "certs_per_s", "rate")
+RATE_SUFFIXES = ("_per_s", "per_second", "rate")
 # What `make bench` runs when no benchmark arguments are given: a short run.
 DEFAULT_EXTRA = {
     "ledger": ["--count", "500", "--no-pg", "--no-writer-estimate", "--export-count", "1000"],
@@ -56,14 +56,29 @@ def shim_venv(tree: Path, where: Path) -> Path:
 
 
 def numbers(figures: object, prefix: str = "") -> dict[str, float]:
+    """Every rate in a benchmark's JSON, by its path (list items by their index,
+    or by their ``clients``/``level`` when they say which load they were)."""
     out: dict[str, float] = {}
     if isinstance(figures, dict):
-        for key, value in figures.items():
-            name = f"{prefix}{key}"
+        items: list[tuple[str, object]] = [(str(k), v) for k, v in figures.items()]
+    elif isinstance(figures, list):
+        items = []
+        for i, value in enumerate(figures):
+            label = str(i)
             if isinstance(value, dict):
-                out.update(numbers(value, name + "."))
-            elif isinstance(value, int | float) and name.endswith(RATE_SUFFIXES):
-                out[name] = float(value)
+                for key in ("clients", "level", "name"):
+                    if key in value:
+                        label = f"{key}={value[key]}"
+                        break
+            items.append((label, value))
+    else:
+        return out
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, dict | list):
+            out.update(numbers(value, name + "."))
+        elif isinstance(value, int | float) and name.endswith(RATE_SUFFIXES):
+            out[name] = float(value)
     return out
 
 
