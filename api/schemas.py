@@ -112,7 +112,11 @@ class DeviceOut(BaseModel):
 
 class ChallengeOut(BaseModel):
     device_id: str
-    nonce: str = Field(description="base64; sign these bytes with the device key")
+    nonce: str = Field(description="base64, the 32-byte challenge; send it back with the proof")
+    message: str = Field(
+        description="base64; sign these bytes with the device key: the proof message "
+        "(context, device id, nonce; docs/serial-protocol.md section 'Proof message')"
+    )
 
 
 class ProofIn(BaseModel):

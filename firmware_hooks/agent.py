@@ -60,6 +60,7 @@ from firmware_hooks.protocol import (
     encode_message,
     encode_tlv,
     error_payload,
+    parse_proof_message,
     response_type,
 )
 
@@ -70,8 +71,6 @@ STATE_FILE = "agent-state.json"
 DEFAULT_KEY_NAME = "deviceCert"
 SE_KEY_NAME_MAX = 20
 SE_RSA_2048 = 4097
-MIN_NONCE = 16
-MAX_NONCE = 1024
 DEFAULT_SE_SIGN = (
     "openssl dgst -sha256 -engine artiksee -keyform engine -sign rsa2048://{key} -out {out} {in}"
 )
@@ -393,9 +392,17 @@ class Agent:
 
     def _prove(self, fields: Fields) -> list[tuple[int, FieldValue]]:
         nonce = fields.get_bytes(Tag.NONCE)
-        if not (MIN_NONCE <= len(nonce) <= MAX_NONCE):
+        # Only a proof message naming this board: anything else would make the agent
+        # sign bytes of the caller's choosing with the device key (a signing oracle).
+        try:
+            device_id, _ = parse_proof_message(nonce)
+        except BadPayload as exc:
+            raise Refusal(ErrorCode.INVALID_ARGUMENT, f"PROVE refused: {exc}") from exc
+        if device_id != self.config.hardware_id:
             raise Refusal(
-                ErrorCode.INVALID_ARGUMENT, f"nonce must be {MIN_NONCE} to {MAX_NONCE} bytes"
+                ErrorCode.INVALID_ARGUMENT,
+                f"PROVE refused: the proof names device {device_id!r}, this board is "
+                f"{self.config.hardware_id!r}",
             )
         session = self.session
         if session.key_mode == "board-ecc":

@@ -7,7 +7,7 @@ One client talks to one board over one port, one request at a time::
         csr_der = board.generate_key_csr("/O=company/OU=team/CN=dev-0001/C=US")
         ...  # check the CSR, issue the certificate
         digest = board.put_chain(cert_pem + ca_pem)   # == sha256(cert_pem + ca_pem)
-        signature = board.prove(nonce)
+        signature = board.prove(hello.hardware_id, nonce)   # nonce: 32 fresh bytes
 
 Every failure is a ``ProtocolError`` subclass: ``BoardError`` (the board
 refused, with an ``ErrorCode``), ``Timeout`` (after the bounded retries),
@@ -15,14 +15,15 @@ refused, with an ``ErrorCode``), ``Timeout`` (after the bounded retries),
 
 Verifying the proof of possession (on the station, with ``cryptography``)::
 
+    signed = proof_message(hello.hardware_id, nonce)    # what the board signed
     key = certificate.public_key()
     if isinstance(key, ec.EllipticCurvePublicKey):      # board-ecc, P-256
-        key.verify(signature, nonce, ec.ECDSA(hashes.SHA256()))   # DER (r, s)
+        key.verify(signature, signed, ec.ECDSA(hashes.SHA256()))   # DER (r, s)
     else:                                               # see-rsa, RSA-2048
-        key.verify(signature, nonce, padding.PKCS1v15(), hashes.SHA256())
+        key.verify(signature, signed, padding.PKCS1v15(), hashes.SHA256())
 
 ``verify`` raises ``InvalidSignature`` when the board does not hold the key.
-The nonce must be fresh random bytes (16 to 1024; 32 is a good choice).
+The nonce must be 32 fresh random bytes.
 """
 
 from __future__ import annotations
@@ -40,12 +41,11 @@ from firmware_hooks.protocol import (
     MsgType,
     Tag,
     encode_tlv,
+    proof_message,
 )
 
 SE_RSA_2048 = 4097  # ARTIK SE algorithm id 0x1001
 SE_KEY_NAME_MAX = 20
-MIN_NONCE = 16
-MAX_NONCE = 1024
 
 DEFAULT_TIMEOUTS: Mapping[MsgType, float] = types.MappingProxyType(
     {
@@ -171,13 +171,13 @@ class BoardClient:
         the bytes it stored (compare with ``hashlib.sha256(chain_pem).digest()``)."""
         return self._call(MsgType.PUT_CHAIN, [(Tag.CHAIN, chain_pem)]).get_bytes(Tag.DIGEST)
 
-    def prove(self, nonce: bytes) -> bytes:
-        """Have the board sign ``nonce`` with its installed key: ECDSA-SHA256 (DER)
-        for board-ecc, PKCS#1 v1.5 SHA-256 for see-rsa. See the module docstring
-        for the verification."""
-        if not (MIN_NONCE <= len(nonce) <= MAX_NONCE):
-            raise ValueError(f"nonce must be {MIN_NONCE} to {MAX_NONCE} bytes")
-        return self._call(MsgType.PROVE, [(Tag.NONCE, nonce)]).get_bytes(Tag.SIGNATURE)
+    def prove(self, device_id: str, nonce: bytes) -> bytes:
+        """Have the board sign the proof message for ``device_id`` and the 32-byte
+        ``nonce`` (``protocol.proof_message``) with its installed key: ECDSA-SHA256
+        (DER) for board-ecc, PKCS#1 v1.5 SHA-256 for see-rsa. See the module
+        docstring for the verification."""
+        message = proof_message(device_id, nonce)
+        return self._call(MsgType.PROVE, [(Tag.NONCE, message)]).get_bytes(Tag.SIGNATURE)
 
     def status(self) -> dict[str, str]:
         """The board's provisioning state: ``state`` (idle, key-ready, chain-stored),

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from firmware_hooks.protocol import (
+    BadCrc,
     Disconnected,
     Message,
     MessageDecoder,
@@ -227,5 +228,6 @@ class Link:
         detail = f" (last error: {self.last_error})" if self.last_error else ""
         raise Timeout(
             f"no valid reply to {_type_name(msg_type)} seq {seq} after {retries + 1} "
-            f"attempt(s) of {attempt_timeout:.2f} s{detail}"
+            f"attempt(s) of {attempt_timeout:.2f} s{detail}",
+            code="serial-crc" if isinstance(self.last_error, BadCrc) else None,
         ) from self.last_error

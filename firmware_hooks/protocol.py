@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
 DELIMITER = 0x00
 
 HEADER = struct.Struct(">BBHBBH")  # version, type, seq, flags, fragment, length
@@ -48,7 +49,20 @@ MAX_TLV_VALUE = 0xFFFF
 
 
 class ProtocolError(Exception):
-    """Base of every error of the serial protocol, on either side of the line."""
+    """Base of every error of the serial protocol, on either side of the line.
+
+    Every subclass carries a stable reason ``code`` (kebab-case, what the station
+    records for a board that fails with it) and a ``kind``, spelled as a value of
+    the station's ``Kind`` (this package cannot import the station). An instance
+    may narrow its code (``code=``), e.g. a timeout whose last error was a bad CRC."""
+
+    code: str = "serial-protocol"
+    kind: str = "bad-input"
+
+    def __init__(self, *args: object, code: str | None = None) -> None:
+        super().__init__(*args)
+        if code is not None:
+            self.code = code
 
 
 class BadFrame(ProtocolError):
@@ -57,6 +71,8 @@ class BadFrame(ProtocolError):
 
 class BadCrc(ProtocolError):
     """A frame's CRC-32 does not match its header and payload."""
+
+    code = "serial-crc"
 
     def __init__(self, expected: int, actual: int) -> None:
         super().__init__(f"CRC mismatch: frame says {expected:#010x}, computed {actual:#010x}")
@@ -72,8 +88,14 @@ class FrameTooLarge(ProtocolError):
 class UnsupportedVersion(ProtocolError):
     """A frame with a valid CRC carries a protocol version this side does not speak."""
 
+    code = "unsupported-version"
+    kind = "refused"
+
     def __init__(self, version: int, seq: int, msg_type: int) -> None:
-        super().__init__(f"unsupported protocol version {version} (this side speaks 1)")
+        super().__init__(
+            f"unsupported protocol version {version} (this side speaks "
+            f"{', '.join(str(v) for v in sorted(SUPPORTED_VERSIONS))})"
+        )
         self.version = version
         self.seq = seq
         self.msg_type = msg_type
@@ -86,25 +108,36 @@ class BadPayload(ProtocolError):
 class Timeout(ProtocolError, TimeoutError):
     """No valid reply arrived in time (after all retries)."""
 
+    code = "serial-timeout"
+    kind = "unavailable"
+
 
 class UnexpectedReply(ProtocolError):
     """A valid frame arrived, but it is not an answer to the request sent."""
+
+    code = "unexpected-reply"
 
 
 class Disconnected(ProtocolError, ConnectionError):
     """The port went away (closed, unplugged, pty hung up)."""
 
+    code = "disconnected"
+    kind = "unavailable"
+
 
 class BoardError(ProtocolError):
-    """The board answered with an ERROR message."""
+    """The board answered with an ERROR message; ``error_code`` is its ``ErrorCode``."""
 
-    def __init__(self, code: int, message: str) -> None:
+    code = "board-error"
+    kind = "refused"
+
+    def __init__(self, error_code: int, message: str) -> None:
         try:
-            name = ErrorCode(code).name
+            name = ErrorCode(error_code).name
         except ValueError:
-            name = f"code {code}"
-        super().__init__(f"board error {name} ({code}): {message}")
-        self.code = code
+            name = f"code {error_code}"
+        super().__init__(f"board error {name} ({error_code}): {message}")
+        self.error_code = error_code
         self.message = message
 
 
@@ -283,7 +316,7 @@ def decode_frame(encoded: bytes) -> Frame:
     if crc != actual:
         raise BadCrc(crc, actual)
     version, msg_type, seq, flags, fragment, length = HEADER.unpack(body[:HEADER_SIZE])
-    if version != PROTOCOL_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise UnsupportedVersion(version, seq, msg_type)
     if length > MAX_PAYLOAD:
         raise FrameTooLarge(f"header announces {length} payload bytes > {MAX_PAYLOAD}")
@@ -547,3 +580,45 @@ def board_error(payload: bytes) -> BoardError:
     """The BoardError an ERROR message's payload describes."""
     fields = Fields.decode(payload)
     return BoardError(fields.get_u16(Tag.ERROR_CODE), fields.get_str(Tag.ERROR_MESSAGE, ""))
+
+
+# --------------------------------------------------------------------------- proof of possession
+
+# What a board signs to prove it holds its key, on the serial line (PROVE) and over
+# HTTP (/v1/devices/{id}/proof): never bytes of the station's choosing, which would
+# make the board a signing oracle (a TLS 1.3 CertificateVerify input is 64 spaces, a
+# context string, a zero and a hash: 130 bytes), but this fixed layout:
+#
+#   PROOF_CONTEXT (40 bytes, ends in 0x00) | u8 n | device id (n bytes, UTF-8) | nonce (32)
+PROOF_CONTEXT = b"artik-provisioning proof-of-possession\x00\x01"
+PROOF_NONCE_SIZE = 32
+MAX_DEVICE_ID = 64
+
+
+def proof_message(device_id: str, nonce: bytes) -> bytes:
+    """The bytes a board signs to prove ``device_id`` holds its key for ``nonce``."""
+    raw_id = device_id.encode("utf-8")
+    if not 1 <= len(raw_id) <= MAX_DEVICE_ID:
+        raise ValueError(f"device id of {len(raw_id)} bytes: 1 to {MAX_DEVICE_ID}")
+    if len(nonce) != PROOF_NONCE_SIZE:
+        raise ValueError(f"nonce of {len(nonce)} bytes: exactly {PROOF_NONCE_SIZE}")
+    return PROOF_CONTEXT + bytes([len(raw_id)]) + raw_id + nonce
+
+
+def parse_proof_message(message: bytes) -> tuple[str, bytes]:
+    """(device id, nonce) of a proof message; BadPayload for anything else."""
+    if not message.startswith(PROOF_CONTEXT):
+        raise BadPayload("not a proof message: wrong context")
+    rest = message[len(PROOF_CONTEXT) :]
+    if not rest or not 1 <= rest[0] <= MAX_DEVICE_ID:
+        raise BadPayload("proof message: bad device id length")
+    n = rest[0]
+    if len(rest) != 1 + n + PROOF_NONCE_SIZE:
+        raise BadPayload(
+            f"proof message: {len(rest) - 1 - n} nonce bytes, exactly {PROOF_NONCE_SIZE} wanted"
+        )
+    try:
+        device_id = rest[1 : 1 + n].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadPayload("proof message: device id is not UTF-8") from exc
+    return device_id, rest[1 + n :]

@@ -31,6 +31,7 @@ from firmware_hooks.protocol import (
     encode_frame,
     encode_message,
     encode_tlv,
+    proof_message,
 )
 from firmware_hooks.simboard import SimulatedBoard
 from station.line.simkeys import CryptographyKeys
@@ -152,10 +153,11 @@ def test_board_ecc_from_key_to_proof(
     assert board_client.status()["chain_sha256"] == digest.hex()
 
     nonce = os.urandom(32)
-    signature = board_client.prove(nonce)
+    signature = board_client.prove(sim_board.hardware_id, nonce)
     cert_key = cert.public_key()
     assert isinstance(cert_key, ec.EllipticCurvePublicKey)
-    cert_key.verify(signature, nonce, ec.ECDSA(hashes.SHA256()))
+    signed = proof_message(sim_board.hardware_id, nonce)
+    cert_key.verify(signature, signed, ec.ECDSA(hashes.SHA256()))
     assert _leftovers(sim_board) == []
 
 
@@ -185,7 +187,7 @@ def test_bad_subjects_are_refused(
 ) -> None:
     with pytest.raises(BoardError) as caught:
         board_client.generate_key_csr(subject)
-    assert caught.value.code == code
+    assert caught.value.error_code == code
     assert _leftovers(sim_board) == []
     assert not (sim_board.key_dir / "deviceCert.key").exists()
 
@@ -193,7 +195,7 @@ def test_bad_subjects_are_refused(
 def test_a_key_name_with_a_path_is_refused(board_client: BoardClient) -> None:  # noqa: F811
     with pytest.raises(BoardError) as caught:
         board_client.generate_key_csr(SUBJECT, key_name="../etc/evil")
-    assert caught.value.code == ErrorCode.INVALID_ARGUMENT
+    assert caught.value.error_code == ErrorCode.INVALID_ARGUMENT
 
 
 def test_abort_drops_a_key_no_certificate_was_issued_for(
@@ -205,8 +207,8 @@ def test_abort_drops_a_key_no_certificate_was_issued_for(
     assert not (sim_board.key_dir / "deviceCert.key").exists()
     assert board_client.status()["state"] == "idle"
     with pytest.raises(BoardError) as caught:
-        board_client.prove(os.urandom(16))
-    assert caught.value.code == ErrorCode.BAD_STATE
+        board_client.prove(sim_board.hardware_id, os.urandom(32))
+    assert caught.value.error_code == ErrorCode.BAD_STATE
 
 
 # --------------------------------------------------------------------------- see-rsa
@@ -236,10 +238,11 @@ def test_see_rsa_from_key_to_proof(
     assert board_client.put_chain(chain) == hashlib.sha256(chain).digest()
 
     nonce = os.urandom(32)
-    signature = board_client.prove(nonce)
+    signature = board_client.prove(sim_board.hardware_id, nonce)
     cert_key = cert.public_key()
     assert isinstance(cert_key, rsa.RSAPublicKey)
-    cert_key.verify(signature, nonce, padding.PKCS1v15(), hashes.SHA256())
+    signed = proof_message(sim_board.hardware_id, nonce)
+    cert_key.verify(signature, signed, padding.PKCS1v15(), hashes.SHA256())
 
 
 def test_a_secure_key_name_over_20_characters_is_refused(
@@ -250,7 +253,7 @@ def test_a_secure_key_name_over_20_characters_is_refused(
     der = _der(rsa_key, serialization.PrivateFormat.TraditionalOpenSSL)
     with pytest.raises(BoardError) as caught:
         board_client.put_secure_key("a" * 21, der)
-    assert caught.value.code == ErrorCode.KEY_NAME_TOO_LONG
+    assert caught.value.error_code == ErrorCode.KEY_NAME_TOO_LONG
     assert list(sim_board.see_store.iterdir()) == []
     board_client.put_secure_key("a" * 20, der)  # exactly 20 is fine
 
@@ -263,7 +266,7 @@ def test_see_test_failure_is_reported_verbatim(
     der = _der(rsa_key, serialization.PrivateFormat.TraditionalOpenSSL)
     with pytest.raises(BoardError) as caught:
         board_client.put_secure_key("devkey", der, algorithm=0x2010)
-    assert caught.value.code == ErrorCode.SEE_FAILED
+    assert caught.value.error_code == ErrorCode.SEE_FAILED
     assert caught.value.message.startswith("see_test exited with status 2: ")
     assert "ERR_SEE_INVALID_ALGORITHM" in caught.value.message
     assert "0x2010" in caught.value.message
@@ -276,7 +279,7 @@ def test_a_key_that_is_not_der_is_refused_by_see_test_and_wiped(
 ) -> None:
     with pytest.raises(BoardError) as caught:
         board_client.put_secure_key("devkey", b"-----BEGIN RSA PRIVATE KEY-----\n")
-    assert caught.value.code == ErrorCode.SEE_FAILED
+    assert caught.value.error_code == ErrorCode.SEE_FAILED
     assert "status 5" in caught.value.message
     assert _leftovers(sim_board) == []
 
@@ -290,7 +293,7 @@ def test_a_missing_see_test_is_a_board_error(
         assert "see-rsa" not in client.hello().capabilities
         with pytest.raises(BoardError) as caught:
             client.put_secure_key("k", _der(rsa_key, serialization.PrivateFormat.PKCS8))
-    assert caught.value.code == ErrorCode.SEE_FAILED
+    assert caught.value.error_code == ErrorCode.SEE_FAILED
     assert _leftovers(board) == []
 
 
@@ -305,35 +308,38 @@ def test_signing_with_the_real_artiksee_engine_fails_cleanly_off_board(
     with BoardClient.open(board.port) as client:
         client.put_secure_key("k", _der(rsa_key, serialization.PrivateFormat.PKCS8))
         with pytest.raises(BoardError) as caught:
-            client.prove(os.urandom(32))
-    assert caught.value.code == ErrorCode.SIGN_FAILED
+            client.prove(board.hardware_id, os.urandom(32))
+    assert caught.value.error_code == ErrorCode.SIGN_FAILED
 
 
 # --------------------------------------------------------------------------- refusals
 
 
-def test_proof_before_any_key_is_bad_state(board_client: BoardClient) -> None:  # noqa: F811
+def test_proof_before_any_key_is_bad_state(
+    sim_board: SimulatedBoard,  # noqa: F811
+    board_client: BoardClient,  # noqa: F811
+) -> None:
     with pytest.raises(BoardError) as caught:
-        board_client.prove(os.urandom(32))
-    assert caught.value.code == ErrorCode.BAD_STATE
+        board_client.prove(sim_board.hardware_id, os.urandom(32))
+    assert caught.value.error_code == ErrorCode.BAD_STATE
 
 
 def test_a_chain_before_any_key_is_bad_state(board_client: BoardClient, ca: TestCA) -> None:  # noqa: F811
     with pytest.raises(BoardError) as caught:
         board_client.put_chain(ca.chain_pem(ca.cert))
-    assert caught.value.code == ErrorCode.BAD_STATE
+    assert caught.value.error_code == ErrorCode.BAD_STATE
 
 
 def test_a_chain_without_certificates_is_refused(board_client: BoardClient) -> None:  # noqa: F811
     board_client.generate_key_csr(SUBJECT)
     with pytest.raises(BoardError) as caught:
         board_client.put_chain(b"not a certificate")
-    assert caught.value.code == ErrorCode.INVALID_ARGUMENT
+    assert caught.value.error_code == ErrorCode.INVALID_ARGUMENT
 
 
 def test_the_client_refuses_short_nonces_before_sending(board_client: BoardClient) -> None:  # noqa: F811
     with pytest.raises(ValueError):
-        board_client.prove(b"short")
+        board_client.prove("dev-0001", b"short")
 
 
 def test_unknown_commands_and_malformed_payloads_get_error_replies(
@@ -342,13 +348,13 @@ def test_unknown_commands_and_malformed_payloads_get_error_replies(
     link = board_client.link
     with pytest.raises(BoardError) as caught:
         link.request(0x42, timeout=1.0)
-    assert caught.value.code == ErrorCode.UNKNOWN_COMMAND
+    assert caught.value.error_code == ErrorCode.UNKNOWN_COMMAND
     with pytest.raises(BoardError) as caught:
         link.request(MsgType.GEN_KEY_CSR, b"\x10\x00\x09abc", timeout=1.0)
-    assert caught.value.code == ErrorCode.BAD_REQUEST
+    assert caught.value.error_code == ErrorCode.BAD_REQUEST
     with pytest.raises(BoardError) as caught:
         link.request(MsgType.GEN_KEY_CSR, encode_tlv([(Tag.KEY_NAME, "x")]), timeout=1.0)
-    assert caught.value.code == ErrorCode.BAD_REQUEST  # SUBJECT missing
+    assert caught.value.error_code == ErrorCode.BAD_REQUEST  # SUBJECT missing
 
 
 def _raw_exchange(board_client: BoardClient, wire: bytes, count: int) -> list[Message]:  # noqa: F811
@@ -398,10 +404,11 @@ def test_the_agent_also_runs_in_a_thread(
         csr = x509.load_der_x509_csr(client.generate_key_csr(SUBJECT))
         cert = ca.issue(csr)
         client.put_chain(ca.chain_pem(cert))
-        nonce = os.urandom(16)
+        nonce = os.urandom(32)
         cert_key = cert.public_key()
         assert isinstance(cert_key, ec.EllipticCurvePublicKey)
-        cert_key.verify(client.prove(nonce), nonce, ec.ECDSA(hashes.SHA256()))
+        signed = proof_message(board.hardware_id, nonce)
+        cert_key.verify(client.prove(board.hardware_id, nonce), signed, ec.ECDSA(hashes.SHA256()))
 
 
 def test_state_survives_an_agent_restart(
@@ -419,10 +426,11 @@ def test_state_survives_an_agent_restart(
     board = sim_board_factory(key_dir=key_dir, baudrate=None)
     with BoardClient.open(board.port) as client:
         assert client.status()["state"] == "chain-stored"
-        nonce = os.urandom(16)
+        nonce = os.urandom(32)
         cert_key = cert.public_key()
         assert isinstance(cert_key, ec.EllipticCurvePublicKey)
-        cert_key.verify(client.prove(nonce), nonce, ec.ECDSA(hashes.SHA256()))
+        signed = proof_message(board.hardware_id, nonce)
+        cert_key.verify(client.prove(board.hardware_id, nonce), signed, ec.ECDSA(hashes.SHA256()))
 
 
 def test_the_agent_command_line_documents_its_options() -> None:
@@ -501,7 +509,8 @@ def test_the_in_process_key_backend_makes_what_openssl_makes(
         nonce = os.urandom(32)
         cert_key = cert.public_key()
         assert isinstance(cert_key, ec.EllipticCurvePublicKey)
-        cert_key.verify(client.prove(nonce), nonce, ec.ECDSA(hashes.SHA256()))
+        signed = proof_message(board.hardware_id, nonce)
+        cert_key.verify(client.prove(board.hardware_id, nonce), signed, ec.ECDSA(hashes.SHA256()))
     assert _leftovers(board) == []
 
 
@@ -512,7 +521,7 @@ def test_a_key_backend_failure_is_keygen_failed_and_leaves_no_file(
     with BoardClient.open(board.port, timeouts=FAST) as client:
         with pytest.raises(BoardError) as refused:
             client.generate_key_csr("/O=company/XX=unknown/CN=dev-0001")
-        assert refused.value.code == ErrorCode.KEYGEN_FAILED
+        assert refused.value.error_code == ErrorCode.KEYGEN_FAILED
         assert "unknown or malformed attribute" in str(refused.value)
         assert client.status()["state"] == "idle"
     assert os.listdir(board.key_dir) == []
@@ -590,4 +599,4 @@ def test_leftover_key_files_are_zeroed_before_they_are_removed(tmp_path, monkeyp
 def test_a_key_name_with_a_trailing_newline_is_refused(board_client: BoardClient) -> None:  # noqa: F811
     with pytest.raises(BoardError) as caught:
         board_client.generate_key_csr(SUBJECT, key_name="devkey\n")
-    assert caught.value.code == ErrorCode.INVALID_ARGUMENT
+    assert caught.value.error_code == ErrorCode.INVALID_ARGUMENT

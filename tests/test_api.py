@@ -12,10 +12,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from firmware_hooks.protocol import proof_message
 from tests.csrs import csr_der, device_name, make_csr
 from tests.test_api_helpers import Api, api, assert_problem, new_csr, sign
 
 __all__ = ["api"]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 def issue(api: Api, device_id: str, batch: str = "B1", **kw: object) -> tuple[dict, object]:
@@ -108,7 +113,9 @@ def test_full_flow_to_whitelist(api: Api) -> None:
     ch = api.post("/v1/devices/dev-1/challenge", "board")
     assert ch.status_code == 200
     nonce = base64.b64decode(ch.json()["nonce"])
-    proof = {"nonce": ch.json()["nonce"], "signature": base64.b64encode(sign(key, nonce)).decode()}
+    message = base64.b64decode(ch.json()["message"])
+    assert message == proof_message("dev-1", nonce)
+    proof = {"nonce": ch.json()["nonce"], "signature": _b64(sign(key, message))}
     done = api.post("/v1/devices/dev-1/proof", "board", json=proof)
     assert done.status_code == 200, done.text
     assert done.json()["state"] == "verified" and done.json()["serial"] == out["serial"]
@@ -279,13 +286,17 @@ def test_body_too_large(api: Api) -> None:
 def test_proof_refusals(api: Api) -> None:
     api.batch()
     _, key = issue(api, "dev-p")
+    # Over HTTP too, the bare nonce is not what a board signs: the proof message is.
+    bare_b64 = api.post("/v1/devices/dev-p/challenge", "board").json()["nonce"]
+    bare = {"nonce": bare_b64, "signature": _b64(sign(key, base64.b64decode(bare_b64)))}
+    assert_problem(api.post("/v1/devices/dev-p/proof", "board", json=bare), 422, "bad-proof")
     nonce_b64 = api.post("/v1/devices/dev-p/challenge", "board").json()["nonce"]
-    nonce = base64.b64decode(nonce_b64)
+    message = proof_message("dev-p", base64.b64decode(nonce_b64))
     other = ec.generate_private_key(ec.SECP256R1())
-    bad = {"nonce": nonce_b64, "signature": base64.b64encode(sign(other, nonce)).decode()}
+    bad = {"nonce": nonce_b64, "signature": base64.b64encode(sign(other, message)).decode()}
     assert_problem(api.post("/v1/devices/dev-p/proof", "board", json=bad), 422, "bad-proof")
     # The nonce was used up by the failed attempt.
-    good = {"nonce": nonce_b64, "signature": base64.b64encode(sign(key, nonce)).decode()}
+    good = {"nonce": nonce_b64, "signature": base64.b64encode(sign(key, message)).decode()}
     assert_problem(api.post("/v1/devices/dev-p/proof", "board", json=good), 422, "no-challenge")
     junk = {"nonce": "***", "signature": "AAAA"}
     assert_problem(api.post("/v1/devices/dev-p/proof", "board", json=junk), 400, "bad-base64")
@@ -321,7 +332,7 @@ def test_metrics(api: Api) -> None:
     api.batch()
     _, key = issue(api, "dev-m")
     ch = api.post("/v1/devices/dev-m/challenge", "board").json()["nonce"]
-    sig = base64.b64encode(sign(key, base64.b64decode(ch))).decode()
+    sig = base64.b64encode(sign(key, proof_message("dev-m", base64.b64decode(ch)))).decode()
     api.post("/v1/devices/dev-m/proof", "board", json={"nonce": ch, "signature": sig})
     api.post("/v1/certificates", "board", json={"batch": "B1", "device_id": "x", "csr": "junk"})
     text = api.get("/metrics", "operator").text  # board counts are for reader roles

@@ -14,6 +14,7 @@ import pytest
 import uvicorn
 
 from api.app import create_app
+from firmware_hooks.protocol import proof_message
 from station.ledger import Ledger
 from station.settings import Settings
 from tests.test_api_helpers import TEMPLATE, new_csr, sign
@@ -99,7 +100,8 @@ def test_dashboard_updates_live(server: str, station_settings: Settings) -> None
             assert r.status_code == 201, r.text
             expect(row.locator("td.devices")).to_have_text("1", timeout=10_000)
             nonce = http.post("/v1/devices/dash-1/challenge", headers=bh).json()["nonce"]
-            sig = base64.b64encode(sign(key, base64.b64decode(nonce))).decode()
+            message = proof_message("dash-1", base64.b64decode(nonce))
+            sig = base64.b64encode(sign(key, message)).decode()
             r = http.post(
                 "/v1/devices/dash-1/proof", headers=bh, json={"nonce": nonce, "signature": sig}
             )

@@ -157,7 +157,7 @@ def test_an_error_reply_is_a_board_error_and_is_not_retried(peer_link) -> None:
     peer, link = peer_link(script)
     with pytest.raises(BoardError) as caught:
         link.request(MsgType.PROVE, timeout=1.0, retries=3)
-    assert caught.value.code == ErrorCode.BAD_STATE
+    assert caught.value.error_code == ErrorCode.BAD_STATE
     assert len(peer.requests) == 1
 
 

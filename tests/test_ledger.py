@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 from cryptography.x509.oid import NameOID
 from sqlalchemy import select, text
 
+from firmware_hooks.protocol import proof_message
 from station.ca import CertificateAuthority
 from station.errors import StationError
 from station.ledger import Ledger
@@ -343,6 +344,10 @@ def test_failed_board_counts_attempts_and_can_retry(
     assert ledger.get_device("dev-1").state == "issued"
 
 
+def _signed(key: ec.EllipticCurvePrivateKey, device_id: str, nonce: bytes) -> bytes:
+    return key.sign(proof_message(device_id, nonce), ec.ECDSA(hashes.SHA256()))
+
+
 def test_proof_of_possession(ledger: Ledger, batch: str, ca: CertificateAuthority) -> None:
     csr, key = make_csr("dev-1")
     ledger.issue(batch, "dev-1", csr, ca)
@@ -351,19 +356,34 @@ def test_proof_of_possession(ledger: Ledger, batch: str, ca: CertificateAuthorit
     nonce = ledger.create_challenge("dev-1")
     other = ec.generate_private_key(ec.SECP256R1())
     with refused("bad-proof"):
-        ledger.verify_proof("dev-1", nonce, other.sign(nonce, ec.ECDSA(hashes.SHA256())))
+        ledger.verify_proof("dev-1", nonce, _signed(other, "dev-1", nonce))
     with refused("no-challenge"):  # single use, even after a failure
-        ledger.verify_proof("dev-1", nonce, key.sign(nonce, ec.ECDSA(hashes.SHA256())))
+        ledger.verify_proof("dev-1", nonce, _signed(key, "dev-1", nonce))
     stale = ledger.create_challenge("dev-1", ttl=timedelta(seconds=-1))
     with refused("challenge-expired"):
-        ledger.verify_proof("dev-1", stale, key.sign(stale, ec.ECDSA(hashes.SHA256())))
+        ledger.verify_proof("dev-1", stale, _signed(key, "dev-1", stale))
     assert ledger.get_device("dev-1").state == "issued"
 
     nonce = ledger.create_challenge("dev-1")
-    device = ledger.verify_proof("dev-1", nonce, key.sign(nonce, ec.ECDSA(hashes.SHA256())))
+    device = ledger.verify_proof("dev-1", nonce, _signed(key, "dev-1", nonce))
 
     assert device.state == "verified"
     assert [e.device_id for e in ledger.whitelist()] == ["dev-1"]
+
+
+def test_a_signature_over_anything_but_the_proof_message_proves_nothing(
+    ledger: Ledger, batch: str, ca: CertificateAuthority
+) -> None:
+    csr, key = make_csr("dev-1")
+    ledger.issue(batch, "dev-1", csr, ca)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    nonce = ledger.create_challenge("dev-1")
+    with refused("bad-proof"):  # the bare nonce: what a signing oracle would sign
+        ledger.verify_proof("dev-1", nonce, key.sign(nonce, ec.ECDSA(hashes.SHA256())))
+    nonce = ledger.create_challenge("dev-1")
+    with refused("bad-proof"):  # the message of another device
+        ledger.verify_proof("dev-1", nonce, _signed(key, "dev-2", nonce))
+    assert ledger.get_device("dev-1").state == "issued"
 
 
 def test_proof_of_possession_rsa(ledger: Ledger, ca: CertificateAuthority) -> None:
@@ -373,7 +393,8 @@ def test_proof_of_possession_rsa(ledger: Ledger, ca: CertificateAuthority) -> No
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ledger.issue("see", "dev-9", make_csr("dev-9", key)[0], ca)
     nonce = ledger.create_challenge("dev-9")
-    ledger.verify_proof("dev-9", nonce, key.sign(nonce, PKCS1v15(), hashes.SHA256()))
+    message = proof_message("dev-9", nonce)
+    ledger.verify_proof("dev-9", nonce, key.sign(message, PKCS1v15(), hashes.SHA256()))
     assert ledger.get_device("dev-9").state == "verified"
 
 

@@ -403,7 +403,7 @@ def test_tlv_refuses_bools_and_oversized_values() -> None:
 def test_an_error_payload_becomes_a_board_error_with_its_code() -> None:
     error = board_error(error_payload(ErrorCode.KEY_NAME_TOO_LONG, "too long"))
     assert isinstance(error, BoardError) and isinstance(error, ProtocolError)
-    assert (error.code, error.message) == (ErrorCode.KEY_NAME_TOO_LONG, "too long")
+    assert (error.error_code, error.message) == (ErrorCode.KEY_NAME_TOO_LONG, "too long")
     assert "KEY_NAME_TOO_LONG" in str(error)
     assert "code 999" in str(BoardError(999, "?"))
 

@@ -14,6 +14,7 @@ from api.context import ContextDep
 from api.schemas import ChallengeOut, DeviceOut, ProofIn, RevokeIn
 from station.errors import StationError
 from station.ledger import DeviceState
+from station.ledger.proof import signed_message
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
@@ -48,7 +49,11 @@ def get_device(device_id: str, station: ContextDep, _: Reader) -> DeviceOut:
 @router.post("/{device_id}/challenge", response_model=ChallengeOut)
 def challenge(device_id: str, station: ContextDep, _: BoardUp) -> ChallengeOut:
     nonce = station.ledger.create_challenge(device_id)
-    return ChallengeOut(device_id=device_id, nonce=base64.b64encode(nonce).decode())
+    return ChallengeOut(
+        device_id=device_id,
+        nonce=base64.b64encode(nonce).decode(),
+        message=base64.b64encode(signed_message(device_id, nonce)).decode(),
+    )
 
 
 @router.post("/{device_id}/proof", response_model=DeviceOut)

@@ -3,10 +3,13 @@
 A challenge is a fresh 32-byte nonce, spent by any answer, valid for CHALLENGE_TTL;
 a board has at most one (:mod:`station.ledger.challenges`), and only a board with a
 live, issued certificate that is neither verified nor revoked gets one.
-The board signs it with the key its certificate certifies: ECDSA-SHA256 (DER
-signature) for EC keys, PKCS#1 v1.5 SHA-256 for RSA. Knows nothing of storage
-or channels: the ledger stores challenges, the serial line and the HTTP API
-carry them.
+The board signs, with the key its certificate certifies, the proof message of
+its device id and the nonce (``signed_message``: a fixed context, the id, the
+nonce; ``firmware_hooks.protocol.proof_message``), never bytes of the caller's
+choosing, which would make the board a signing oracle for its key. The same
+message on the serial line (PROVE) and over HTTP. ECDSA-SHA256 (DER signature)
+for EC keys, PKCS#1 v1.5 SHA-256 for RSA. Knows nothing of storage or channels:
+the ledger stores challenges, the serial line and the HTTP API carry them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from firmware_hooks.protocol import proof_message
 from station.errors import ConflictError, PolicyError, StationError
 from station.ledger.revocation import device_revoked
 from station.ledger.schema import DeviceState
@@ -43,6 +47,16 @@ def may_challenge(device_id: str, state: DeviceState, has_issued_certificate: bo
         )
     if not has_issued_certificate:
         raise ConflictError(f"device {device_id!r} has no live certificate", code="no-certificate")
+
+
+def signed_message(device_id: str, nonce: bytes) -> bytes:
+    """What ``device_id`` must have signed for ``nonce``; empty (which no signature
+    verifies over a challenge) when the nonce is not a challenge's 32 bytes or the
+    id cannot be in a proof message."""
+    try:
+        return proof_message(device_id, nonce)
+    except ValueError:
+        return b""
 
 
 def signature_ok(certificate_pem: str, nonce: bytes, signature: bytes) -> bool:
@@ -77,9 +91,9 @@ def refusal(
         return PolicyError("the challenge has expired", code="challenge-expired")
     if certificate_pem is None:
         return ConflictError(f"device {device_id!r} has no live certificate", code="no-certificate")
-    if not signature_ok(certificate_pem, nonce, signature):
+    if not signature_ok(certificate_pem, signed_message(device_id, nonce), signature):
         return PolicyError(
-            "the signature over the nonce does not verify with the certificate's key",
+            "the signature over the proof message does not verify with the certificate's key",
             code="bad-proof",
         )
     return None

@@ -447,7 +447,9 @@ class Ledger(LedgerReads):
         return nonce
 
     def verify_proof(self, device_id: str, nonce: bytes, signature: bytes) -> Device:
-        """Check the board's signature over ``nonce`` with its certificate's key; then verified.
+        """Check the board's signature over the proof message for ``device_id`` and
+        ``nonce`` (``firmware_hooks.protocol.proof_message``, the same bytes on the
+        serial line and over HTTP) with its certificate's key; then verified.
 
         The challenge is spent whatever the answer, and every refusal is audited
         (``proof.refused`` with its code). Codes: unknown-device, no-challenge,

@@ -32,15 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from firmware_hooks.host import SE_KEY_NAME_MAX, BoardClient, BoardHello
-from firmware_hooks.protocol import (
-    BadCrc,
-    BoardError,
-    Disconnected,
-    ProtocolError,
-    Timeout,
-    UnexpectedReply,
-    UnsupportedVersion,
-)
+from firmware_hooks.protocol import ProtocolError
 from station import policy
 from station.ca import CertificateAuthority
 from station.errors import NotFoundError, StationError
@@ -119,23 +111,11 @@ class Outcome:
 
 
 def failure_code(exc: BaseException) -> str:
-    """The reason code recorded for an exception raised while provisioning."""
-    if isinstance(exc, StationError):
+    """The reason code recorded for an exception raised while provisioning: the
+    ``code`` every station and serial-protocol error carries, ``bad-proof`` for a
+    signature that does not verify, ``disconnected`` for an OS error on the port."""
+    if isinstance(exc, StationError | ProtocolError):
         return exc.code
-    if isinstance(exc, Timeout):
-        return "serial-crc" if isinstance(exc.__cause__, BadCrc) else "serial-timeout"
-    if isinstance(exc, BadCrc):
-        return "serial-crc"
-    if isinstance(exc, Disconnected):
-        return "disconnected"
-    if isinstance(exc, BoardError):
-        return "board-error"
-    if isinstance(exc, UnexpectedReply):
-        return "unexpected-reply"
-    if isinstance(exc, UnsupportedVersion):
-        return "unsupported-version"
-    if isinstance(exc, ProtocolError):
-        return "serial-protocol"
     if isinstance(exc, InvalidSignature):
         return "bad-proof"
     if isinstance(exc, OSError):
@@ -394,7 +374,7 @@ def _steps(
     report(STEP_PROVE)
     installed = _overlap(ledger.mark_installed, device_id, digest.hex())
     try:
-        signature = client.prove(nonce)
+        signature = client.prove(device_id, nonce)
         check_same_board(client, device_id, digest.hex())
     finally:
         wait([installed])
