@@ -44,6 +44,7 @@ from typing import Protocol, TypeVar
 from firmware_hooks import AGENT_VERSION
 from firmware_hooks.link import Link, SerialLike
 from firmware_hooks.protocol import (
+    PROTOCOL_V2,
     PROTOCOL_VERSION,
     SIG_ECDSA_SHA256,
     SIG_RSA_PKCS1V15_SHA256,
@@ -57,7 +58,6 @@ from firmware_hooks.protocol import (
     Tag,
     Timeout,
     UnsupportedVersion,
-    encode_message,
     encode_tlv,
     error_payload,
     parse_proof_message,
@@ -158,6 +158,9 @@ class AgentConfig:
     env: Mapping[str, str] | None = None  # environment of the tools (None: inherit)
     tool_timeout: float = 60.0
     keys: KeyBackend | None = None  # simulated boards only; None: the OpenSSL CLI
+    # Protocol versions this agent speaks; version 2 is chosen in HELLO when the host
+    # offers it (a rig whose own port loop speaks version 1 only passes (1,)).
+    protocol_versions: tuple[int, ...] = (PROTOCOL_VERSION, PROTOCOL_V2)
 
 
 @dataclass
@@ -179,7 +182,7 @@ class Session:
 @dataclass
 class _Replay:
     key: tuple[int, int, int] | None = None
-    wire: bytes = b""
+    reply: Message | None = None
     hits: int = field(default=0)
 
 
@@ -222,29 +225,32 @@ class Agent:
                 log.warning("request in protocol version %d refused", exc.version)
                 refusal = error_payload(
                     ErrorCode.UNSUPPORTED_VERSION,
-                    f"protocol version {exc.version} not supported; supported: {PROTOCOL_VERSION}",
+                    f"protocol version {exc.version} not supported; supported: "
+                    + ", ".join(str(v) for v in self.config.protocol_versions),
                 )
-                self._write(link, encode_message(Message(MsgType.ERROR, exc.seq, refusal)))
+                self._write(link, Message(MsgType.ERROR, exc.seq, refusal))
                 continue
             if request is None:
                 continue
             key = (request.seq, request.type, zlib.crc32(request.payload))
-            if key == self._replay.key:
+            if key == self._replay.key and self._replay.reply is not None:
                 # A retry of the request just answered: replay, never run it twice.
                 self._replay.hits += 1
                 log.info("replaying the reply to seq %d", request.seq)
-                self._write(link, self._replay.wire)
+                self._write(link, self._replay.reply)
                 continue
             reply = self.handle(request)
-            self._replay.key, self._replay.wire = key, encode_message(reply)
-            self._write(link, self._replay.wire)
+            reply = Message(reply.type, reply.seq, reply.payload, request.version)
+            self._replay.key, self._replay.reply = key, reply
+            self._write(link, reply)
 
     @staticmethod
-    def _write(link: Link, wire: bytes) -> None:
-        """Send a reply; if the station is not reading (write timeout), drop it and keep
-        serving: the station's retry of the request gets it from the replay cache."""
+    def _write(link: Link, reply: Message) -> None:
+        """Send a reply in the version of its request; if the station is not reading
+        (write timeout, no acknowledgement), drop it and keep serving: the station's
+        retry of the request gets it from the replay cache."""
         try:
-            link.write(wire)
+            link.send_message(reply)
         except Timeout as exc:
             log.warning("reply dropped: %s", exc)
 
@@ -288,11 +294,16 @@ class Agent:
         return caps
 
     def _hello(self, fields: Fields) -> list[tuple[int, FieldValue]]:
-        return [
+        reply: list[tuple[int, FieldValue]] = [
             (Tag.HARDWARE_ID, self.config.hardware_id),
             (Tag.AGENT_VERSION, AGENT_VERSION),
             *((Tag.CAPABILITY, cap) for cap in self.capabilities()),
         ]
+        offered = {int.from_bytes(v, "big") for v in fields.get_all_bytes(Tag.PROTOCOL_VERSIONS)}
+        common = offered & set(self.config.protocol_versions)
+        if common:
+            reply.append((Tag.PROTOCOL_VERSION, max(common)))
+        return reply
 
     def _gen_key_csr(self, fields: Fields) -> list[tuple[int, FieldValue]]:
         subject = fields.get_str(Tag.SUBJECT)

@@ -35,13 +35,15 @@ from typing import Any
 
 from firmware_hooks.link import Link, SerialLike
 from firmware_hooks.protocol import (
-    Fields as _Fields,
-)
-from firmware_hooks.protocol import (
+    PROTOCOL_V2,
+    PROTOCOL_VERSION,
     MsgType,
     Tag,
     encode_tlv,
     proof_message,
+)
+from firmware_hooks.protocol import (
+    Fields as _Fields,
 )
 
 SE_RSA_2048 = 4097  # ARTIK SE algorithm id 0x1001
@@ -68,6 +70,7 @@ class BoardHello:
     hardware_id: str
     agent_version: str
     capabilities: frozenset[str]
+    protocol_version: int = PROTOCOL_VERSION  # what the rest of the session is sent in
 
 
 class BoardClient:
@@ -86,9 +89,11 @@ class BoardClient:
         timeouts: Mapping[MsgType, float] | None = None,
         retries: int = DEFAULT_RETRIES,
         baudrate: int | None = None,
+        protocol_versions: tuple[int, ...] = (PROTOCOL_VERSION, PROTOCOL_V2),
     ) -> None:
         if retries < 0:
             raise ValueError("retries must be >= 0")
+        self.protocol_versions = protocol_versions
         self.port = port
         self.timeouts: dict[MsgType, float] = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
         self.retries = retries
@@ -103,6 +108,7 @@ class BoardClient:
         timeouts: Mapping[MsgType, float] | None = None,
         retries: int = DEFAULT_RETRIES,
         wrap: Callable[[Any], Any] | None = None,
+        protocol_versions: tuple[int, ...] = (PROTOCOL_VERSION, PROTOCOL_V2),
     ) -> BoardClient:
         """Open a device path (``/dev/ttyACM0``, a pty) or a pyserial URL (``loop://``).
 
@@ -112,7 +118,13 @@ class BoardClient:
         port = serial.serial_for_url(url, baudrate=baudrate, timeout=0.05)
         if wrap is not None:
             port = wrap(port)
-        return cls(port, timeouts=timeouts, retries=retries, baudrate=baudrate)
+        return cls(
+            port,
+            timeouts=timeouts,
+            retries=retries,
+            baudrate=baudrate,
+            protocol_versions=protocol_versions,
+        )
 
     def close(self) -> None:
         self.port.close()
@@ -136,12 +148,27 @@ class BoardClient:
 
     def hello(self) -> BoardHello:
         """Who is on this port: hardware id, agent version, capabilities
-        (``board-ecc``, ``see-rsa``, ...)."""
-        fields = self._call(MsgType.HELLO, [])
+        (``board-ecc``, ``see-rsa``, ...). Always sent in version 1 frames, offering
+        the versions this client speaks; the board's choice (version 1 when it names
+        none) is what the following requests are sent in."""
+        offer: list[tuple[int, bytes | str | int]] = [
+            (Tag.PROTOCOL_VERSIONS, v) for v in self.protocol_versions if v != PROTOCOL_VERSION
+        ]
+        reply = self.link.request(
+            MsgType.HELLO,
+            encode_tlv(offer),
+            timeout=self.timeouts[MsgType.HELLO],
+            retries=self.retries,
+            version=PROTOCOL_VERSION,
+        )
+        fields = _Fields.decode(reply.payload)
+        chosen = fields.get_u16(Tag.PROTOCOL_VERSION, PROTOCOL_VERSION)
+        self.link.version = chosen if chosen in self.protocol_versions else PROTOCOL_VERSION
         return BoardHello(
             hardware_id=fields.get_str(Tag.HARDWARE_ID),
             agent_version=fields.get_str(Tag.AGENT_VERSION),
             capabilities=frozenset(fields.get_all_str(Tag.CAPABILITY)),
+            protocol_version=self.link.version,
         )
 
     def generate_key_csr(self, subject: str, key_name: str | None = None) -> bytes:

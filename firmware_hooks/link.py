@@ -8,6 +8,7 @@ Works on ``serial.Serial`` (a USB gadget port, a pty) and on the objects
 
 from __future__ import annotations
 
+import collections
 import logging
 import secrets
 import time
@@ -15,18 +16,29 @@ from collections.abc import Callable
 from typing import Protocol
 
 from firmware_hooks.protocol import (
+    CONTROL_TYPES,
+    MAX_V2_PIECE,
+    PROTOCOL_V2,
+    PROTOCOL_VERSION,
+    RESPONSE_BIT,
     BadCrc,
     Disconnected,
+    Frame,
     Message,
     MessageDecoder,
     MsgType,
+    OffsetReassembler,
     ProtocolError,
     Timeout,
     UnexpectedReply,
     UnsupportedVersion,
+    ack_body,
     board_error,
+    encode_frame,
     encode_message,
     response_type,
+    v2_data_frame,
+    v2_nak,
 )
 
 try:
@@ -48,6 +60,16 @@ POLL_INTERVAL = 0.05
 # stopped reading (its buffer is full): without it write() blocks forever, past
 # every request timeout. Generous: a full pty buffer drains in ~1.5 s at 115200 baud.
 WRITE_TIMEOUT = 5.0
+# Version 2: how long past a frame's line time a sender waits for its ACK before it
+# sends the frame again (the far end's turnaround: reading, decoding, answering).
+ACK_SLACK = 0.1
+ACK_WIRE = 20  # bytes of an ACK frame on the wire, delimiters included
+V2_FRAME_TRIES = 16  # sends of one frame before the message is given up
+# Sends of a request's last frame before the host just waits for the reply (which
+# acknowledges it too: the board may be busy running the command, not reading).
+FINAL_FRAME_TRIES = 4
+MIN_V2_PIECE = 32  # bytes: the smallest piece a noisy line shrinks frames to
+GROW_AFTER = 2  # frames acknowledged in a row before pieces double again
 
 try:
     from serial import SerialTimeoutException as _WriteTimeout
@@ -90,6 +112,11 @@ class Link:
     resend the same bytes with the same sequence number: the board replays its
     cached reply to a duplicate request instead of running it twice (see the
     spec), which is what makes every command safe to retry.
+
+    Version 2 (``version = 2``, negotiated in HELLO): every data frame is
+    acknowledged at once (ACK) and every bad chunk answered with NAK, so a lost
+    frame costs a resend of that frame, not a command's timeout; pieces shrink
+    when frames are lost and grow back when they get through.
     """
 
     def __init__(
@@ -112,6 +139,20 @@ class Link:
         self._seq = secrets.randbelow(0x10000)
         self.last_error: ProtocolError | None = None
         self.bad_frames = 0
+        # Version 2 state.
+        self.version = PROTOCOL_VERSION  # frames this side sends its messages in
+        self.peer_version = PROTOCOL_VERSION  # of the last good data frame received
+        self.piece = MAX_V2_PIECE  # bytes per data frame now; shrinks on a noisy line
+        self.resends = 0  # version 2 frames sent again (NAK or no ACK in time)
+        self._offsets = OffsetReassembler()
+        self._inbox: collections.deque[Message] = collections.deque()
+        self._acks: collections.deque[Frame] = collections.deque()  # ACK and NAK frames
+        self._data_seen: tuple[int, int] | None = None  # (type, seq) of the last data frame
+        self._answered: int | None = None  # seq of the last answer the peer acknowledged
+        self._last_message = Message(0, 0)  # the last message completed in version 2
+        self._streak = 0  # data frames acknowledged in a row (grows the piece)
+        self._sending = False  # a version 2 message is out, waiting for its ACKs
+        self._seen_at_send: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ transport
 
@@ -128,7 +169,7 @@ class Link:
             raise Disconnected(f"write failed: {exc}") from exc
 
     def send(self, message: Message) -> bytes:
-        """Write a whole message; returns the bytes written (for replay caches)."""
+        """Write a whole message in version 1 frames; returns the bytes written."""
         data = encode_message(message)
         self.write(data)
         return data
@@ -150,6 +191,74 @@ class Link:
         except _TRANSPORT_ERRORS as exc:
             raise Disconnected(f"read failed: {exc}") from exc
 
+    def _drain(self) -> None:
+        """Decode every complete frame buffered: messages to the inbox, ACK/NAK to
+        the sender's queue, version 2 data frames acknowledged, bad chunks NAKed."""
+        frames = self._decoder.frames
+        while True:
+            try:
+                frame = frames.next_frame()
+            except UnsupportedVersion:
+                raise
+            except ProtocolError as exc:
+                self.last_error = exc
+                self.bad_frames += 1
+                log.debug("dropped a bad frame: %s", exc)
+                if self._sending:
+                    # Most likely the ACK we wait for, damaged: send the frame again now.
+                    self._acks.append(v2_nak())
+                elif self.peer_version >= PROTOCOL_V2 or self.version >= PROTOCOL_V2:
+                    self.write(encode_frame(v2_nak()))
+                continue
+            if frame is None:
+                return
+            if frame.version >= PROTOCOL_V2 and frame.type in CONTROL_TYPES:
+                self._acks.append(frame)
+                continue
+            self._data_seen = (frame.type, frame.seq)
+            self.peer_version = frame.version
+            if frame.version < PROTOCOL_V2:
+                try:
+                    message = self._decoder.add_frame(frame)
+                except ProtocolError as exc:
+                    self.last_error = exc
+                    self.bad_frames += 1
+                    continue
+                if message is not None:
+                    self._inbox.append(message)
+                continue
+            try:
+                got = self._offsets.add(frame)
+            except ProtocolError as exc:
+                self.last_error = exc
+                self.bad_frames += 1
+                self.write(encode_frame(v2_nak(frame.seq)))
+                continue
+            self.write(encode_frame(got.ack))
+            if got.message is not None:
+                self._inbox.append(got.message)
+                self._last_message = got.message
+            elif (
+                got.repeat
+                and frame.type < RESPONSE_BIT
+                and self._answered != frame.seq
+                and self._last_message not in self._inbox
+            ):
+                # The peer repeats a request whose answer did not get through: hand
+                # it up again (the board replays its cached answer, never reruns it).
+                self._inbox.append(self._last_message)
+
+    def _pump(self, timeout: float) -> None:
+        """Process what is buffered, then wait up to ``timeout`` for more bytes."""
+        before = (len(self._inbox), len(self._acks), self._data_seen)
+        self._drain()
+        if (len(self._inbox), len(self._acks), self._data_seen) != before:
+            return  # something new to look at before waiting for more bytes
+        data = self._read_some() if timeout > 0 else b""
+        if data:
+            self._decoder.feed(data)
+            self._drain()
+
     def receive(self, timeout: float | None) -> Message | None:
         """The next good message, or None after ``timeout`` seconds (None: wait forever).
 
@@ -157,26 +266,109 @@ class Link:
         it needs an answer (board side) or ends the conversation (host side)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            try:
-                message = self._decoder.next_message()
-            except UnsupportedVersion:
-                raise
-            except ProtocolError as exc:
-                self.last_error = exc
-                self.bad_frames += 1
-                log.debug("dropped a bad frame: %s", exc)
-                continue
-            if message is not None:
-                return message
+            if self._inbox:
+                return self._inbox.popleft()
+            self._acks.clear()  # nobody waits for them now
             if deadline is not None and time.monotonic() >= deadline:
                 return None
-            data = self._read_some()
-            if data:
-                self._decoder.feed(data)
+            self._pump(1.0 if deadline is None else max(deadline - time.monotonic(), 0.001))
 
     def transmit_time(self, nbytes: int) -> float:
         """Seconds the line needs for nbytes (8N1: 10 bits a byte), 0 if the baud is unknown."""
         return nbytes * 10 / self.baudrate if self.baudrate else 0.0
+
+    # ------------------------------------------------------------------ version 2 sending
+
+    def send_message(
+        self, message: Message, *, tries: int = V2_FRAME_TRIES, final_tries: int | None = None
+    ) -> bool:
+        """Send a message in this link's version: version 1 frames back to back, or
+        version 2 data frames each acknowledged before the next (stop and wait).
+
+        Version 2: a frame is sent again at once on NAK, or when no ACK came within
+        its line time plus ``ACK_SLACK``; after ``tries`` sends of one frame, Timeout.
+        A data frame from the peer that answers this message (its reply; for an
+        answer, the peer's next request) counts as the acknowledgement of the rest.
+        ``final_tries``: after that many sends of the last frame without an ACK,
+        return False instead (a request's reply acknowledges it too, and the peer
+        may be busy running it). True when the whole message was acknowledged."""
+        if message.version < PROTOCOL_V2:
+            self.send(message)
+            return True
+        self._sending = True
+        try:
+            return self._send_v2(message, tries, final_tries)
+        finally:
+            self._sending = False
+
+    def _send_v2(self, message: Message, tries: int, final_tries: int | None) -> bool:
+        payload, total = message.payload, len(message.payload)
+        offset, sent = 0, 0
+        self._acks.clear()
+        self._seen_at_send = self._data_seen
+        answer = message.type >= RESPONSE_BIT
+        while True:
+            piece = payload[offset : offset + self.piece]
+            more = offset + len(piece) < total
+            wire = encode_frame(v2_data_frame(message.type, message.seq, offset, piece, more=more))
+            if not more and final_tries is not None and sent >= final_tries:
+                return False
+            if sent >= tries:
+                raise Timeout(
+                    f"{_type_name(message.type)} seq {message.seq}: no acknowledgement of "
+                    f"the frame at byte {offset} after {tries} sends"
+                )
+            if sent:
+                self.resends += 1
+            sent += 1
+            self.write(wire)
+            deadline = time.monotonic() + self.transmit_time(len(wire) + ACK_WIRE) + ACK_SLACK
+            outcome = self._await_ack(message, answer, deadline)
+            if outcome is None:  # lost, or NAK: smaller pieces from now on
+                self.piece = max(MIN_V2_PIECE, self.piece // 2)
+                self._streak = 0
+                continue
+            if outcome >= total and (not more or outcome > offset):
+                if answer:
+                    self._answered = message.seq
+                self._grow()
+                return True
+            if outcome > offset:
+                self._grow()
+                offset, sent = outcome, 0
+            else:  # the receiver holds less than we sent: go back to what it holds
+                offset = outcome
+
+    def _grow(self) -> None:
+        self._streak += 1
+        if self._streak >= GROW_AFTER and self.piece < MAX_V2_PIECE:
+            self.piece = min(MAX_V2_PIECE, self.piece * 2)
+            self._streak = 0
+
+    def _await_ack(self, message: Message, answer: bool, deadline: float) -> int | None:
+        """Bytes the peer holds of ``message`` per its ACK; None on NAK or no ACK in time."""
+        seen = self._seen_at_send
+        while True:
+            while self._acks:
+                frame = self._acks.popleft()
+                if frame.type == MsgType.NAK:
+                    return None
+                try:
+                    msg_type, held = ack_body(frame)
+                except ProtocolError:
+                    continue
+                if frame.seq == message.seq and msg_type == message.type:
+                    return held
+            if self._data_seen != seen and self._data_seen is not None:
+                peer_type, peer_seq = self._data_seen
+                replied = not answer and peer_seq == message.seq and peer_type >= RESPONSE_BIT
+                moved_on = answer and peer_type < RESPONSE_BIT and peer_seq != message.seq
+                if replied or moved_on:
+                    return len(message.payload)  # the peer got it all and went on
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self._pump(remaining)
 
     # ------------------------------------------------------------------ request / response
 
@@ -185,19 +377,29 @@ class Link:
         return self._seq
 
     def request(
-        self, msg_type: int, payload: bytes = b"", *, timeout: float, retries: int = 0
+        self,
+        msg_type: int,
+        payload: bytes = b"",
+        *,
+        timeout: float,
+        retries: int = 0,
+        version: int | None = None,
     ) -> Message:
         """Send a request and return its successful reply.
 
         Raises BoardError for an ERROR reply, UnexpectedReply for a reply of
         the wrong type, Timeout when no valid reply came after 1 + retries
         attempts (each allowed ``timeout`` seconds plus the line time of the
-        request), Disconnected when the port goes away."""
+        request), Disconnected when the port goes away. ``version`` overrides the
+        link's version for this request (HELLO always goes in version 1)."""
         seq = self.next_seq()
-        wire = encode_message(Message(msg_type, seq, payload))
+        version = self.version if version is None else version
+        message = Message(msg_type, seq, payload, version)
+        wire_size = len(encode_message(Message(msg_type, seq, payload)))
         expected = response_type(msg_type)
-        attempt_timeout = timeout + self.transmit_time(len(wire))
+        attempt_timeout = timeout + self.transmit_time(wire_size)
         self.last_error = None
+        self._inbox.clear()
         for attempt in range(retries + 1):
             if attempt:
                 log.info(
@@ -208,7 +410,7 @@ class Link:
                     retries + 1,
                     self.last_error,
                 )
-            self.write(wire)
+            self.send_message(message, final_tries=FINAL_FRAME_TRIES)
             deadline = time.monotonic() + attempt_timeout
             while (remaining := deadline - time.monotonic()) > 0:
                 reply = self.receive(remaining)

@@ -23,8 +23,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
+PROTOCOL_VERSION = 1  # the version every HELLO is sent in, and the default
+PROTOCOL_V2 = 2  # acknowledged fragments at byte offsets, negotiated in HELLO
+SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION, PROTOCOL_V2})
 DELIMITER = 0x00
 
 HEADER = struct.Struct(">BBHBBH")  # version, type, seq, flags, fragment, length
@@ -163,10 +164,15 @@ class MsgType(IntEnum):
     STATUS_OK = 0x86
     ABORT_OK = 0x87
 
+    # Version 2 link control: never answered, never part of a message.
+    ACK = 0x70
+    NAK = 0x71
+
     ERROR = 0xFF
 
 
-REQUEST_TYPES = frozenset(t for t in MsgType if t < RESPONSE_BIT)
+CONTROL_TYPES = frozenset({MsgType.ACK, MsgType.NAK})
+REQUEST_TYPES = frozenset(t for t in MsgType if t < RESPONSE_BIT) - CONTROL_TYPES
 
 
 def response_type(request: int) -> int:
@@ -180,6 +186,9 @@ class Tag(IntEnum):
     HARDWARE_ID = 0x01  # utf-8
     AGENT_VERSION = 0x02  # utf-8
     CAPABILITY = 0x03  # utf-8, repeated
+    PROTOCOL_VERSIONS = 0x04  # u16, repeated: the versions the host speaks (HELLO)
+    PROTOCOL_VERSION = 0x05  # u16: the version the board chose (HELLO_OK)
+    EXPECTED_ID = 0x06  # utf-8: the hardware id the host is talking to (every request)
     SUBJECT = 0x10  # utf-8, OpenSSL-style "/O=.../CN=..."
     KEY_NAME = 0x11  # utf-8
     CSR = 0x12  # DER
@@ -208,6 +217,7 @@ class ErrorCode(IntEnum):
     SEE_FAILED = 8  # see_test failed; message carries its exit code and output
     STORAGE_FAILED = 9  # writing to the key directory failed
     SIGN_FAILED = 10
+    WRONG_BOARD = 11  # EXPECTED_ID names another board: refused, nothing done
     INTERNAL = 255
 
 
@@ -392,6 +402,7 @@ class Message:
     type: int
     seq: int
     payload: bytes = b""
+    version: int = PROTOCOL_VERSION  # the frames it came in (version 2: acknowledged)
 
 
 def split_message(message: Message) -> list[Frame]:
@@ -459,6 +470,10 @@ class MessageDecoder:
     def feed(self, data: bytes) -> None:
         self.frames.feed(data)
 
+    def add_frame(self, frame: Frame) -> Message | None:
+        """Reassemble a version 1 frame decoded elsewhere; the message it completes."""
+        return self._reassembler.add(frame)
+
     def next_message(self) -> Message | None:
         """The next complete message, None if more bytes are needed; raises (and has
         already dropped the offending bytes) on a bad frame."""
@@ -469,6 +484,105 @@ class MessageDecoder:
             message = self._reassembler.add(frame)
             if message is not None:
                 return message
+
+
+# --------------------------------------------------------------------------- version 2
+#
+# Version 2 frames keep the version 1 header and CRC. A data frame's payload is a
+# u32 byte offset followed by a piece of the message payload; pieces may be of any
+# size (the sender shrinks them on a noisy line) and MORE is set on all but the
+# last. Every data frame is answered at once with ACK (u8 message type, u32 bytes
+# held) and a bad chunk with NAK, so the sender resends after a frame, not after a
+# command's timeout. See docs/serial-protocol.md, section 6a.
+
+OFFSET = struct.Struct(">I")
+ACK_BODY = struct.Struct(">BI")  # message type acknowledged, payload bytes held
+MAX_V2_PIECE = MAX_PAYLOAD - OFFSET.size  # 1020
+
+
+def v2_data_frame(msg_type: int, seq: int, offset: int, piece: bytes, *, more: bool) -> Frame:
+    """One version 2 data frame: ``piece`` of a message payload at ``offset``."""
+    if len(piece) > MAX_V2_PIECE:
+        raise FrameTooLarge(f"a piece of {len(piece)} bytes > {MAX_V2_PIECE}")
+    return Frame(
+        msg_type,
+        seq,
+        OFFSET.pack(offset) + piece,
+        FLAG_MORE if more else 0,
+        (offset // max(len(piece), 1)) & 0xFF if piece else 0,  # informative only
+        PROTOCOL_V2,
+    )
+
+
+def v2_ack(msg_type: int, seq: int, held: int) -> Frame:
+    """ACK: the receiver holds ``held`` bytes of message (``msg_type``, ``seq``)."""
+    return Frame(MsgType.ACK, seq, ACK_BODY.pack(msg_type, held), 0, 0, PROTOCOL_V2)
+
+
+def v2_nak(seq: int = 0) -> Frame:
+    """NAK: a bad chunk arrived; whoever is waiting for an ACK resends at once."""
+    return Frame(MsgType.NAK, seq, b"", 0, 0, PROTOCOL_V2)
+
+
+def ack_body(frame: Frame) -> tuple[int, int]:
+    """(message type, bytes held) of an ACK frame."""
+    if len(frame.payload) != ACK_BODY.size:
+        raise BadFrame(f"ACK of {len(frame.payload)} bytes, {ACK_BODY.size} expected")
+    msg_type, held = ACK_BODY.unpack(frame.payload)
+    return msg_type, held
+
+
+@dataclass(frozen=True)
+class Received:
+    """What one version 2 data frame gave the receiver: the ACK to send back, the
+    message it completed (if any), and whether it repeated a completed message."""
+
+    ack: Frame
+    message: Message | None = None
+    repeat: bool = False
+
+
+class OffsetReassembler:
+    """Joins version 2 data frames by byte offset into messages.
+
+    One message in reassembly; a frame at offset 0 of another (type, seq) starts a
+    new one. A frame past the bytes held, or of a message not in reassembly, is
+    answered with an ACK of what is held (the sender rewinds to it); a frame of the
+    last completed message is acknowledged whole (``repeat``)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._data = bytearray()
+        self.last_done: tuple[int, int, int] | None = None  # type, seq, total bytes
+
+    def add(self, frame: Frame) -> Received:
+        if len(frame.payload) < OFFSET.size:
+            raise BadFrame("version 2 data frame without an offset")
+        (offset,) = OFFSET.unpack_from(frame.payload)
+        piece = frame.payload[OFFSET.size :]
+        key = (frame.type, frame.seq)
+        done = self.last_done
+        if done is not None and key == done[:2]:
+            return Received(v2_ack(frame.type, frame.seq, done[2]), repeat=True)
+        if key != self._key:
+            if offset != 0:
+                return Received(v2_ack(frame.type, frame.seq, 0))
+            self._key, self._data = key, bytearray()
+        held = len(self._data)
+        end = offset + len(piece)
+        if offset > held:
+            return Received(v2_ack(frame.type, frame.seq, held))
+        if end > MAX_MESSAGE:
+            self._key, self._data = None, bytearray()
+            raise FrameTooLarge(f"message of more than {MAX_MESSAGE} bytes")
+        if end > held:
+            self._data += piece[held - offset :]
+        if frame.more or end < len(self._data):
+            return Received(v2_ack(frame.type, frame.seq, len(self._data)))
+        message = Message(frame.type, frame.seq, bytes(self._data), PROTOCOL_V2)
+        self.last_done = (frame.type, frame.seq, len(self._data))
+        self._key, self._data = None, bytearray()
+        return Received(v2_ack(frame.type, frame.seq, len(message.payload)), message)
 
 
 # --------------------------------------------------------------------------- TLV payloads

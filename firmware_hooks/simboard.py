@@ -44,10 +44,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from firmware_hooks.protocol import (
+    CONTROL_TYPES,
+    PROTOCOL_VERSION,
     Message,
     MessageDecoder,
     MsgType,
     ProtocolError,
+    decode_frame,
     encode_message,
 )
 
@@ -72,6 +75,31 @@ class Faults:
 
 
 NO_FAULTS = Faults()
+
+
+def board_rng(seed: int | None, hardware_id: str) -> random.Random:
+    """The noise of one board's cable: derived from the run's ``seed`` and the board's
+    id, so boards sharing one ``Faults(seed=...)`` see different faults (one seed
+    for all made a run all-or-nothing), each reproducible. None: unseeded."""
+    if seed is None:
+        return random.Random()  # noqa: S311 - simulated line noise
+    return random.Random(f"{seed}:{hardware_id}")  # noqa: S311 - simulated line noise
+
+
+def _control_only(data: bytes) -> bool:
+    """Whether ``data`` holds only version 2 ACK/NAK frames (the cable's turnaround
+    figures are request to reply, not frame to acknowledgement)."""
+    pieces = [piece for piece in data.split(b"\x00") if piece]
+    if not pieces:
+        return False
+    for piece in pieces:
+        try:
+            frame = decode_frame(piece)
+        except ProtocolError:
+            return False
+        if frame.type not in CONTROL_TYPES:
+            return False
+    return True
 
 
 def see_test_command() -> str:
@@ -256,7 +284,7 @@ class SimulatedBoard:
     # ------------------------------------------------------------------ cable
 
     def _relay(self) -> None:
-        rng = random.Random(self.faults.seed)  # noqa: S311 - simulated line noise
+        rng = board_rng(self.faults.seed, self.hardware_id)
         seed_seen = self.faults.seed
         nonsense = MessageDecoder()
         line_free = {self._host_master: 0.0, self._board_master: 0.0}
@@ -281,11 +309,12 @@ class SimulatedBoard:
                     continue
                 faults = self.faults
                 if faults.seed != seed_seen:
-                    rng, seed_seen = random.Random(faults.seed), faults.seed  # noqa: S311
+                    rng, seed_seen = board_rng(faults.seed, self.hardware_id), faults.seed
                 if faults is not faults_seen:
                     faults_seen, garbled = faults, 0
                 to_board = src == self._host_master
-                if not to_board and self._request_done is not None:
+                control = _control_only(data)  # version 2 ACK/NAK: not a request or a reply
+                if not to_board and self._request_done is not None and not control:
                     now = time.monotonic()
                     self.turnarounds.append((self._request_done, now - self._request_done))
                     self._request_done = None
@@ -310,7 +339,7 @@ class SimulatedBoard:
                         return
                 self._deliver(dst, data, faults, line_free)
                 self.bytes_relayed += len(data)
-                if to_board:
+                if to_board and not control:
                     self._request_done = time.monotonic()
 
     @staticmethod
@@ -506,6 +535,7 @@ class _HubPort:
                 se_sign=tuple(shlex.split(se_sign_template())),
                 env={**os.environ, "SEE_TEST_STORE": str(home / "see-store")},
                 keys=self.line.keys,
+                protocol_versions=(PROTOCOL_VERSION,),  # this hub's port loop is version 1
             )
         )
         self.plugged.append(hardware_id)

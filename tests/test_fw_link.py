@@ -171,7 +171,7 @@ def test_a_reply_of_the_wrong_type_is_unexpected(peer_link) -> None:
 
 def test_a_reply_in_another_protocol_version_is_unsupported(peer_link) -> None:
     def script(request: Message, seen: int) -> bytes:
-        return encode_frame(Frame(MsgType.HELLO_OK, request.seq, b"", version=2))
+        return encode_frame(Frame(MsgType.HELLO_OK, request.seq, b"", version=3))
 
     _, link = peer_link(script)
     with pytest.raises(UnsupportedVersion):

@@ -189,7 +189,7 @@ def test_a_board_swapped_in_after_its_csr_gets_no_chain(
     ctx = _ctx(station_settings, ca, "swap-chain")
     a, b = _agent(tmp_path, "BOARD-A"), _agent(tmp_path, "BOARD-B")
     port = SwapPort(b)
-    client = BoardClient(port)
+    client = BoardClient(port, protocol_versions=(1,))  # SwapPort speaks version 1
     first = provision_board(client, client.hello(), ctx)
     assert first.result == "verified"
     b_chain = (b.config.key_dir / "deviceCertAndCACert.crt").read_bytes()
@@ -213,7 +213,7 @@ def test_a_board_swapped_in_after_the_proof_is_not_whitelisted(
     ctx = _ctx(station_settings, ca, "swap-prove")
     a, b = _agent(tmp_path, "BOARD-A"), _agent(tmp_path, "BOARD-B")
     port = SwapPort(a)
-    client = BoardClient(port)
+    client = BoardClient(port, protocol_versions=(1,))  # SwapPort speaks version 1
     hello = client.hello()
     _swap_after(port, MsgType.PROVE, b)
     outcome = provision_board(client, hello, ctx)
@@ -233,7 +233,7 @@ def _same_id_on_two_ports(
     outcomes (port 2, port 1) and port 1."""
     x1, x2 = _agent(tmp_path, device_id, "x1"), _agent(tmp_path, device_id, "x2")
     p1, p2 = SwapPort(x1), SwapPort(x2)
-    c1, c2 = BoardClient(p1), BoardClient(p2)
+    c1, c2 = (BoardClient(p, protocol_versions=(1,)) for p in (p1, p2))
     h2 = c2.hello()
     meanwhile: list[Outcome] = []
 

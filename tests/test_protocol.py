@@ -16,6 +16,7 @@ from firmware_hooks.protocol import (
     MAX_ENCODED_FRAME,
     MAX_MESSAGE,
     MAX_PAYLOAD,
+    REQUEST_TYPES,
     BadCrc,
     BadFrame,
     BadPayload,
@@ -201,10 +202,10 @@ def test_an_encoded_frame_above_the_maximum_is_frame_too_large() -> None:
 
 
 def test_another_version_with_a_good_crc_is_unsupported_version() -> None:
-    raw = frame_bytes(Frame(MsgType.HELLO, 0x4242, b"", version=2))
+    raw = frame_bytes(Frame(MsgType.HELLO, 0x4242, b"", version=3))
     with pytest.raises(UnsupportedVersion) as caught:
         decode_frame(_cobs_of(raw))
-    assert (caught.value.version, caught.value.seq, caught.value.msg_type) == (2, 0x4242, 1)
+    assert (caught.value.version, caught.value.seq, caught.value.msg_type) == (3, 0x4242, 1)
 
 
 # --------------------------------------------------------------------------- streaming decoder
@@ -338,8 +339,9 @@ def test_a_new_first_fragment_restarts_reassembly() -> None:
 
 
 def test_responses_are_requests_with_bit_7() -> None:
-    for request in (t for t in MsgType if t < 0x80):
+    for request in REQUEST_TYPES:
         assert MsgType(response_type(request)).name == request.name + "_OK"
+    assert {MsgType.ACK, MsgType.NAK}.isdisjoint(REQUEST_TYPES)  # link control, never answered
 
 
 # --------------------------------------------------------------------------- TLV

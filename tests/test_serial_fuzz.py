@@ -270,8 +270,8 @@ def test_the_agent_answers_every_request(
     assert reply.type in (p.MsgType.ERROR, p.response_type(msg_type))
     if reply.type == p.MsgType.ERROR:
         error = p.board_error(reply.payload)
-        assert error.code in set(p.ErrorCode)
-        assert error.code != p.ErrorCode.INTERNAL, error.message
+        assert error.error_code in set(p.ErrorCode)
+        assert error.error_code != p.ErrorCode.INTERNAL, error.message
     assert p.encode_message(reply)  # the reply itself is encodable
 
 
@@ -291,7 +291,7 @@ def test_the_agent_refuses_hostile_key_requests(agent: Agent, payload: bytes) ->
     reply = agent.handle(p.Message(p.MsgType.GEN_KEY_CSR, 1, payload))
     assert reply.type == p.MsgType.ERROR
     error = p.board_error(reply.payload)
-    assert error.code in {
+    assert error.error_code in {
         p.ErrorCode.BAD_REQUEST,
         p.ErrorCode.INVALID_ARGUMENT,
         p.ErrorCode.KEYGEN_FAILED,
@@ -332,7 +332,7 @@ def test_the_agent_answers_an_unsupported_version_and_keeps_serving(board: Simul
             if reply.seq == 77:
                 break
         assert reply.type == p.MsgType.ERROR
-        assert p.board_error(reply.payload).code == p.ErrorCode.UNSUPPORTED_VERSION
+        assert p.board_error(reply.payload).error_code == p.ErrorCode.UNSUPPORTED_VERSION
         assert link.request(p.MsgType.STATUS, timeout=2.0, retries=1).type == p.MsgType.STATUS_OK
     finally:
         port.close()

@@ -23,6 +23,7 @@ from firmware_hooks.simboard import (
     SimulatedBoard,
     SimulatedLine,
     SimulatedLineProcess,
+    board_rng,
     simulate_boards,
 )
 from station.line.simkeys import CryptographyKeys
@@ -124,8 +125,10 @@ def test_a_lost_reply_to_key_generation_is_replayed_not_rerun(
     sim_board_factory: Callable[..., SimulatedBoard],  # noqa: F811
 ) -> None:
     board = sim_board_factory(baudrate=None)
-    with BoardClient.open(board.port, timeouts={MsgType.GEN_KEY_CSR: 0.5}, retries=3) as client:
-        client.hello()
+    with BoardClient.open(
+        board.port, timeouts={MsgType.GEN_KEY_CSR: 0.5}, retries=3, protocol_versions=(1,)
+    ) as client:
+        assert client.hello().protocol_version == 1
         # Only the board's answers are damaged: requests arrive, replies get lost.
         board.faults = Faults(garble_replies=2)
         client.generate_key_csr(SUBJECT)
@@ -135,6 +138,23 @@ def test_a_lost_reply_to_key_generation_is_replayed_not_rerun(
         key_mtime = (board.key_dir / "deviceCert.key").stat().st_mtime_ns
         assert client.status()["state"] == "key-ready"
     assert (board.key_dir / "deviceCert.key").stat().st_mtime_ns == key_mtime
+
+
+def test_version_2_resends_a_damaged_reply_frame_at_once_and_runs_nothing_twice(
+    sim_board_factory: Callable[..., SimulatedBoard],  # noqa: F811
+) -> None:
+    board = sim_board_factory(baudrate=None)
+    with BoardClient.open(board.port, timeouts={MsgType.GEN_KEY_CSR: 20.0}, retries=0) as client:
+        assert client.hello().protocol_version == 2
+        board.faults = Faults(garble_replies=2)
+        started = time.monotonic()
+        client.generate_key_csr(SUBJECT)
+        # NAK and resend, not a 20 s command timeout and a retry.
+        assert time.monotonic() - started < 5.0
+        assert client.link.bad_frames >= 1
+        board.faults = Faults()
+        assert client.status()["state"] == "key-ready"
+    assert board.agent_log().count("generated P-256 key") == 1
 
 
 def test_a_slow_board_times_out_or_answers_within_a_longer_timeout(
@@ -284,3 +304,12 @@ def test_a_simulated_line_runs_in_its_own_process() -> None:
         assert line.cpu_seconds > 0
     line.close()  # idempotent
     assert not any(os.path.exists(p) for p in line.ports)
+
+
+def test_boards_sharing_one_seed_get_their_own_noise() -> None:
+    """One ``seed=`` for every simulated board used to give every board the same
+    faults, so a run was all-or-nothing; each board now draws from its own stream."""
+    a1, a2, b = board_rng(1, "SIM-A"), board_rng(1, "SIM-A"), board_rng(1, "SIM-B")
+    draws = [[rng.random() for _ in range(8)] for rng in (a1, a2, b)]
+    assert draws[0] == draws[1]  # reproducible for one board
+    assert draws[0] != draws[2]  # different for another

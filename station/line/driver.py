@@ -295,6 +295,7 @@ class LineDriver:
         while not self._stopping(worker):
             tx0, rx0 = (counter.tx, counter.rx) if counter else (0, 0)
             started = time.monotonic()
+            bad_before = client.link.bad_frames
             try:
                 hello = self._hello(client, wait_timeout)
             except Disconnected as exc:
@@ -302,7 +303,8 @@ class LineDriver:
                 self.status.step(path, WAITING)
                 return  # the rescan opens it again if it is still there
             if hello is None:
-                missed += 1
+                # Damaged frames are a board on a noisy cable, not an empty port.
+                missed += client.link.bad_frames == bad_before
                 # Several silent polls in a row, not one lost frame, mean unplugged.
                 if last_board is not None and missed >= ABSENT_AFTER:
                     last_board = None
