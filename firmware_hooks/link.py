@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -62,14 +63,20 @@ POLL_INTERVAL = 0.05
 WRITE_TIMEOUT = 5.0
 # Version 2: how long past a frame's line time a sender waits for its ACK before it
 # sends the frame again (the far end's turnaround: reading, decoding, answering).
-ACK_SLACK = 0.1
+ACK_SLACK = 0.05
 ACK_WIRE = 20  # bytes of an ACK frame on the wire, delimiters included
 V2_FRAME_TRIES = 16  # sends of one frame before the message is given up
 # Sends of a request's last frame before the host just waits for the reply (which
 # acknowledges it too: the board may be busy running the command, not reading).
 FINAL_FRAME_TRIES = 4
+QUICK_RESENDS = 8  # version 1: resends of a request on a damaged reply, per attempt
+_NAKED = -1  # what _await_ack returns for a NAK
 MIN_V2_PIECE = 32  # bytes: the smallest piece a noisy line shrinks frames to
-GROW_AFTER = 2  # frames acknowledged in a row before pieces double again
+# A frame's fixed cost in bytes of line time: header, CRC, offset, COBS and
+# delimiters (~20), its ACK (~20) and the turnaround of the far end (~5 ms).
+FRAME_COST = 100
+LOSS_MEMORY = 0.97  # per frame: the loss rate is that of the last ~30 frames
+NAK_GAP = 0.005  # seconds after a NAK during which further bad chunks get none
 
 try:
     from serial import SerialTimeoutException as _WriteTimeout
@@ -150,9 +157,11 @@ class Link:
         self._data_seen: tuple[int, int] | None = None  # (type, seq) of the last data frame
         self._answered: int | None = None  # seq of the last answer the peer acknowledged
         self._last_message = Message(0, 0)  # the last message completed in version 2
-        self._streak = 0  # data frames acknowledged in a row (grows the piece)
+        self._carried = 0.0  # wire bytes of version 2 data frames sent, decaying
+        self._lost = 0.0  # of them lost (NAK or no ACK), decaying the same way
         self._sending = False  # a version 2 message is out, waiting for its ACKs
         self._seen_at_send: tuple[int, int] | None = None
+        self._nak_quiet_until = 0.0  # no second NAK before a good frame or this time
 
     # ------------------------------------------------------------------ transport
 
@@ -208,7 +217,12 @@ class Link:
                     # Most likely the ACK we wait for, damaged: send the frame again now.
                     self._acks.append(v2_nak())
                 elif self.peer_version >= PROTOCOL_V2 or self.version >= PROTOCOL_V2:
-                    self.write(encode_frame(v2_nak()))
+                    # One NAK per damaged frame: a byte turned into 0x00 cuts a frame
+                    # into two bad chunks, and a second NAK would cost a second resend.
+                    now = time.monotonic()
+                    if now >= self._nak_quiet_until:
+                        self._nak_quiet_until = now + NAK_GAP
+                        self.write(encode_frame(v2_nak()))
                 continue
             if frame is None:
                 return
@@ -217,6 +231,7 @@ class Link:
                 continue
             self._data_seen = (frame.type, frame.seq)
             self.peer_version = frame.version
+            self._nak_quiet_until = 0.0
             if frame.version < PROTOCOL_V2:
                 try:
                     message = self._decoder.add_frame(frame)
@@ -259,17 +274,21 @@ class Link:
             self._decoder.feed(data)
             self._drain()
 
-    def receive(self, timeout: float | None) -> Message | None:
-        """The next good message, or None after ``timeout`` seconds (None: wait forever).
+    def receive(self, timeout: float | None, *, until_bad: bool = False) -> Message | None:
+        """The next good message, or None after ``timeout`` seconds (None: wait forever;
+        ``until_bad``: or as soon as a bad frame arrives).
 
         Bad frames are dropped and counted; UnsupportedVersion propagates because
         it needs an answer (board side) or ends the conversation (host side)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        bad = self.bad_frames
         while True:
             if self._inbox:
                 return self._inbox.popleft()
             self._acks.clear()  # nobody waits for them now
             if deadline is not None and time.monotonic() >= deadline:
+                return None
+            if until_bad and self.bad_frames != bad:
                 return None
             self._pump(1.0 if deadline is None else max(deadline - time.monotonic(), 0.001))
 
@@ -303,7 +322,7 @@ class Link:
 
     def _send_v2(self, message: Message, tries: int, final_tries: int | None) -> bool:
         payload, total = message.payload, len(message.payload)
-        offset, sent = 0, 0
+        offset, sent, silent = 0, 0, 0  # sends of this frame, of them unanswered
         self._acks.clear()
         self._seen_at_send = self._data_seen
         answer = message.type >= RESPONSE_BIT
@@ -311,7 +330,7 @@ class Link:
             piece = payload[offset : offset + self.piece]
             more = offset + len(piece) < total
             wire = encode_frame(v2_data_frame(message.type, message.seq, offset, piece, more=more))
-            if not more and final_tries is not None and sent >= final_tries:
+            if not more and final_tries is not None and silent >= final_tries:
                 return False
             if sent >= tries:
                 raise Timeout(
@@ -322,42 +341,60 @@ class Link:
                 self.resends += 1
             sent += 1
             self.write(wire)
-            deadline = time.monotonic() + self.transmit_time(len(wire) + ACK_WIRE) + ACK_SLACK
-            outcome = self._await_ack(message, answer, deadline)
-            if outcome is None:  # lost, or NAK: smaller pieces from now on
-                self.piece = max(MIN_V2_PIECE, self.piece // 2)
-                self._streak = 0
+            now = time.monotonic()
+            deadline = now + self.transmit_time(len(wire) + ACK_WIRE) + ACK_SLACK
+            # A NAK about this frame cannot come before the frame has crossed the line:
+            # one that does is about earlier damage (a cut delimiter, a damaged ACK).
+            earliest_nak = now + 0.8 * self.transmit_time(len(wire))
+            outcome = self._await_ack(message, answer, deadline, earliest_nak, offset)
+            self._adapt(len(wire), lost=outcome is None or outcome == _NAKED)
+            if outcome is None:  # no answer: lost, or the peer is busy running a request
+                silent += 1
+                continue
+            if outcome == _NAKED:  # damaged on the way: send it again (in the piece size now)
                 continue
             if outcome >= total and (not more or outcome > offset):
                 if answer:
                     self._answered = message.seq
-                self._grow()
                 return True
             if outcome > offset:
-                self._grow()
-                offset, sent = outcome, 0
+                offset, sent, silent = outcome, 0, 0
             else:  # the receiver holds less than we sent: go back to what it holds
                 offset = outcome
 
-    def _grow(self) -> None:
-        self._streak += 1
-        if self._streak >= GROW_AFTER and self.piece < MAX_V2_PIECE:
-            self.piece = min(MAX_V2_PIECE, self.piece * 2)
-            self._streak = 0
+    def _adapt(self, wire_bytes: int, *, lost: bool) -> None:
+        """Size the next pieces for the loss seen lately: with a loss rate of p per
+        byte, pieces of about sqrt(FRAME_COST / p) bytes waste least (a frame's fixed
+        cost against the chance that a longer frame is lost); no loss, the largest."""
+        self._carried = self._carried * LOSS_MEMORY + wire_bytes
+        self._lost = self._lost * LOSS_MEMORY + (1.0 if lost else 0.0)
+        rate = self._lost / self._carried
+        best = int(math.sqrt(FRAME_COST / rate)) if rate > 0 else MAX_V2_PIECE
+        # A loss halves the piece at once (the estimate needs a few losses to learn a
+        # bad line); a success lets it double, up to what the estimate allows.
+        piece = self.piece // 2 if lost else self.piece * 2
+        self.piece = max(MIN_V2_PIECE, min(MAX_V2_PIECE, best, piece))
 
-    def _await_ack(self, message: Message, answer: bool, deadline: float) -> int | None:
-        """Bytes the peer holds of ``message`` per its ACK; None on NAK or no ACK in time."""
+    def _await_ack(
+        self, message: Message, answer: bool, deadline: float, earliest_nak: float, offset: int
+    ) -> int | None:
+        """Bytes the peer holds of ``message`` per its ACK; ``_NAKED`` on NAK (or a
+        damaged answer), None when nothing came in time."""
         seen = self._seen_at_send
         while True:
             while self._acks:
                 frame = self._acks.popleft()
                 if frame.type == MsgType.NAK:
-                    return None
+                    if time.monotonic() < earliest_nak:
+                        continue  # stale: about damage before this frame
+                    return _NAKED
                 try:
                     msg_type, held = ack_body(frame)
                 except ProtocolError:
                     continue
                 if frame.seq == message.seq and msg_type == message.type:
+                    if held == offset and offset < len(message.payload):
+                        continue  # a late ACK of the frame before (or of a resend of it)
                     return held
             if self._data_seen != seen and self._data_seen is not None:
                 peer_type, peer_seq = self._data_seen
@@ -412,9 +449,20 @@ class Link:
                 )
             self.send_message(message, final_tries=FINAL_FRAME_TRIES)
             deadline = time.monotonic() + attempt_timeout
+            quick = 0
             while (remaining := deadline - time.monotonic()) > 0:
-                reply = self.receive(remaining)
+                # Version 1: a damaged frame while the reply is due is most likely the
+                # reply: ask again at once (the board answers a repeated request from
+                # its replay cache) instead of waiting out the timeout.
+                eager = version < PROTOCOL_V2 and quick < QUICK_RESENDS
+                bad = self.bad_frames
+                reply = self.receive(remaining, until_bad=eager)
                 if reply is None:
+                    if eager and self.bad_frames != bad:
+                        quick += 1
+                        self.resends += 1
+                        self.send_message(message)
+                        continue
                     break
                 if reply.seq != seq:
                     log.debug("ignoring a stale reply (seq %d, expecting %d)", reply.seq, seq)

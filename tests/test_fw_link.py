@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import serial
 
-from firmware_hooks.link import Link
+from firmware_hooks.link import QUICK_RESENDS, Link
 from firmware_hooks.protocol import (
     BadCrc,
     BoardError,
@@ -146,7 +146,24 @@ def test_a_corrupted_reply_ends_in_a_timeout_caused_by_the_bad_crc(peer_link) ->
     with pytest.raises(Timeout) as caught:
         link.request(MsgType.HELLO, timeout=0.2, retries=1)
     assert isinstance(caught.value.__cause__, BadCrc)
-    assert link.bad_frames == 2
+    # Each attempt: the request, then a quick resend after each damaged reply.
+    assert link.bad_frames == 2 * (1 + QUICK_RESENDS)
+    assert link.resends == 2 * QUICK_RESENDS
+
+
+def test_a_damaged_reply_is_asked_for_again_at_once_not_after_the_timeout(peer_link) -> None:
+    def script(request: Message, seen: int) -> bytes:
+        wire = bytearray(ok(request, b"payload"))
+        if seen <= 1:  # the first answer is damaged on the line
+            wire[12] ^= 0x01
+        return bytes(wire)
+
+    _, link = peer_link(script)
+    started = time.monotonic()
+    reply = link.request(MsgType.HELLO, timeout=10.0, retries=0)
+    assert reply.type == MsgType.HELLO_OK
+    assert time.monotonic() - started < 2.0  # not the 10 s timeout
+    assert link.bad_frames == 1 and link.resends == 1
 
 
 def test_an_error_reply_is_a_board_error_and_is_not_retried(peer_link) -> None:
