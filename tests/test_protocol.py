@@ -29,10 +29,12 @@ from firmware_hooks.protocol import (
     Message,
     MessageDecoder,
     MsgType,
+    OffsetReassembler,
     ProtocolError,
     Reassembler,
     Tag,
     UnsupportedVersion,
+    ack_body,
     board_error,
     cobs_decode,
     cobs_encode,
@@ -44,6 +46,9 @@ from firmware_hooks.protocol import (
     frame_bytes,
     response_type,
     split_message,
+    v2_ack,
+    v2_data_frame,
+    v2_nak,
 )
 
 VECTORS = Path(__file__).parent / "vectors" / "serial"
@@ -462,8 +467,65 @@ GOLDEN = {
 }
 
 
+# Version 2 (section 6a of the spec): frames, not messages, since pieces are sized
+# by the sender. HELLO is always version 1; it offers and chooses version 2.
+V2_CHAIN = encode_tlv([(Tag.CHAIN, bytes(range(256)) + b"A" * 41)])  # 300 bytes
+GOLDEN_V2: dict[str, list[Frame]] = {
+    "v2-hello-request": split_message(
+        Message(MsgType.HELLO, 0x0001, encode_tlv([(Tag.PROTOCOL_VERSIONS, 2)]))
+    ),
+    "v2-hello-response": split_message(
+        Message(
+            MsgType.HELLO_OK,
+            0x0001,
+            encode_tlv(
+                [
+                    (Tag.HARDWARE_ID, "ARTIK-0001"),
+                    (Tag.AGENT_VERSION, "1.0.0"),
+                    (Tag.CAPABILITY, "board-ecc"),
+                    (Tag.PROTOCOL_VERSION, 2),
+                ]
+            ),
+        )
+    ),
+    "v2-status-request": [v2_data_frame(MsgType.STATUS, 0x0002, 0, b"", more=False)],
+    "v2-put-chain-pieces": [
+        v2_data_frame(MsgType.PUT_CHAIN, 0x0003, offset, piece, more=offset + 100 < 300)
+        for offset in (0, 100, 200)
+        for piece in [
+            encode_tlv([(Tag.CHAIN, bytes(range(256)) + b"A" * 41)])[offset : offset + 100]
+        ]
+    ],
+    "v2-ack": [v2_ack(MsgType.PUT_CHAIN, 0x0003, 200)],
+    "v2-nak": [v2_nak()],
+}
+
+
 def test_every_vector_file_is_checked() -> None:
-    assert {p.stem for p in VECTORS.glob("*.hex")} == set(GOLDEN)
+    assert {p.stem for p in VECTORS.glob("*.hex")} == set(GOLDEN) | set(GOLDEN_V2)
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_V2))
+def test_v2_golden_vector_encodes_and_decodes(name: str) -> None:
+    stored = _golden(name)
+    assert [encode_frame(f) for f in GOLDEN_V2[name]] == stored
+    assert [decode_frame(wire[1:-1]) for wire in stored] == GOLDEN_V2[name]
+    for wire in stored:
+        raw = cobs_decode(wire[1:-1])
+        assert reference_cobs_encode(raw) == wire[1:-1]
+        assert struct.unpack(">I", raw[-4:])[0] == reference_crc32(raw[:-4])
+
+
+def test_v2_put_chain_pieces_reassemble_by_offset_and_are_acknowledged() -> None:
+    reassembler = OffsetReassembler()
+    frames = GOLDEN_V2["v2-put-chain-pieces"]
+    acks = [reassembler.add(f) for f in [frames[0], frames[1], frames[1], frames[2]]]
+    assert [ack_body(r.ack) for r in acks] == [(0x04, 100), (0x04, 200), (0x04, 200), (0x04, 300)]
+    message = acks[-1].message
+    assert message is not None and message.version == 2
+    assert Fields.decode(message.payload).get_bytes(Tag.CHAIN) == bytes(range(256)) + b"A" * 41
+    assert reassembler.add(frames[2]).repeat  # a repeat of the finished message
+    assert ack_body(GOLDEN_V2["v2-ack"][0]) == (0x04, 200)
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
