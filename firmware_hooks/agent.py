@@ -169,8 +169,9 @@ class Session:
 
     key_mode: str = "none"  # none | board-ecc | see-rsa
     key_name: str = ""
-    key_new: bool = False  # board-ecc key generated in this session, not yet chained
+    key_new: bool = False  # board-ecc key generated in this session
     chain_sha256: str = ""
+    chain_new: bool = False  # chain stored in this session
 
     @property
     def state(self) -> str:
@@ -272,6 +273,13 @@ class Agent:
             if handler is None:
                 raise Refusal(ErrorCode.UNKNOWN_COMMAND, f"unknown command {request.type:#04x}")
             fields = Fields.decode(request.payload)
+            expected = fields.get_all_str(Tag.EXPECTED_ID)
+            if expected and expected[0] != self.config.hardware_id:
+                raise Refusal(
+                    ErrorCode.WRONG_BOARD,
+                    f"this is board {self.config.hardware_id!r}, the request is for "
+                    f"{expected[0][:64]!r}: nothing done",
+                )
             payload = encode_tlv(handler(fields))
         except Refusal as exc:
             log.warning("refused %#04x: %s", request.type, exc.message)
@@ -397,7 +405,7 @@ class Agent:
         except OSError as exc:
             raise Refusal(ErrorCode.STORAGE_FAILED, f"cannot store the chain: {exc}") from exc
         self.session.chain_sha256 = digest.hex()
-        self.session.key_new = False
+        self.session.chain_new = True
         self._save_session()
         return [(Tag.DIGEST, digest)]
 
@@ -457,10 +465,15 @@ class Agent:
         return [(Tag.STATUS_ITEM, f"{k}={v}") for k, v in items.items()]
 
     def _abort(self, fields: Fields) -> list[tuple[int, FieldValue]]:
+        """End the session and wipe what it made: the board-ecc key it generated and
+        the chain it stored (the station aborts only a session that failed, so no
+        certificate of that key is whitelisted). Secure Element keys stay: see_test
+        has no way to delete one; the next PUT_SECURE_KEY of the name replaces it."""
         session = self.session
-        if session.key_mode == "board-ecc" and session.key_new and not session.chain_sha256:
-            # A key no certificate was issued for yet: nobody can use it, drop it.
-            (self.config.key_dir / f"{session.key_name}.key").unlink(missing_ok=True)
+        if session.key_mode == "board-ecc" and session.key_new:
+            shred(self.config.key_dir / f"{session.key_name}.key")
+        if session.chain_new:
+            (self.config.key_dir / CHAIN_FILE).unlink(missing_ok=True)
         self.session = Session()
         self._save_session()
         log.info("session aborted")
@@ -519,6 +532,7 @@ class Agent:
                 key_name=str(data["key_name"]),
                 key_new=bool(data["key_new"]),
                 chain_sha256=str(data["chain_sha256"]),
+                chain_new=bool(data.get("chain_new", False)),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return Session()
@@ -530,6 +544,7 @@ class Agent:
             "key_name": s.key_name,
             "key_new": s.key_new,
             "chain_sha256": s.chain_sha256,
+            "chain_new": s.chain_new,
         }
         path = self.config.key_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
@@ -555,6 +570,13 @@ def _parser() -> argparse.ArgumentParser:
         help="command signing {in} into {out} with Secure Element key {key} (shell words)",
     )
     parser.add_argument("--openssl", default="openssl")
+    parser.add_argument(
+        "--max-protocol",
+        type=int,
+        choices=[PROTOCOL_VERSION, PROTOCOL_V2],
+        default=PROTOCOL_V2,
+        help="highest protocol version to agree to in HELLO (1: behave as a version 1 board)",
+    )
     parser.add_argument(
         "--exit-on-disconnect",
         action="store_true",
@@ -582,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         see_test=tuple(shlex.split(args.see_test)),
         se_sign=tuple(shlex.split(args.se_sign)),
         openssl=args.openssl,
+        protocol_versions=tuple(range(PROTOCOL_VERSION, args.max_protocol + 1)),
     )
     agent = Agent(config)
     while True:

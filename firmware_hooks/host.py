@@ -94,6 +94,8 @@ class BoardClient:
         if retries < 0:
             raise ValueError("retries must be >= 0")
         self.protocol_versions = protocol_versions
+        # The hardware id of the last HELLO, sent with every later command (EXPECTED_ID).
+        self.expected_id: str | None = None
         self.port = port
         self.timeouts: dict[MsgType, float] = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
         self.retries = retries
@@ -136,6 +138,10 @@ class BoardClient:
         self.close()
 
     def _call(self, msg_type: MsgType, fields: list[tuple[int, bytes | str | int]]) -> _Fields:
+        if self.expected_id is not None:
+            # The board refuses a command meant for another (WRONG_BOARD): a board
+            # swapped in since HELLO is never given a key, a chain or an ABORT.
+            fields = [(Tag.EXPECTED_ID, self.expected_id), *fields]
         reply = self.link.request(
             msg_type,
             encode_tlv(fields),
@@ -164,6 +170,7 @@ class BoardClient:
         fields = _Fields.decode(reply.payload)
         chosen = fields.get_u16(Tag.PROTOCOL_VERSION, PROTOCOL_VERSION)
         self.link.version = chosen if chosen in self.protocol_versions else PROTOCOL_VERSION
+        self.expected_id = fields.get_str(Tag.HARDWARE_ID)
         return BoardHello(
             hardware_id=fields.get_str(Tag.HARDWARE_ID),
             agent_version=fields.get_str(Tag.AGENT_VERSION),

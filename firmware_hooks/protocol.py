@@ -137,7 +137,11 @@ class BoardError(ProtocolError):
             name = ErrorCode(error_code).name
         except ValueError:
             name = f"code {error_code}"
-        super().__init__(f"board error {name} ({error_code}): {message}")
+        super().__init__(
+            f"board error {name} ({error_code}): {message}",
+            # Another board answers on the port than the one the host said HELLO to.
+            code="board-changed" if error_code == ErrorCode.WRONG_BOARD else None,
+        )
         self.error_code = error_code
         self.message = message
 

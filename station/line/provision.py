@@ -283,7 +283,21 @@ def _provision_claimed(
             log.warning("%s: refused, not recorded on the device: %s %s", device_id, code, message)
         else:
             _record_failure(ledger, device_id, code, message)
+        abort_session(client, device_id, code)
         return Outcome(device_id, "failed", code, message)
+
+
+def abort_session(client: BoardClient, device_id: str, code: str) -> None:
+    """Tell the board its session failed (ABORT): it wipes the key and the chain the
+    session made, so no board leaves the line holding a key or a chain whose
+    certificate is not whitelisted. Best effort: a board gone from the port cannot
+    be told; a board swapped in refuses the ABORT (it names ``device_id``)."""
+    if code in ("disconnected", "board-changed"):
+        return
+    try:
+        client.abort()
+    except ProtocolError as exc:
+        log.warning("%s: could not abort the failed session: %s", device_id, exc)
 
 
 def _record_failure(ledger: Ledger, device_id: str, code: str, message: str) -> None:
@@ -365,6 +379,7 @@ def _steps(
     if digest != expected:
         message = f"board stored sha256 {digest.hex()}, the station sent {expected.hex()}"
         _record_failure(ledger, device_id, "chain-mismatch", message)
+        abort_session(client, device_id, "chain-mismatch")
         return Outcome(device_id, "failed", "chain-mismatch", message, serial)
     nonce = challenge.result()
 
