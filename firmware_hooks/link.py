@@ -476,8 +476,10 @@ class Link:
                     )
                 return reply
         detail = f" (last error: {self.last_error})" if self.last_error else ""
-        raise Timeout(
+        timeout_error = Timeout(
             f"no valid reply to {_type_name(msg_type)} seq {seq} after {retries + 1} "
             f"attempt(s) of {attempt_timeout:.2f} s{detail}",
             code="serial-crc" if isinstance(self.last_error, BadCrc) else None,
-        ) from self.last_error
+        )
+        timeout_error.msg_type, timeout_error.attempts = msg_type, retries + 1
+        raise timeout_error from self.last_error

@@ -111,6 +111,8 @@ class Timeout(ProtocolError, TimeoutError):
 
     code = "serial-timeout"
     kind = "unavailable"
+    msg_type: int | None = None  # the request that went unanswered, when known
+    attempts: int = 0
 
 
 class UnexpectedReply(ProtocolError):

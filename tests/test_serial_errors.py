@@ -16,13 +16,14 @@ from firmware_hooks.protocol import (
     Disconnected,
     ErrorCode,
     FrameTooLarge,
+    MsgType,
     ProtocolError,
     Timeout,
     UnexpectedReply,
     UnsupportedVersion,
 )
 from station.errors import Kind, StationError, kind_of
-from station.line.provision import failure_code
+from station.line.provision import failure_code, operator_message
 
 SUBCLASSES = [
     obj
@@ -75,3 +76,21 @@ def test_other_failures_keep_their_codes() -> None:
     assert failure_code(InvalidSignature()) == "bad-proof"
     assert failure_code(OSError("eio")) == "disconnected"
     assert failure_code(RuntimeError("?")) == "internal"
+
+
+def test_a_timeout_reads_as_advice_not_protocol_detail() -> None:
+    exc = Timeout(
+        "no valid reply to GEN_KEY_CSR seq 4422 after 3 attempt(s) of 20.01 s "
+        "(last error: COBS block at offset 248 runs past the end)"
+    )
+    exc.msg_type, exc.attempts = MsgType.GEN_KEY_CSR, 3
+    text = operator_message(exc)
+    assert text == "board did not answer key generation, 3 tries: check the cable and the board"
+    assert "seq" not in text and "COBS" not in text
+
+
+def test_the_reason_code_is_not_repeated_inside_the_message() -> None:
+    exc = StationError("the CSR names dev-2, the board is dev-1", code="device-id-mismatch")
+    assert str(exc).startswith("device-id-mismatch: ")  # as the CLI prints it
+    assert operator_message(exc) == "the CSR names dev-2, the board is dev-1"
+    assert "board-error" not in operator_message(BoardError(ErrorCode.SEE_FAILED, "status 2"))

@@ -32,7 +32,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from firmware_hooks.host import SE_KEY_NAME_MAX, BoardClient, BoardHello
-from firmware_hooks.protocol import ProtocolError
+from firmware_hooks.protocol import (
+    BoardError,
+    Disconnected,
+    MsgType,
+    ProtocolError,
+    Timeout,
+)
 from station import policy
 from station.ca import CertificateAuthority
 from station.errors import NotFoundError, StationError
@@ -121,6 +127,37 @@ def failure_code(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return "disconnected"
     return "internal"
+
+
+# What each request does, in an operator's words.
+_DOING: dict[int, str] = {
+    MsgType.HELLO: "hello",
+    MsgType.GEN_KEY_CSR: "key generation",
+    MsgType.PUT_SECURE_KEY: "loading its key into the Secure Element",
+    MsgType.PUT_CHAIN: "storing its certificate chain",
+    MsgType.PROVE: "the proof of possession",
+    MsgType.STATUS: "the status question",
+    MsgType.ABORT: "abort",
+}
+
+
+def operator_message(exc: BaseException) -> str:
+    """The failure in words an operator can act on, without the reason code (shown
+    beside it) and without protocol detail (sequence numbers, COBS offsets: logged)."""
+    if isinstance(exc, StationError):
+        return exc.message
+    if isinstance(exc, Timeout):
+        doing = _DOING.get(exc.msg_type or 0, "a request")
+        tries = f", {exc.attempts} tries" if exc.attempts else ""
+        noisy = " (damaged frames: a noisy line)" if exc.code == "serial-crc" else ""
+        return f"board did not answer {doing}{tries}{noisy}: check the cable and the board"
+    if isinstance(exc, Disconnected):
+        return "the port went away: check the USB cable and the adapter"
+    if isinstance(exc, BoardError):
+        return f"the board refused: {exc.message or f'error {exc.error_code}'}"
+    if isinstance(exc, InvalidSignature):
+        return "the board's proof of possession does not verify with its certificate"
+    return str(exc) or type(exc).__name__
 
 
 def se_key_name(device_id: str) -> str:
@@ -275,9 +312,11 @@ def _provision_claimed(
         return _steps(client, hello, ctx, device_id, existing is not None, report, on_issued)
     except Exception as exc:  # every failure is recorded with its reason
         code = failure_code(exc)
-        message = (str(exc) or type(exc).__name__)[:2000]
+        message = operator_message(exc)[:2000]
         if code == "internal":
             log.exception("%s: unexpected error", device_id)
+        elif isinstance(exc, ProtocolError):
+            log.info("%s: %s (%s)", device_id, code, exc)  # the protocol detail
         if code in NOT_OURS:
             # Another run's device: this board's failure is reported on its port only.
             log.warning("%s: refused, not recorded on the device: %s %s", device_id, code, message)
