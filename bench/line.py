@@ -21,9 +21,12 @@ In one run:
 
     python bench/line.py [--mode board-ecc] [--baud 115200] [--boards 5]
                          [--ports 1,8,32,64] [--per-port 4] [--corrupt 0.0]
-                         [--processes 2] [--json]
+                         [--max-protocol 2] [--processes 2] [--json]
 
---corrupt P flips each byte on the line with probability P (both directions, both rigs).
+--corrupt P flips each byte on the line with probability P (both directions, both rigs);
+--corrupt 0,0.001,0.01 times the per-board rig at each level, boards interleaved, and
+prints boards/min per port at each level against the first (--ports '' skips the
+throughput rig, which speaks protocol version 1 only).
 """
 
 from __future__ import annotations
@@ -118,13 +121,25 @@ def _drive(ctx: ProvisionContext, ports: list[str], n: int, baud: int | None) ->
 
 
 def per_board(
-    ledger: Ledger, ca: Any, mode: str, baud: int, corrupt: float, prefix: str
+    ledger: Ledger,
+    ca: Any,
+    mode: str,
+    baud: int,
+    corrupt: float,
+    prefix: str,
+    max_protocol: int = 2,
 ) -> dict[str, Any]:
     """One board on one port, the real agent process: where its time goes."""
     timed = TimedLedger(ledger)
     ctx = ProvisionContext(timed, ca, _batch(ledger, mode, 1, "one"))  # type: ignore[arg-type]
-    faults = Faults(corrupt=corrupt, seed=1) if corrupt else None
-    with simulate_boards(1, id_prefix=prefix, baudrate=baud, faults=faults) as boards:
+    faults = Faults(corrupt=corrupt, seed=1) if corrupt else None  # noise drawn per board id
+    with simulate_boards(
+        1,
+        id_prefix=prefix,
+        baudrate=baud,
+        faults=faults,
+        agent_args=["--max-protocol", str(max_protocol)],
+    ) as boards:
         (r,) = _drive(ctx, [boards[0].port], 1, baud)
         compute = boards[0].board_seconds(r.started, r.started + r.seconds)
     floor = (r.tx + r.rx) * 10 / baud
@@ -253,7 +268,20 @@ def main() -> None:
         action="store_true",
         help="run the simulated line in the station's process (it then shares the GIL)",
     )
-    parser.add_argument("--corrupt", type=float, default=0.0, help="byte corruption probability")
+    parser.add_argument(
+        "--corrupt",
+        default="0",
+        help="byte corruption probability; a comma list (0,0.001,0.01) times the boards of "
+        "each level in turn, interleaved so the machine's load hits them alike, and prints "
+        "each level's boards/min per port against the first level's",
+    )
+    parser.add_argument(
+        "--max-protocol",
+        type=int,
+        default=2,
+        choices=[1, 2],
+        help="the simulated agents' highest protocol version (1: version 1 boards)",
+    )
     parser.add_argument(
         "--processes",
         type=int,
@@ -271,6 +299,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     port_counts = [int(p) for p in args.ports.split(",") if p]
+    levels = [float(c) for c in args.corrupt.split(",") if c]
+    args.corrupt = levels[0]
 
     with tempfile.TemporaryDirectory(prefix="bench-line-", dir=args.data_dir) as tmp:
         os.environ.pop("SOFTHSM2_CONF", None)
@@ -281,13 +311,20 @@ def main() -> None:
         ledger = Ledger.from_settings(settings)
         stamp = datetime.now().strftime("%H%M%S")
 
-        runs = [
-            per_board(ledger, ca, args.mode, args.baud, args.corrupt, f"B{stamp}{i:02d}")
-            for i in range(args.boards)
-        ]
+        by_level: dict[float, list[dict[str, Any]]] = {c: [] for c in levels}
+        for i in range(args.boards):
+            for n, c in enumerate(levels):
+                by_level[c].append(
+                    per_board(
+                        ledger, ca, args.mode, args.baud, c, f"B{stamp}{n}{i:02d}",
+                        args.max_protocol,
+                    )
+                )  # fmt: skip
+        runs = by_level[levels[0]]
         keys = ("seconds", "tx", "rx", "wire_floor_s", "board_compute_s", "overhead_s",
                 "ledger_s", "overhead_to_wire", "ratio")  # fmt: skip
         mean = {k: sum(r[k] for r in runs) / len(runs) for k in keys} if runs else {}
+        noise = _noise_table(by_level) if len(levels) > 1 else []
 
         scaling = []
         base_rate: float | None = None
@@ -317,12 +354,45 @@ def main() -> None:
         "load_average_after": os.getloadavg(),
         "per_board": runs,
         "per_board_mean": mean,
+        "noise": noise,
         "scaling": scaling,
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return
     _print(args, mean, scaling, print)
+    for row in noise:
+        print(
+            f"corrupt {row['corrupt']}: {row['verified']}/{row['boards']} verified,"
+            f" {row['seconds_per_board'] * 1000:.0f} ms/board = {row['boards_per_min']:.0f}"
+            f" boards/min per port = {row['to_first']:.2f}x the boards/min at corrupt"
+            f" {levels[0]} ({row['time_to_first']:.2f}x its time per board);"
+            f" {row['tx']:.0f} B out + {row['rx']:.0f} B in"
+        )
+
+
+def _noise_table(by_level: dict[float, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per corruption level: boards verified, time per board, and both against the first level."""
+    rows = []
+    first = None
+    for c, runs in by_level.items():
+        seconds = sum(r["seconds"] for r in runs) / len(runs)
+        if first is None:
+            first = seconds
+        rows.append(
+            {
+                "corrupt": c,
+                "boards": len(runs),
+                "verified": sum(r["result"] == "verified" for r in runs),
+                "seconds_per_board": seconds,
+                "boards_per_min": 60 / seconds,
+                "to_first": first / seconds,
+                "time_to_first": seconds / first,
+                "tx": sum(r["tx"] for r in runs) / len(runs),
+                "rx": sum(r["rx"] for r in runs) / len(runs),
+            }
+        )
+    return rows
 
 
 def _ratio(value: float | None) -> str:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -80,7 +83,22 @@ def run_cmd(
     count: Annotated[
         int | None, typer.Option(help="Stop after this many boards (default: run until Ctrl-C).")
     ] = None,
-    live: Annotated[bool, typer.Option("--live/--no-live", help="Live terminal view.")] = True,
+    live: Annotated[
+        bool,
+        typer.Option(
+            "--live/--no-live",
+            help="Live terminal view; --no-live prints one line per board verdict and per "
+            "port that cannot be opened, as they happen.",
+        ),
+    ] = True,
+    json_lines: Annotated[
+        bool,
+        typer.Option(
+            "--json-lines",
+            help="Print each board verdict and port error as one JSON object per line "
+            "(for machines; implies --no-live).",
+        ),
+    ] = False,
     timeout: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
     processes: Annotated[
         int,
@@ -138,12 +156,16 @@ def run_cmd(
                     client_factory=functools.partial(open_port_client, baudrate=baud),
                 )
             else:
+                printer = _VerdictPrinter(json_lines)
                 driver = LineDriver(
                     ctx,
                     ports,
                     status=status,
                     client_factory=lambda path: open_port_client(path, baudrate=baud),
+                    on_record=None if live and not json_lines else printer.record,
+                    on_port_error=printer.port_error,
                 )
+            live = live and not json_lines
             until = None if count is None else (lambda d: len(d.records) >= count)
             records = run_with_view(
                 driver, console, live=live and console.is_terminal, until=until, timeout=timeout
@@ -151,6 +173,45 @@ def run_cmd(
         _print_run(records, ledger, batch)
     if any(r.outcome.result == "failed" for r in records):
         raise typer.Exit(1)
+
+
+class _VerdictPrinter:
+    """One line per board verdict and per port that cannot be opened, as they happen
+    (from the ports' threads: one lock, whole lines)."""
+
+    def __init__(self, json_lines: bool) -> None:
+        self.json_lines = json_lines
+        self._lock = threading.Lock()
+
+    def _out(self, text: str) -> None:
+        with self._lock:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+
+    def record(self, r: BoardRecord) -> None:
+        o = r.outcome
+        if self.json_lines:
+            fields = {
+                "event": "verdict",
+                "port": r.port,
+                "device_id": o.device_id,
+                "result": o.result,
+                "code": o.code,
+                "message": o.message,
+                "serial": o.serial,
+                "seconds": round(r.seconds, 3),
+            }
+            self._out(json.dumps(fields))
+            return
+        reason = f" [{o.code}] {o.message}" if o.code else ""
+        serial = f" serial {o.serial}" if o.serial and o.result == "verified" else ""
+        self._out(f"{r.port} {o.device_id} {o.result}{serial}{reason} ({r.seconds:.2f} s)")
+
+    def port_error(self, port: str, message: str) -> None:
+        if self.json_lines:
+            self._out(json.dumps({"event": "port-error", "port": port, "message": message}))
+        else:
+            self._out(f"error [port-error] {port}: {message}")
 
 
 def _print_recovery(report: RecoveryReport) -> None:

@@ -172,6 +172,7 @@ class LineDriver:
         rescan_interval: float = RESCAN_INTERVAL,
         poll_interval: float = POLL_INTERVAL,
         on_record: Callable[[BoardRecord], None] | None = None,
+        on_port_error: Callable[[str, str], None] | None = None,
     ) -> None:
         self.ctx = ctx
         self.ports = ports
@@ -180,6 +181,7 @@ class LineDriver:
         self.rescan_interval = rescan_interval
         self.poll_interval = poll_interval
         self.on_record = on_record  # called in the port's thread as each board finishes
+        self.on_port_error = on_port_error  # (port, message) when a port cannot be opened
         self.records: list[BoardRecord] = []
         self._records_lock = threading.Lock()
         self._workers: dict[str, _Worker] = {}
@@ -275,7 +277,11 @@ class LineDriver:
         try:
             client = self.client_factory(path)
         except (OSError, ValueError) as exc:  # SerialException is an OSError
-            log.info("%s: cannot open: %s", path, exc)
+            message = f"cannot open the port: {exc}"
+            log.error("%s: %s", path, message)
+            self.status.port_error(path, message)
+            if self.on_port_error is not None:
+                self.on_port_error(path, message)
             return
         try:
             self._port_loop(worker, client)

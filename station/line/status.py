@@ -28,6 +28,7 @@ RATE_WINDOW = 60.0  # seconds over which issued_per_min is measured
 
 # Steps a port shows. "waiting" means no board answers on the port.
 WAITING = "waiting"
+PORT_ERROR = "port-error"  # the port cannot be opened
 TERMINAL = ("verified", "failed", "skipped")
 
 
@@ -136,6 +137,17 @@ class LineStatus:
             state.step = step
             state.since = datetime.now(UTC)
             self._event(port, state.device_id, step)
+
+    def port_error(self, port: str, message: str) -> None:
+        """The port cannot be used (no such device, permission denied): shown, not
+        taken for an empty port."""
+        with self._lock:
+            state = self.ports.setdefault(port, PortState(port))
+            state.device_id = None
+            state.step = PORT_ERROR
+            state.since = datetime.now(UTC)
+            state.last_error = _bounded(message, MAX_MESSAGE_CHARS)
+            self._event(port, None, PORT_ERROR, state.last_error)
 
     def issued(self) -> None:
         with self._lock:
