@@ -3,10 +3,12 @@ the console and the status board, and --no-live / --json-lines print each verdic
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 import typer
+from rich.console import Console
 from typer.testing import CliRunner
 
 from station.cli import line_cmds
@@ -64,3 +66,45 @@ def test_the_status_board_keeps_a_port_error() -> None:
     status.port_error("/dev/ttyUSB9", "cannot open the port: no such device")
     port = status.snapshot()["ports"][0]
     assert port["step"] == PORT_ERROR
+
+
+def test_noise_on_a_port_is_counted_and_shown(station_settings: Settings, ca: object) -> None:
+    """A port where something answers garbage is not shown as a quiet empty port."""
+    import os
+    import threading
+    import tty
+
+    from station.line import LineDriver, ProvisionContext
+    from station.line.view import render
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    path = os.ttyname(slave)
+    stop = threading.Event()
+
+    def babble() -> None:
+        while not stop.is_set():
+            os.write(master, b"\x00garbage\xff\x10\x00")
+            stop.wait(0.05)
+
+    ledger = Ledger.from_settings(station_settings)
+    batch = ledger.create_batch(
+        "N1", product="p", planned_count=1, key_mode="board-ecc", subject_template=TEMPLATE
+    )
+    status = LineStatus("N1")
+    driver = LineDriver(ProvisionContext(ledger, ca, batch), lambda: [path], status=status)  # type: ignore[arg-type]
+    thread = threading.Thread(target=babble, daemon=True)
+    thread.start()
+    try:
+        driver.run(until=lambda d: status.ports.get(path) is not None
+                   and status.ports[path].bad_frames > 0, timeout=15)  # fmt: skip
+    finally:
+        stop.set()
+        thread.join()
+        os.close(master)
+        os.close(slave)
+    (row,) = status.snapshot()["ports"]
+    assert row["bad_frames"] > 0
+    out = io.StringIO()
+    Console(file=out, width=200).print(render(status))
+    assert "bad," in out.getvalue()

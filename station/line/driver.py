@@ -308,6 +308,7 @@ class LineDriver:
                 log.info("%s: port went away: %s", path, exc)
                 self.status.step(path, WAITING)
                 return  # the rescan opens it again if it is still there
+            self.status.noise(path, client.link.bad_frames, client.link.resends)
             if hello is None:
                 # Damaged frames are a board on a noisy cable, not an empty port.
                 missed += client.link.bad_frames == bad_before
@@ -345,6 +346,7 @@ class LineDriver:
                     on_issued=self.status.issued,
                 )
             seconds = time.monotonic() - started
+            self.status.noise(path, client.link.bad_frames, client.link.resends)
             tx, rx = (counter.tx - tx0, counter.rx - rx0) if counter else (0, 0)
             record = BoardRecord(path, outcome, seconds, tx, rx, started)
             with self._records_lock:

@@ -49,6 +49,8 @@ class PortState:
     step: str = WAITING
     since: datetime = field(default_factory=lambda: datetime.now(UTC))
     last_error: str | None = None
+    bad_frames: int = 0  # damaged frames received on the port since it was opened
+    resends: int = 0  # frames or requests sent again because of them
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +59,8 @@ class PortState:
             "step": self.step,
             "since": _iso(self.since),
             "last_error": self.last_error,
+            "bad_frames": self.bad_frames,
+            "resends": self.resends,
         }
 
 
@@ -148,6 +152,14 @@ class LineStatus:
             state.since = datetime.now(UTC)
             state.last_error = _bounded(message, MAX_MESSAGE_CHARS)
             self._event(port, None, PORT_ERROR, state.last_error)
+
+    def noise(self, port: str, bad_frames: int, resends: int) -> None:
+        """The port's noise so far: damaged frames seen and resends they cost."""
+        with self._lock:
+            state = self.ports.setdefault(port, PortState(port))
+            if (state.bad_frames, state.resends) != (bad_frames, resends):
+                state.bad_frames, state.resends = bad_frames, resends
+                self._dirty = True
 
     def issued(self) -> None:
         with self._lock:

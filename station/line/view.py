@@ -19,7 +19,13 @@ from station.line.status import LineStatus
 
 log = logging.getLogger(__name__)
 
-_STEP_STYLE = {"verified": "green", "failed": "bold red", "skipped": "yellow", "waiting": "dim"}
+_STEP_STYLE = {
+    "verified": "green",
+    "failed": "bold red",
+    "skipped": "yellow",
+    "waiting": "dim",
+    "port-error": "bold red",
+}
 
 
 def _age(iso: str) -> str:
@@ -41,16 +47,18 @@ def render(status: LineStatus) -> RenderableType:
     reason codes) is a plain ``Text``: only the station's own labels are markup."""
     snap = status.snapshot()
     ports = Table(title=f"Line - batch {escape(str(snap['batch']))}", expand=False)
-    for column in ("port", "board", "step", "for", "last error"):
+    for column in ("port", "board", "step", "for", "noise", "last error"):
         ports.add_column(column)
     for row in snap["ports"]:
         step = row["step"]
         style = _STEP_STYLE.get(step, "cyan")
+        bad = row.get("bad_frames", 0)
         ports.add_row(
             _plain(row["port"]),
             _plain(row["device_id"] or "-"),
             Text(str(step), style=style),
             _age(row["since"]),
+            Text(f"{bad} bad, {row.get('resends', 0)} resent" if bad else "-", style="yellow"),
             _plain(row["last_error"] or "", 200),
         )
     counts = snap["counts"]
