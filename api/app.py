@@ -30,6 +30,7 @@ from api.routers import (
     devices,
     health,
     line,
+    publish,
     reports,
     tokens,
 )
@@ -114,6 +115,7 @@ def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -
         tokens,
         health,
         dashboard,
+        publish,
     ):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

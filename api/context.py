@@ -28,6 +28,7 @@ from station.errors import Kind, StationError
 from station.ledger import Ledger
 from station.ledger.db import ping
 from station.ledger.records import RecoveryReport
+from station.publish.ocsp import Responder
 from station.recovery import StationLock, recover_at_startup
 from station.settings import Settings
 from station.timefmt import rfc3339, utc_now
@@ -94,6 +95,7 @@ class AppContext:
         self._ledger: Ledger | None = None
         self._ca: CertificateAuthority | None = None
         self._station_lock: StationLock | None = None
+        self._ocsp: Responder | None = None
         self._recovering = threading.Lock()  # one thread recovers for the others
         self.metrics = Metrics(lambda: self.ledger.counts())
         self.line = LineView(settings.data_dir / FILE_NAME)
@@ -114,6 +116,14 @@ class AppContext:
             if self._ca is None:
                 self._ca = TimedCA(open_ca(self.settings), self.metrics.hsm_sign_seconds.observe)
             return self._ca
+
+    def ocsp_responder(self) -> Responder:
+        """The OCSP responder of the CA open now (a new one after the CA was reopened)."""
+        ca, engine = self.ca, self.ledger.engine
+        with self._lock:
+            if self._ocsp is None or self._ocsp.ca is not ca or self._ocsp.engine is not engine:
+                self._ocsp = Responder(engine, ca)
+            return self._ocsp
 
     @property
     def issue_executor(self) -> ThreadPoolExecutor:

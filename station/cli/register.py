@@ -15,6 +15,7 @@ MODULES = [
     "station.cli.serve_cmds",
     "station.cli.line_cmds",
     "station.cli.report_cmds",
+    "station.cli.publish_cmds",
 ]
 
 

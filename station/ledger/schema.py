@@ -216,3 +216,29 @@ api_tokens = Table(
     Column("expires_at", TS, nullable=True),  # None: until revoked
     Column("last_used_at", TS, nullable=True),  # at most a minute stale (see Ledger)
 )
+
+crls = Table(
+    "crls",
+    metadata,
+    # CRL numbers only grow (RFC 5280 5.2.3): the next is the largest + 1, and the
+    # primary key refuses a second CRL with the same number from another worker.
+    Column("number", Integer, primary_key=True, autoincrement=False),
+    Column("ca_fingerprint", String(64), nullable=False),  # SHA-256 of the signing CA cert
+    Column("this_update", TS, nullable=False),
+    Column("next_update", TS, nullable=False),
+    # Revocations are never undone, so a CRL listing as many as the ledger holds is current.
+    Column("revoked_count", Integer, nullable=False),
+    Column("station_id", String(128), nullable=False),
+    Column("der", LargeBinary, nullable=False),
+)
+
+aws_certificate_status = Table(
+    "aws_certificate_status",
+    metadata,
+    # Only revoked certificates have a row: the AWS IoT status a whitelist sync last
+    # saw or set (NULL: AWS IoT did not know the certificate, it never connected).
+    # REVOKED is final in AWS, so a certificate recorded REVOKED costs no call again.
+    Column("serial", String(40), ForeignKey("certificates.serial"), primary_key=True),
+    Column("status", String(32), nullable=True),
+    Column("checked_at", TS, nullable=False),
+)

@@ -71,13 +71,20 @@ def _server_identity(directory: Path) -> tuple[Path, Path]:
 class MosquittoBroker:
     """``with MosquittoBroker(ca_pem) as broker: broker.publish(chain, key, ...)``."""
 
-    def __init__(self, client_ca_pem: bytes, *, ready_timeout: float = 10.0) -> None:
+    def __init__(
+        self, client_ca_pem: bytes, *, crl_pem: bytes | None = None, ready_timeout: float = 10.0
+    ) -> None:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.dir = Path(tempfile.mkdtemp(prefix="line-mqtt-"))
         self.dir.chmod(0o755)
         self.client_ca = self.dir / "clients-ca.pem"
         self.client_ca.write_bytes(client_ca_pem)
         self.server_cert, server_key = _server_identity(self.dir)
+        crl_line = ""
+        if crl_pem is not None:  # mosquitto checks client chains against it (crlfile)
+            crl_path = self.dir / "clients-ca.crl"
+            crl_path.write_bytes(crl_pem)
+            crl_line = f"crlfile {crl_path}\n"
         self.port = free_port()
         config = self.dir / "mosquitto.conf"
         config.write_text(
@@ -88,6 +95,7 @@ class MosquittoBroker:
             f"cafile {self.client_ca}\n"
             f"certfile {self.server_cert}\n"
             f"keyfile {server_key}\n"
+            f"{crl_line}"
             "allow_anonymous false\n"
             "persistence false\n"
             "log_dest stderr\n"
