@@ -1,8 +1,10 @@
-"""AWS IoT Just-In-Time Registration: activate whitelisted device certificates, revoke the rest.
+"""AWS IoT Just-In-Time Registration: activate whitelisted device certificates, hold the rest.
 
 AWS IoT publishes an event on ``$aws/events/certificates/registered/<caCertificateId>``
 when a device presents a certificate issued by a registered CA for the first time; a
-topic rule invokes this function with that event. The function:
+topic rule invokes this function with that event. AWS IoT checks the certificate's
+signature against the registered CA before it registers it, so a forged certificate
+never reaches this function. The function:
 
 1. reads the certificate (DescribeCertificate) and takes its serial number from the DER;
 2. looks the serial up in the whitelist table (DynamoDB, env ``WHITELIST_TABLE``) and
@@ -11,11 +13,15 @@ topic rule invokes this function with that event. The function:
    creates the thing named after the device id if missing, attaches the certificate to
    the thing and only then sets the certificate ACTIVE — one step after the other, so a
    device never connects with a half-made identity;
-4. otherwise: sets the certificate REVOKED. A REVOKED certificate is final on AWS IoT
-   (it can never be activated again), so one found REVOKED is left as it is.
+4. otherwise: sets the certificate INACTIVE, never REVOKED. A certificate of the
+   station's CA that is not (yet) whitelisted may belong to a board whose batch is
+   not synced yet, or to a failed board that may be verified again: INACTIVE refuses
+   it and can be undone, and the station's whitelist sync activates it (with thing
+   and policy) once whitelisted. REVOKED is final on AWS IoT and is set only by the
+   sync, for what the station's ledger revoked; one found REVOKED is left as it is.
 
 Every step is idempotent: a replayed event changes nothing. Infrastructure failures
-(table missing, throttling) raise, so Lambda retries; they never revoke a device.
+(table missing, throttling) raise, so Lambda retries; they never stop a device.
 
 This module is deployed on its own: it imports only the standard library and boto3.
 """
@@ -188,12 +194,14 @@ def _attr(item: dict[str, Any], name: str) -> str | None:
 # --------------------------------------------------------------------------- steps
 
 
-def _revoke(iot: Any, certificate_id: str, status: str, base: dict[str, Any]) -> dict[str, Any]:
+def _hold(iot: Any, certificate_id: str, status: str, base: dict[str, Any]) -> dict[str, Any]:
+    """Not whitelisted: INACTIVE (reversible), never REVOKED (final; the station's call)."""
     changed: list[str] = []
-    if status != "REVOKED":
-        iot.update_certificate(certificateId=certificate_id, newStatus="REVOKED")
-        changed.append("update-certificate:REVOKED")
-    result = {**base, "decision": "revoke", "status": "REVOKED", "changed": changed}
+    if status not in ("INACTIVE", "REVOKED"):
+        iot.update_certificate(certificateId=certificate_id, newStatus="INACTIVE")
+        changed.append("update-certificate:INACTIVE")
+    after = "REVOKED" if status == "REVOKED" else "INACTIVE"
+    result = {**base, "decision": "hold", "status": after, "changed": changed}
     _log(step="decision", **result)
     return result
 
@@ -294,19 +302,19 @@ def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     if status == "REVOKED":
         # Final on AWS IoT: UpdateCertificate refuses to change a REVOKED certificate
         # (moto allows it). Nothing to decide: do not build a thing or policy for it.
-        return _revoke(iot, certificate_id, status, {**base, "reason": "already-revoked"})
+        return _hold(iot, certificate_id, status, {**base, "reason": "already-revoked"})
     described_ca = description.get("caCertificateId")
     if described_ca and str(described_ca).lower() != ca_certificate_id:
-        return _revoke(iot, certificate_id, status, {**base, "reason": "ca-mismatch"})
+        return _hold(iot, certificate_id, status, {**base, "reason": "ca-mismatch"})
 
     try:
         der = der_from_pem(str(description.get("certificatePem", "")))
         serial = serial_hex(serial_from_der(der))
     except CertificateParseError as exc:
-        return _revoke(iot, certificate_id, status, {**base, "reason": f"unparsable: {exc}"})
+        return _hold(iot, certificate_id, status, {**base, "reason": f"unparsable: {exc}"})
     base["serial"] = serial
     if hashlib.sha256(der).hexdigest() != certificate_id:
-        return _revoke(iot, certificate_id, status, {**base, "reason": "certificate-id-mismatch"})
+        return _hold(iot, certificate_id, status, {**base, "reason": "certificate-id-mismatch"})
     _log(step="certificate", **base)
 
     try:
@@ -318,12 +326,12 @@ def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         _log(step="error", reason="whitelist-unreadable", code=_error_code(exc), **base)
         raise
     if not item:
-        return _revoke(iot, certificate_id, status, {**base, "reason": "not-whitelisted"})
+        return _hold(iot, certificate_id, status, {**base, "reason": "not-whitelisted"})
     fingerprint = (_attr(item, "fingerprint") or "").lower()
     if fingerprint != certificate_id:
-        return _revoke(iot, certificate_id, status, {**base, "reason": "fingerprint-mismatch"})
+        return _hold(iot, certificate_id, status, {**base, "reason": "fingerprint-mismatch"})
     if _not_after_passed(_attr(item, "not_after"), datetime.now(UTC)):
-        return _revoke(iot, certificate_id, status, {**base, "reason": "expired"})
+        return _hold(iot, certificate_id, status, {**base, "reason": "expired"})
     thing_name = _attr(item, "device_id") or ""
     if not _THING_NAME.match(thing_name):
         # A station-side data error: do not revoke a genuine device for it, leave it pending.

@@ -21,19 +21,30 @@ import json
 import re
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    CredentialRetrievalError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    NoRegionError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from jitr.handler import DEFAULT_POLICY_NAME, DEFAULT_TOPIC_PREFIX, default_policy_document
 from station.errors import ConfigurationError, Kind, StationError
 from station.files import atomic_writer, write_atomically
 from station.timefmt import rfc3339, utc_now
@@ -71,9 +82,104 @@ class AwsError(StationError):
     kind = Kind.UPSTREAM
 
 
+_ACCESS_DENIED = frozenset(
+    {
+        "AccessDenied",
+        "AccessDeniedException",
+        "UnauthorizedException",
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "ExpiredTokenException",
+    }
+)
+_THROTTLED = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "ProvisionedThroughputExceededException",
+        "LimitExceededException",
+    }
+)
+
+
 def _aws_error(action: str, exc: ClientError) -> AwsError:
+    """AWS's refusal as one AwsError whose code says what to do about it."""
     error = exc.response.get("Error", {})
-    return AwsError(f"{action} failed: {error.get('Code', '?')}: {error.get('Message', '')}")
+    aws_code = str(error.get("Code", "?"))
+    message = " ".join(str(error.get("Message", "")).split())[:400]  # one line
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    text = f"{action} failed: {aws_code}: {message}"
+    if aws_code in _ACCESS_DENIED or status == 403:
+        return AwsError(
+            f"{text} (the station's AWS identity lacks the right, or its keys are wrong: "
+            "attach the stack's StationPolicy, see docs/aws.md)",
+            code="aws-access-denied",
+            kind=Kind.NOT_CONFIGURED,
+        )
+    if aws_code in _THROTTLED:
+        return AwsError(f"{text} (retry later)", code="aws-throttled", kind=Kind.UPSTREAM)
+    return AwsError(text)
+
+
+def aws_error(exc: BaseException, action: str = "AWS") -> AwsError | None:
+    """Any error boto3 raises as one AwsError with a reason code; None for other errors.
+
+    Codes: aws-no-region, aws-no-credentials, aws-unreachable, aws-access-denied,
+    aws-throttled, aws-error (anything else AWS answered).
+    """
+    if isinstance(exc, AwsError):
+        return exc
+    if isinstance(exc, ClientError):
+        return _aws_error(action, exc)
+    if isinstance(exc, NoRegionError):
+        return AwsError(
+            "no AWS region: export AWS_DEFAULT_REGION (boto3 reads it; AWS_REGION is honoured "
+            "by the station too), or set region in the AWS profile",
+            code="aws-no-region",
+            kind=Kind.NOT_CONFIGURED,
+        )
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
+        return AwsError(
+            f"no usable AWS credentials ({exc}): export AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with an instance role",
+            code="aws-no-credentials",
+            kind=Kind.NOT_CONFIGURED,
+        )
+    if isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ReadTimeoutError):
+        return AwsError(
+            f"AWS is unreachable: {exc} (check the network, AWS_ENDPOINT_URL and the region)",
+            code="aws-unreachable",
+            kind=Kind.UNAVAILABLE,
+        )
+    if isinstance(exc, BotoCoreError):
+        return AwsError(f"{action} failed: {exc}")
+    return None
+
+
+@contextlib.contextmanager
+def aws_errors(action: str = "AWS") -> Iterator[None]:
+    """Raise whatever boto3 raises inside as an AwsError with a reason code."""
+    try:
+        yield
+    except (BotoCoreError, ClientError) as exc:
+        translated = aws_error(exc, action)
+        assert translated is not None
+        raise translated from exc
+
+
+def client(service: str) -> Any:
+    """A boto3 client from the standard chain; AWS_REGION counts when AWS_DEFAULT_REGION is
+    unset (this boto3 reads only the latter). Raises AwsError (aws-no-region...)."""
+    import boto3
+
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None
+    with aws_errors(f"creating the {service} client"):
+        return boto3.client(service, region_name=region)
 
 
 def _error_code(exc: ClientError) -> str:
@@ -124,17 +230,18 @@ def _write_state(state_path: Path, registration: CaRegistration, **extra: Any) -
 
 
 def _described(
-    describe: Callable[..., Any], api: str, certificate_id: str
+    describe: Callable[..., Any], api: str, name: str, *, key: str = "certificateId"
 ) -> dict[str, Any] | None:
-    """``describe(certificateId=...)``'s certificateDescription, or None when AWS does
-    not know the certificate; any other refusal is an AwsError naming ``api``."""
+    """``describe(certificateId=...)``'s certificateDescription (the whole answer for
+    another ``key``), or None when AWS does not know it; any other refusal is an
+    AwsError naming ``api``."""
     try:
-        response = describe(certificateId=certificate_id)
+        response = describe(**{key: name})
     except ClientError as exc:
         if _error_code(exc) == "ResourceNotFoundException":
             return None
         raise _aws_error(api, exc) from exc
-    description: dict[str, Any] = response["certificateDescription"]
+    description: dict[str, Any] = response.get("certificateDescription", response)
     return description
 
 
@@ -394,6 +501,32 @@ class SkippedEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class CertificateChange:
+    """One AWS IoT certificate status the sync changed, and why."""
+
+    serial: str
+    before: str
+    after: str
+    why: str  # revoked-in-ledger | left-whitelist | whitelisted
+
+
+@dataclass(frozen=True, slots=True)
+class SyncWarning:
+    serial: str
+    code: str
+    message: str
+
+
+class RevokedTracker(Protocol):
+    """Which revoked certificates are still to be set REVOKED in AWS IoT
+    (station.publish.aws_state.RevokedInAws keeps it in the ledger)."""
+
+    def due(self) -> Iterable[DelistedCertificate]: ...
+
+    def record(self, seen: Mapping[str, str | None]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
 class SyncReport:
     added: int
     updated: int
@@ -402,8 +535,10 @@ class SyncReport:
     # AWS IoT certificate status changes the sync made for the serials it moved
     revoked: int = 0  # -> REVOKED (revoked in the ledger)
     deactivated: int = 0  # -> INACTIVE (left the whitelist: failed board)
-    reactivated: int = 0  # INACTIVE -> ACTIVE (back on the whitelist)
+    reactivated: int = 0  # INACTIVE/PENDING_ACTIVATION -> ACTIVE (whitelisted)
     skipped: tuple[SkippedEntry, ...] = ()  # entries that could not be published
+    changes: tuple[CertificateChange, ...] = ()  # every AWS IoT status the sync changed
+    warnings: tuple[SyncWarning, ...] = ()  # what the sync found and cannot fix
 
 
 def create_whitelist_table(dynamodb_client: Any, table_name: str) -> bool:
@@ -522,9 +657,14 @@ def _write(dynamodb_client: Any, table_name: str, requests: Sequence[dict[str, A
             raise AwsError("BatchWriteItem kept returning unprocessed items", code="aws-throttled")
 
 
+def _description(iot: Any, certificate_id: str) -> dict[str, Any] | None:
+    """AWS IoT's description of a certificate, or None when AWS IoT does not know it."""
+    return _described(iot.describe_certificate, "DescribeCertificate", certificate_id)
+
+
 def _certificate_status(iot: Any, certificate_id: str) -> str | None:
     """The AWS IoT status of a certificate, or None when AWS IoT does not know it."""
-    description = _described(iot.describe_certificate, "DescribeCertificate", certificate_id)
+    description = _description(iot, certificate_id)
     return None if description is None else str(description.get("status", ""))
 
 
@@ -535,8 +675,11 @@ def _set_certificate_status(iot: Any, certificate_id: str, status: str) -> None:
         raise _aws_error(f"UpdateCertificate {certificate_id} -> {status}", exc) from exc
 
 
-def _take_out(iot: Any, delisted: DelistedCertificate) -> str | None:
-    """Stop a delisted certificate in AWS IoT; the status set, or None if nothing changed.
+def _take_out(
+    iot: Any, delisted: DelistedCertificate
+) -> tuple[str | None, CertificateChange | None]:
+    """Stop a delisted certificate in AWS IoT: its status now (None: AWS IoT does not
+    know it) and the change made, if any.
 
     Revoked in the ledger: REVOKED (final in AWS). Merely off the whitelist: INACTIVE
     (reversible). Never registered (never connected), or already there: nothing.
@@ -544,14 +687,62 @@ def _take_out(iot: Any, delisted: DelistedCertificate) -> str | None:
     target = "REVOKED" if delisted.revoked else "INACTIVE"
     current = _certificate_status(iot, delisted.fingerprint)
     if current is None or current == target or current == "REVOKED":
-        return None  # AWS never changes a REVOKED certificate again
+        return current, None  # AWS never changes a REVOKED certificate again
     _set_certificate_status(iot, delisted.fingerprint, target)
-    return target
+    why = "revoked-in-ledger" if delisted.revoked else "left-whitelist"
+    return target, CertificateChange(delisted.serial, current, target, why)
 
 
 def _deletes(serials: Iterable[str]) -> list[dict[str, Any]]:
     """BatchWriteItem requests deleting the items of ``serials``."""
     return [{"DeleteRequest": {"Key": {"serial": {"S": serial}}}} for serial in serials]
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePolicy:
+    """The AWS IoT policy the JITR Lambda attaches (deploy/jitr.yaml's DevicePolicyName
+    and TopicPrefix): the sync attaches the same one when it activates a certificate."""
+
+    name: str = DEFAULT_POLICY_NAME
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX
+
+
+def _call(action: str, fn: Callable[..., Any], *, tolerate: str = "", **kwargs: Any) -> bool:
+    """Call an IoT API; False when it answered ``tolerate`` (already exists...)."""
+    try:
+        fn(**kwargs)
+    except ClientError as exc:
+        if tolerate and _error_code(exc) == tolerate:
+            return False
+        raise _aws_error(action, exc) from exc
+    return True
+
+
+def _activate(
+    iot: Any, description: dict[str, Any], item: dict[str, str], policy: DevicePolicy
+) -> None:
+    """What the JITR Lambda does for a whitelisted certificate, in its order: the policy,
+    attached; the thing, the certificate attached to it; only then ACTIVE."""
+    arn = str(description["certificateArn"])
+    _call(
+        "CreatePolicy",
+        iot.create_policy,
+        tolerate="ResourceAlreadyExistsException",
+        policyName=policy.name,
+        policyDocument=default_policy_document(arn, policy.topic_prefix),
+    )
+    _call("AttachPolicy", iot.attach_policy, policyName=policy.name, target=arn)
+    thing = item["device_id"]
+    if _described(iot.describe_thing, "DescribeThing", thing, key="thingName") is None:
+        _call(
+            "CreateThing",
+            iot.create_thing,
+            tolerate="ResourceAlreadyExistsException",
+            thingName=thing,
+            attributePayload={"attributes": {"serial": item["serial"], "batch": item["batch"]}},
+        )
+    _call("AttachThingPrincipal", iot.attach_thing_principal, thingName=thing, principal=arn)
+    _set_certificate_status(iot, str(description["certificateId"]), "ACTIVE")
 
 
 def sync_whitelist(
@@ -562,23 +753,34 @@ def sync_whitelist(
     *,
     iot: Any,
     batch: str | None = None,
+    revoked: RevokedTracker | None = None,
+    policy: DevicePolicy | None = None,
 ) -> SyncReport:
-    """Make the table hold ``entries`` (optionally only those of ``batch``), minus ``delisted``.
+    """Make the table hold ``entries`` (optionally only those of ``batch``), minus ``delisted``,
+    and make AWS IoT's certificate statuses follow the ledger.
 
     Incremental: reads the items for the serials concerned and writes only the
     differences. Items the station does not mention are left alone (several stations
     may share one table); delisted serials are removed whatever their batch, and only
     when the item is the ledger's certificate (same fingerprint).
 
-    An item leaving the table first has its AWS IoT certificate stopped (REVOKED if
-    revoked in the ledger, else INACTIVE), then is deleted: the JITR Lambda only runs
-    on a certificate's first connection, so removing the item alone would leave an
-    ACTIVE certificate connecting. A failure in between leaves the item in the table,
-    so the next sync retries. An item entering the table whose certificate an earlier
-    sync made INACTIVE is put, then its certificate set ACTIVE again. Deletions go
-    before puts; an entry that cannot be published is skipped and reported, the rest
-    proceed.
+    1. An item leaving the table first has its AWS IoT certificate stopped (REVOKED if
+       revoked in the ledger, else INACTIVE), then is deleted: the JITR Lambda only
+       runs on a certificate's first connection, so removing the item alone would
+       leave an ACTIVE certificate connecting. A failure in between leaves the item in
+       the table, so the next sync retries.
+    2. A certificate revoked in the ledger ends REVOKED in AWS IoT even without an item
+       (a failed board made INACTIVE earlier, a board the Lambda left INACTIVE because
+       it connected before its batch was synced). ``revoked`` says which are still to
+       check (bounded); without it, every revoked certificate in ``delisted`` is.
+    3. An item entering the table whose certificate AWS IoT already holds INACTIVE or
+       PENDING_ACTIVATION (made INACTIVE by an earlier sync, or left so by the Lambda)
+       is put, then activated as the Lambda would: policy, thing, ACTIVE. One already
+       REVOKED cannot be (REVOKED is final): a warning says so.
+
+    Only what the ledger revoked is ever set REVOKED. Every status change is reported.
     """
+    policy = policy or DevicePolicy()
     out: dict[str, DelistedCertificate] = {d.serial.lower(): d for d in delisted}
     wanted: dict[str, dict[str, str]] = {}
     fingerprints: dict[str, str] = {}
@@ -604,6 +806,8 @@ def sync_whitelist(
         fingerprints[entry.serial] = entry.fingerprint
 
     existing = _read_existing(dynamodb_client, table_name, sorted(set(wanted) | set(out)))
+    changes: list[CertificateChange] = []
+    warnings: list[SyncWarning] = []
 
     # 1. out of the table: stop the certificate in AWS IoT, then delete the item
     leaving = [
@@ -611,63 +815,96 @@ def sync_whitelist(
         for serial in sorted(out)
         if serial in existing and existing[serial].get("fingerprint") == out[serial].fingerprint
     ]
-    revoked = deactivated = 0
     for chunk in _chunks(leaving, BATCH_WRITE_LIMIT):
+        seen: dict[str, str | None] = {}
         for certificate in chunk:
-            status = _take_out(iot, certificate)
-            revoked += status == "REVOKED"
-            deactivated += status == "INACTIVE"
-        _write(
-            dynamodb_client,
-            table_name,
-            _deletes(c.serial for c in chunk),
-        )
+            status, change = _take_out(iot, certificate)
+            if change is not None:
+                changes.append(change)
+            if certificate.revoked:
+                seen[certificate.serial] = status
+        _write(dynamodb_client, table_name, _deletes(c.serial for c in chunk))
+        if revoked is not None:
+            revoked.record(seen)
 
-    # 2. into the table: put, then re-activate what an earlier sync deactivated
+    # 2. revoked in the ledger: REVOKED in AWS IoT, item or not
+    handled = {c.serial for c in leaving}
+    candidates = revoked.due() if revoked is not None else [d for d in out.values() if d.revoked]
+    seen = {}
+    try:
+        for certificate in candidates:
+            if certificate.serial in handled:
+                continue
+            current = _certificate_status(iot, certificate.fingerprint)
+            if current is not None and current != "REVOKED":
+                _set_certificate_status(iot, certificate.fingerprint, "REVOKED")
+                changes.append(
+                    CertificateChange(certificate.serial, current, "REVOKED", "revoked-in-ledger")
+                )
+                current = "REVOKED"
+            seen[certificate.serial] = current
+    finally:
+        if revoked is not None:
+            revoked.record(seen)
+
+    # 3. into the table: put, then activate what AWS IoT holds INACTIVE or pending
     added = updated = unchanged = 0
     requests: list[dict[str, Any]] = []
     entering: list[str] = []
     for serial in sorted(wanted):
         item = wanted[serial]
-        current = existing.get(serial)
-        if current == item:
+        current_item = existing.get(serial)
+        if current_item == item:
             unchanged += 1
             continue
-        if current is None:
+        if current_item is None:
             added += 1
             entering.append(serial)
         else:
             updated += 1
         requests.append({"PutRequest": {"Item": {k: {"S": v} for k, v in item.items()}}})
     # Described before the put: a failure here leaves these items out, to be retried.
-    inactive = [s for s in entering if _certificate_status(iot, fingerprints[s]) == "INACTIVE"]
-    _write(dynamodb_client, table_name, requests)
-    reactivated = 0
-    for serial in inactive:
-        try:
-            _set_certificate_status(iot, fingerprints[serial], "ACTIVE")
-        except AwsError:
-            # Take the items still INACTIVE out again so that the next sync, finding them
-            # absent, puts and re-activates them. Harmless: their certificates are
-            # registered (no first-connect JITR event) and refused while INACTIVE.
-            rest = inactive[reactivated:]
-            with contextlib.suppress(AwsError):
-                _write(
-                    dynamodb_client,
-                    table_name,
-                    _deletes(rest),
+    waiting: list[tuple[str, dict[str, Any]]] = []
+    for serial in entering:
+        description = _description(iot, fingerprints[serial])
+        status = None if description is None else str(description.get("status", ""))
+        if status in ("INACTIVE", "PENDING_ACTIVATION"):
+            waiting.append((serial, description))  # type: ignore[arg-type]
+        elif status == "REVOKED":
+            warnings.append(
+                SyncWarning(
+                    serial,
+                    "aws-certificate-revoked",
+                    f"serial {serial} (device {wanted[serial]['device_id']}) is whitelisted but "
+                    "its certificate is REVOKED in AWS IoT, which is final: the board cannot "
+                    "connect until it is provisioned again",
                 )
+            )
+    _write(dynamodb_client, table_name, requests)
+    for done, (serial, description) in enumerate(waiting):
+        try:
+            _activate(iot, description, wanted[serial], policy)
+        except AwsError:
+            # Take the items still not active out again so that the next sync, finding
+            # them absent, puts and activates them. Harmless: their certificates are
+            # registered (no first-connect JITR event) and refused until ACTIVE.
+            with contextlib.suppress(AwsError):
+                _write(dynamodb_client, table_name, _deletes(s for s, _ in waiting[done:]))
             raise
-        reactivated += 1
+        changes.append(
+            CertificateChange(serial, str(description.get("status")), "ACTIVE", "whitelisted")
+        )
     return SyncReport(
         added=added,
         updated=updated,
         unchanged=unchanged,
         removed=len(leaving),
-        revoked=revoked,
-        deactivated=deactivated,
-        reactivated=reactivated,
+        revoked=sum(c.after == "REVOKED" for c in changes),
+        deactivated=sum(c.after == "INACTIVE" for c in changes),
+        reactivated=sum(c.after == "ACTIVE" for c in changes),
         skipped=tuple(skipped),
+        changes=tuple(changes),
+        warnings=tuple(warnings),
     )
 
 

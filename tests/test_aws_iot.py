@@ -45,6 +45,7 @@ from station.aws_iot import (
 from station.ca import CertificateAuthority
 from station.errors import StationError
 from station.ledger import Ledger
+from station.publish.aws_state import RevokedInAws
 from station.whitelist import DelistedCertificate, WhitelistEntry, serial_hex
 from tests.fixtures.aws import SoftwareCa, make_software_ca
 from tests.test_ledger import TEMPLATE, make_csr
@@ -505,6 +506,7 @@ class Plant:
             self.ledger.whitelist(),
             self.ledger.delisted_serials(),
             iot=iot or self.iot,
+            revoked=RevokedInAws(self.ledger.engine),
         )
 
     def items(self) -> set[str]:
@@ -603,8 +605,8 @@ class FailingUpdates:
     def __init__(self, client: Any, fail_from: int) -> None:
         self.client, self.fail_from, self.updates = client, fail_from, 0
 
-    def describe_certificate(self, **kwargs: Any) -> Any:
-        return self.client.describe_certificate(**kwargs)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
 
     def update_certificate(self, **kwargs: Any) -> Any:
         self.updates += 1

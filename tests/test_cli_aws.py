@@ -122,20 +122,25 @@ def test_register_sync_and_jitr_with_the_hsm_ca(
         ledger.revoke("dev-doomed", "returned by QA")
     assert "1 removed" in cli("sync-whitelist")
     event = first_connect(iot, doomed, ca.chain_pem, state["certificateId"])
-    assert lambda_handler(event, None)["decision"] == "revoke"
+    assert lambda_handler(event, None)["decision"] == "hold"  # INACTIVE; the sync revokes it
 
     stranger_csr, _ = make_csr(device_name("stranger"))
     stranger = ca.issue(
         stranger_csr, subject=stranger_csr.subject, serial=12345, profile=DeviceProfile()
     )
     event = first_connect(iot, stranger, ca.chain_pem, state["certificateId"])
-    assert lambda_handler(event, None)["decision"] == "revoke"
+    assert lambda_handler(event, None)["decision"] == "hold"
 
     # revoked after activation: no JITR event any more, the sync revokes it in AWS IoT
     with Ledger.from_settings(station_env) as ledger:
         ledger.revoke("dev-good", "stolen")
     out = cli("sync-whitelist")
     assert "1 removed" in out and "1 revoked" in out
+    # dev-doomed, revoked before it ever connected, was held INACTIVE by the Lambda: a
+    # sync looks at a revoked certificate AWS IoT did not know again after an hour
+    doomed_id = certificate_fingerprint(doomed)
+    status = iot.describe_certificate(certificateId=doomed_id)["certificateDescription"]["status"]
+    assert status == "INACTIVE"
     good_id = certificate_fingerprint(good)
     status = iot.describe_certificate(certificateId=good_id)["certificateDescription"]["status"]
     assert status == "REVOKED"

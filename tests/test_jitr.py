@@ -164,16 +164,17 @@ def test_whitelisted_device_is_activated_with_thing_policy_and_principal(line: L
     assert "*" not in {connect["Action"], subscribe["Action"]}
 
 
-def test_unknown_serial_is_revoked(line: Line) -> None:
+def test_unknown_serial_is_held_inactive_never_revoked(line: Line) -> None:
     line.whitelist((line.device("board-0001"), "board-0001"))
     stranger = line.device("board-9999")
     event = line.first_connect(stranger)
 
     result = lambda_handler(event, None)
 
-    assert result["decision"] == "revoke"
+    # not (yet) whitelisted: INACTIVE, which the sync can undo; REVOKED is the ledger's call
+    assert result["decision"] == "hold"
     assert result["reason"] == "not-whitelisted"
-    assert line.status(event) == "REVOKED"
+    assert line.status(event) == "INACTIVE"
     assert line.iot.list_things()["things"] == []
     assert line.iot.list_attached_policies(target=line.arn(event))["policies"] == []
 
@@ -192,7 +193,7 @@ def test_replayed_event_changes_nothing(line: Line, whitelisted: bool) -> None:
     assert second["decision"] == first["decision"]
     assert second["changed"] == []
     assert line.snapshot() == before
-    assert line.status(event) == ("ACTIVE" if whitelisted else "REVOKED")
+    assert line.status(event) == ("ACTIVE" if whitelisted else "INACTIVE")
 
 
 def test_device_revoked_after_activation_is_revoked_by_the_sync(line: Line) -> None:
@@ -207,15 +208,18 @@ def test_device_revoked_after_activation_is_revoked_by_the_sync(line: Line) -> N
     assert line.status(drop_event) == "REVOKED"
 
     result = lambda_handler(drop_event, None)  # a late replay agrees and changes nothing
-    assert (result["decision"], result["changed"]) == ("revoke", [])
+    assert (result["decision"], result["changed"]) == ("hold", [])
+    assert line.status(drop_event) == "REVOKED"
     assert lambda_handler(keep_event, None)["decision"] == "activate"
     assert line.status(keep_event) == "ACTIVE"
 
 
 def test_revoked_certificate_stays_revoked_once_whitelisted(line: Line) -> None:
     cert = line.device("board-0005")
-    event = line.first_connect(cert)  # connected before its serial was synced
-    assert lambda_handler(event, None)["decision"] == "revoke"
+    event = line.first_connect(cert)
+    # REVOKED by hand in the console (the Lambda itself never revokes)
+    line.iot.update_certificate(certificateId=event["certificateId"], newStatus="REVOKED")
+    assert lambda_handler(event, None)["decision"] == "hold"
     assert line.status(event) == "REVOKED"
 
     line.whitelist((cert, "board-0005"))
@@ -224,14 +228,14 @@ def test_revoked_certificate_stays_revoked_once_whitelisted(line: Line) -> None:
 
     # REVOKED is final on AWS IoT (UpdateCertificate refuses it); moto would allow
     # REVOKED -> ACTIVE, so the handler must not even try, nor build a thing for it.
-    assert (result["decision"], result["reason"]) == ("revoke", "already-revoked")
+    assert (result["decision"], result["reason"]) == ("hold", "already-revoked")
     assert result["changed"] == []
     assert line.status(event) == "REVOKED"
     assert line.snapshot() == before
     assert line.iot.list_things()["things"] == []
 
 
-def test_fingerprint_mismatch_is_revoked(line: Line) -> None:
+def test_fingerprint_mismatch_is_held_inactive(line: Line) -> None:
     cert = line.device("board-0006")
     entry = entry_for(cert, "board-0006")
     forged = WhitelistEntry(entry.serial, entry.device_id, entry.batch, "ab" * 32, entry.not_after)
@@ -240,11 +244,11 @@ def test_fingerprint_mismatch_is_revoked(line: Line) -> None:
 
     result = lambda_handler(event, None)
 
-    assert (result["decision"], result["reason"]) == ("revoke", "fingerprint-mismatch")
-    assert line.status(event) == "REVOKED"
+    assert (result["decision"], result["reason"]) == ("hold", "fingerprint-mismatch")
+    assert line.status(event) == "INACTIVE"
 
 
-def test_expired_whitelist_entry_is_revoked(line: Line) -> None:
+def test_expired_whitelist_entry_is_held_inactive(line: Line) -> None:
     cert = line.device("board-0007")
     entry = entry_for(cert, "board-0007")
     past = datetime.now(UTC) - timedelta(days=1)
@@ -253,7 +257,7 @@ def test_expired_whitelist_entry_is_revoked(line: Line) -> None:
     event = line.first_connect(cert)
 
     assert lambda_handler(event, None)["reason"] == "expired"
-    assert line.status(event) == "REVOKED"
+    assert line.status(event) == "INACTIVE"
 
 
 def test_policy_name_and_document_from_environment(line: Line, monkeypatch: Any) -> None:
@@ -360,7 +364,7 @@ def test_serial_from_der_refuses_garbage(der: bytes) -> None:
         serial_from_der(der)
 
 
-def test_unparsable_pem_is_revoked(line: Line, monkeypatch: Any) -> None:
+def test_unparsable_pem_is_held_inactive(line: Line, monkeypatch: Any) -> None:
     cert = line.device("board-0015")
     event = line.first_connect(cert)
 
@@ -369,9 +373,9 @@ def test_unparsable_pem_is_revoked(line: Line, monkeypatch: Any) -> None:
 
     monkeypatch.setattr(handler, "der_from_pem", broken)
     result = lambda_handler(event, None)
-    assert result["decision"] == "revoke"
+    assert result["decision"] == "hold"
     assert result["reason"].startswith("unparsable")
-    assert line.status(event) == "REVOKED"
+    assert line.status(event) == "INACTIVE"
 
 
 # --------------------------------------------------------------------------- the template
