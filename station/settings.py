@@ -49,6 +49,21 @@ class Settings(BaseSettings):
     whitelist_table: str = Field(
         default="station-whitelist", description="DynamoDB table the JITR Lambda reads."
     )
+    aws_sync_interval: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description="Seconds between whitelist syncs that `station serve` runs (one worker "
+        "does); unset: no sync loop in the server.",
+    )
+    aws_policy_name: str = Field(
+        default="station-device",
+        description="AWS IoT policy the sync attaches when it activates a certificate "
+        "(the stack's DevicePolicyName).",
+    )
+    aws_topic_prefix: str = Field(
+        default="things", description="The stack's TopicPrefix, for that policy's document."
+    )
     max_body_bytes: int = Field(default=65536, description="Largest HTTP request body accepted.")
     auth_failures_per_minute: int = Field(
         default=30,
