@@ -36,6 +36,7 @@ from api.routers import (
 )
 from api.routers import whitelist as whitelist_router
 from api.routers.dashboard import STATIC
+from api.sync import ServerSync
 from station.settings import Settings
 
 log = logging.getLogger("api")
@@ -83,9 +84,15 @@ def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(_warm, station)
+        sync: ServerSync | None = None
+        if station.settings.aws_sync_interval is not None:
+            sync = ServerSync(station.settings, station.ledger)
+            sync.start()
         if freeze_heap:
             _freeze_heap()
         yield
+        if sync is not None:
+            await run_in_threadpool(sync.stop)
         station.close()
 
     app = FastAPI(

@@ -25,6 +25,7 @@ previous may); ``qa`` is read-only and outside the chain.
 | route                                   | board | operator | qa  | admin |
 |-----------------------------------------|:-----:|:--------:|:---:|:-----:|
 | GET /, /static/*, /healthz, /metrics, /openapi.json | public | public | public | public |
+| GET /crl, POST /ocsp, GET /ocsp/{req}   | public | public  | public | public |
 | GET /v1/ca                              |  yes  |   yes    | yes |  yes  |
 | POST /v1/certificates                   |  yes  |   yes    |  -  |  yes  |
 | POST /v1/devices/{id}/challenge         |  yes  |   yes    |  -  |  yes  |

@@ -29,6 +29,7 @@ from station.ledger import Ledger
 from station.ledger.db import ping
 from station.ledger.records import RecoveryReport
 from station.publish.ocsp import Responder
+from station.publish.whitelist_sync import SyncStatus, read_status
 from station.recovery import StationLock, recover_at_startup
 from station.settings import Settings
 from station.timefmt import rfc3339, utc_now
@@ -97,7 +98,7 @@ class AppContext:
         self._station_lock: StationLock | None = None
         self._ocsp: Responder | None = None
         self._recovering = threading.Lock()  # one thread recovers for the others
-        self.metrics = Metrics(lambda: self.ledger.counts())
+        self.metrics = Metrics(lambda: self.ledger.counts(), self.sync_status)
         self.line = LineView(settings.data_dir / FILE_NAME)
         self.activity = Activity()
         self.token_cache = TokenCache()
@@ -116,6 +117,10 @@ class AppContext:
             if self._ca is None:
                 self._ca = TimedCA(open_ca(self.settings), self.metrics.hsm_sign_seconds.observe)
             return self._ca
+
+    def sync_status(self) -> SyncStatus | None:
+        """What the whitelist sync loop (of any process on this data directory) last did."""
+        return read_status(self.settings)
 
     def ocsp_responder(self) -> Responder:
         """The OCSP responder of the CA open now (a new one after the CA was reopened)."""

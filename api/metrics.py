@@ -12,10 +12,16 @@ from collections.abc import Callable, Iterator
 
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from station.ca import CertificateAuthority
+from station.publish.whitelist_sync import SyncStatus
 
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -46,8 +52,52 @@ class _BoardsCollector(Collector):
         yield up
 
 
+class _SyncCollector(Collector):
+    """The whitelist sync loop's lag and last error, from its status file (any process's)."""
+
+    def __init__(self, status: Callable[[], SyncStatus | None]) -> None:
+        self._status = status
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._status()
+        if status is None:
+            return
+        lag = status.lag()
+        if lag is not None:
+            yield GaugeMetricFamily(
+                "station_whitelist_sync_lag_seconds",
+                "Age of the start of the last successful whitelist sync: no verified board "
+                "has waited longer (plus one round) to be whitelisted",
+                value=lag,
+            )
+        yield GaugeMetricFamily(
+            "station_whitelist_sync_interval_seconds",
+            "Seconds between whitelist sync rounds",
+            value=status.interval,
+        )
+        yield CounterMetricFamily(
+            "station_whitelist_sync_failures",
+            "Whitelist sync rounds that failed",
+            value=status.failures,
+        )
+        error = InfoMetricFamily(
+            "station_whitelist_sync_last_error",
+            "The last round's error or warning (code), absent after a clean round",
+        )
+        if status.last_error_code is not None:
+            error.add_metric([], {"code": status.last_error_code})
+            yield error
+
+
 class Metrics:
-    def __init__(self, counts: Callable[[], dict[str, dict[str, int]]]) -> None:
+    def __init__(
+        self,
+        counts: Callable[[], dict[str, dict[str, int]]],
+        sync_status: Callable[[], SyncStatus | None] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.issued = Counter(
@@ -91,6 +141,9 @@ class Metrics:
         # registry of their own, added to a scrape that carries a reader token.
         self.private_registry = CollectorRegistry(auto_describe=False)
         self.private_registry.register(_BoardsCollector(counts))
+        # the whitelist sync's lag and last error code: no batch names, no AWS details
+        if sync_status is not None:
+            r.register(_SyncCollector(sync_status))
 
 
 class TimedCA(CertificateAuthority):

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import time
 import zipfile

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from api.auth import Reader
-from api.context import ContextDep
+from api.context import AppContext, ContextDep
 
 router = APIRouter(prefix="/v1/line", tags=["line"])
 
@@ -62,4 +62,10 @@ def line_status(station: ContextDep, _: Reader) -> dict[str, Any]:
         ],
         "recent_refusals": [asdict(f) for f in station.activity.failures()[:MAX_FAILURES]],
         "issue_rate_per_min": station.activity.rate_per_minute() + line["issued_per_min"],
+        "whitelist_sync": _sync(station),
     }
+
+
+def _sync(station: AppContext) -> dict[str, Any] | None:
+    status = station.sync_status()
+    return None if status is None else status.as_dict()

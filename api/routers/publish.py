@@ -17,7 +17,7 @@ from urllib.parse import unquote
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from api.context import StationDep
+from api.context import ContextDep
 from station.publish import crl as crls
 from station.publish.ocsp import MEDIA_RESPONSE
 
@@ -32,7 +32,7 @@ MAX_OCSP_REQUEST = 4096  # one certificate, a nonce: a few hundred bytes
     response_class=Response,
     responses={200: {"content": {CRL_MEDIA: {}}, "description": "the current CRL (DER)"}},
 )
-def get_crl(request: Request, station: StationDep) -> Response:
+def get_crl(request: Request, station: ContextDep) -> Response:
     made = crls.current(station.ledger.engine, station.ca, station.settings.station_id)
     etag = f'"{made.number}-{hashlib.sha256(made.der).hexdigest()[:16]}"'
     headers = {
@@ -50,7 +50,7 @@ def get_crl(request: Request, station: StationDep) -> Response:
     response_class=Response,
     responses={200: {"content": {MEDIA_RESPONSE: {}}, "description": "a DER OCSPResponse"}},
 )
-async def post_ocsp(request: Request, station: StationDep) -> Response:
+async def post_ocsp(request: Request, station: ContextDep) -> Response:
     body = await request.body()
     responder = station.ocsp_responder()
     if len(body) > MAX_OCSP_REQUEST:
@@ -64,7 +64,7 @@ async def post_ocsp(request: Request, station: StationDep) -> Response:
     response_class=Response,
     responses={200: {"content": {MEDIA_RESPONSE: {}}, "description": "a DER OCSPResponse"}},
 )
-def get_ocsp(encoded: str, station: StationDep) -> Response:
+def get_ocsp(encoded: str, station: ContextDep) -> Response:
     try:
         der = base64.b64decode(unquote(encoded), validate=True)
     except (binascii.Error, ValueError):

@@ -34,6 +34,17 @@ function when(iso) {
   return isNaN(d) ? iso : d.toLocaleTimeString();
 }
 
+// The whitelist sync's lag (and its last error, if any) as one pill; hidden when no loop runs.
+function renderSync(sync) {
+  const pill = $("#sync");
+  pill.hidden = !sync;
+  if (!sync) return;
+  const lag = sync.lag_seconds === null ? "never synced" : `synced ${sync.lag_seconds.toFixed(0)} s ago`;
+  pill.textContent = sync.last_error ? `AWS: ${lag}, [${sync.last_error.code}]` : `AWS: ${lag}`;
+  pill.title = sync.last_error ? sync.last_error.detail : "whitelist sync lag";
+  pill.className = sync.last_error ? "pill bad" : "pill ok";
+}
+
 function render(data) {
   const batches = fill("batches", data.batches, 8, "no batches yet");
   for (const b of data.batches) {
@@ -83,6 +94,7 @@ function render(data) {
     fbody.appendChild(tr);
   }
   $("#rate").textContent = `${data.issue_rate_per_min.toFixed(1)} certs/min`;
+  renderSync(data.whitelist_sync);
   $("#updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
 }
 
