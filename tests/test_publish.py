@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -404,3 +405,46 @@ def test_ocsp_answers_garbage_and_other_issuers_with_ocsp_errors(
         .public_bytes(serialization.Encoding.DER)
     )
     assert post(foreign).response_status == ocsp.OCSPResponseStatus.UNAUTHORIZED
+
+
+def test_pkilint_finds_nothing_in_the_crl(
+    ledger: Ledger, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    provision(ledger, ca, "lint-live")
+    provision(ledger, ca, "lint-stolen")
+    ledger.revoke("lint-stolen", "key-compromise")
+    provision(ledger, ca, "lint-other")
+    ledger.revoke("lint-other", "no reason code for this text")
+    path = tmp_path / "crl.der"
+    path.write_bytes(crls.current(ledger.engine, ca, "test-station").der)
+    lint = Path(sys.executable).parent / "lint_crl"
+    done = subprocess.run(
+        [str(lint), "lint", "-t", "CRL", "-p", "PKIX", "-s", "INFO", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "", done.stdout + done.stderr
+
+    # the linter does look: a CRL without CRL number and AKI is reported
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    bare = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.certificate.subject)
+        .last_update(now)
+        .next_update(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(bare.public_bytes(serialization.Encoding.DER))
+    flagged = subprocess.run(
+        [str(lint), "lint", "-t", "CRL", "-p", "PKIX", "-s", "INFO", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert "crl_number" in flagged.stdout.lower() or "crlnumber" in flagged.stdout.lower(), (
+        flagged.stdout
+    )
