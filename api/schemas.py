@@ -50,6 +50,12 @@ class BatchIn(BaseModel):
         description="e.g. /O=company/OU=team/CN={device_id}/C=US, or * as presented",
     )
     days: int = Field(default=3650, ge=1, le=36500)
+    crl_url: PrintableText | None = Field(
+        default=None, max_length=512, description="CRL distribution point in its certificates"
+    )
+    ocsp_url: PrintableText | None = Field(
+        default=None, max_length=512, description="OCSP responder (AIA) in its certificates"
+    )
 
 
 class BatchOut(BaseModel):
@@ -65,6 +71,8 @@ class BatchOut(BaseModel):
     device_count: int
     created_at: datetime
     closed_at: datetime | None
+    crl_url: str | None = None
+    ocsp_url: str | None = None
 
 
 class CertificateIn(BaseModel):

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
 from hsm import HsmPrivateKey, KeyMismatch, KeyNotFound, KeyStore, KeyType, Pkcs11Uri, reset_module
 from hsm.softhsm import ensure_dev_token, use_config
@@ -38,6 +38,8 @@ class DeviceProfile:
 
     days: int = 3650
     backdate_seconds: int = 300
+    crl_url: str | None = None  # CRL distribution point (RFC 5280 4.2.1.13)
+    ocsp_url: str | None = None  # AIA id-ad-ocsp (RFC 5280 4.2.2.1)
 
     def __post_init__(self) -> None:
         if not 1 <= self.days <= 36500:
@@ -48,6 +50,35 @@ class DeviceProfile:
             raise StationError(
                 "backdate must be 0 to 86400 seconds", code="bad-backdate", kind=Kind.INVALID
             )
+        for url in (self.crl_url, self.ocsp_url):
+            if url is not None:
+                check_publication_url(url)
+
+
+MAX_URL = 512
+
+
+def check_publication_url(url: str) -> str:
+    """A CRL or OCSP URL for device certificates: http(s), printable ASCII, no spaces.
+
+    Relying parties fetch CRLs and OCSP over plain HTTP (RFC 5280, RFC 6960: the
+    answers are signed), so http:// is the usual scheme; https:// is allowed.
+    """
+    if not (
+        0 < len(url) <= MAX_URL
+        and url.isascii()
+        and url.isprintable()
+        and " " not in url
+        and (url.startswith("http://") or url.startswith("https://"))
+        and len(url.split("://", 1)[1].split("/", 1)[0]) > 0
+    ):
+        raise StationError(
+            f"a CRL or OCSP URL must be an http:// or https:// URL of at most {MAX_URL} "
+            "printable ASCII characters",
+            code="bad-url",
+            kind=Kind.INVALID,
+        )
+    return url
 
 
 def new_serial() -> int:
@@ -160,6 +191,32 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
             .add_extension(self._aki, critical=False)
         )
+        if profile.crl_url is not None:
+            builder = builder.add_extension(
+                x509.CRLDistributionPoints(
+                    [
+                        x509.DistributionPoint(
+                            full_name=[x509.UniformResourceIdentifier(profile.crl_url)],
+                            relative_name=None,
+                            reasons=None,
+                            crl_issuer=None,
+                        )
+                    ]
+                ),
+                critical=False,
+            )
+        if profile.ocsp_url is not None:
+            builder = builder.add_extension(
+                x509.AuthorityInformationAccess(
+                    [
+                        x509.AccessDescription(
+                            AuthorityInformationAccessOID.OCSP,
+                            x509.UniformResourceIdentifier(profile.ocsp_url),
+                        )
+                    ]
+                ),
+                critical=False,
+            )
         return self.sign_certificate(builder)
 
     def issue_verification_certificate(

@@ -22,6 +22,7 @@ from pkcs11 import Mechanism
 
 from api.app import create_app
 from station.ca import CertificateAuthority
+from station.errors import StationError
 from station.ledger import Ledger
 from station.line.broker import MosquittoBroker, free_port
 from station.publish import crl as crls
@@ -448,3 +449,88 @@ def test_pkilint_finds_nothing_in_the_crl(
     assert "crl_number" in flagged.stdout.lower() or "crlnumber" in flagged.stdout.lower(), (
         flagged.stdout
     )
+
+
+# --------------------------------------------------------------------------- per-batch URLs
+
+
+def test_a_batchs_crl_and_ocsp_urls_reach_relying_parties(
+    served: str, station_settings: Settings, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """openssl finds the CRL and the responder from the device certificate alone."""
+    with Ledger.from_settings(station_settings) as led:
+        led.create_batch(
+            "P", product="p", planned_count=5, key_mode="board-ecc", subject_template=TEMPLATE
+        )
+        led.create_batch(
+            "U",
+            product="p",
+            planned_count=5,
+            key_mode="board-ecc",
+            subject_template=TEMPLATE,
+            crl_url=served + "/crl",
+            ocsp_url=served + "/ocsp",
+        )
+        assert led.get_batch("U").crl_url == served + "/crl"
+        board = provision(led, ca, "url-1", batch="U")
+        led.revoke("url-1", "key-compromise")
+        plain = provision(led, ca, "url-2")  # batch P has no URLs
+    cdp = board.cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert [n.value for n in cdp[0].full_name or []] == [served + "/crl"]
+    aia = board.cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    assert [(d.access_method, d.access_location.value) for d in aia] == [
+        (x509.AuthorityInformationAccessOID.OCSP, served + "/ocsp")
+    ]
+    for ext in (x509.CRLDistributionPoints, x509.AuthorityInformationAccess):
+        with pytest.raises(x509.ExtensionNotFound):
+            plain.cert.extensions.get_extension_for_class(ext)
+
+    ca_pem = tmp_path / "ca.pem"
+    ca_pem.write_bytes(ca.chain_pem)
+    cert, _, _ = board.files(ca, tmp_path / "b")
+    fetched = openssl("verify", "-crl_check", "-crl_download", "-CAfile", str(ca_pem), str(cert))
+    assert fetched.returncode != 0 and "certificate revoked" in fetched.stderr + fetched.stdout
+    uri = openssl("x509", "-in", str(cert), "-noout", "-ocsp_uri").stdout.strip()
+    assert uri == served + "/ocsp"
+    asked = openssl(
+        "ocsp", "-issuer", str(ca_pem), "-cert", str(cert), "-url", uri, "-CAfile", str(ca_pem)
+    )
+    assert "Response verify OK" in asked.stderr
+    assert _ocsp_status(asked.stdout, cert) == "revoked"
+
+
+def test_a_recovered_intent_keeps_its_batchs_urls(ledger: Ledger, ca: CertificateAuthority) -> None:
+    ledger.create_batch(
+        "U",
+        product="p",
+        planned_count=5,
+        key_mode="board-ecc",
+        subject_template=TEMPLATE,
+        crl_url="http://pki.example/crl",
+        ocsp_url="http://pki.example/ocsp",
+    )
+    signed: list[x509.Certificate] = []
+
+    def crash(cert: x509.Certificate) -> None:
+        signed.append(cert)
+        raise SystemExit("power cut")
+
+    ledger.after_sign = crash
+    with pytest.raises(SystemExit):
+        ledger.issue("U", "dev-1", make_csr("dev-1")[0], ca)
+    ledger.after_sign = None
+    (serial,) = ledger.recover(ca).resigned
+    recovered = x509.load_pem_x509_certificate((ledger.certificate(serial).pem or "").encode())
+    assert recovered.tbs_certificate_bytes == signed[0].tbs_certificate_bytes
+    recovered.extensions.get_extension_for_class(x509.CRLDistributionPoints)
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://pki.example/crl", "http://", "http://pki.example/a b", "http://pki.example/é"]
+)
+def test_a_bad_url_is_refused(ledger: Ledger, url: str) -> None:
+    with pytest.raises(StationError, match=r"^bad-url: "):
+        ledger.create_batch(
+            "X", product="p", planned_count=1, key_mode="board-ecc", subject_template=TEMPLATE,
+            crl_url=url,
+        )  # fmt: skip

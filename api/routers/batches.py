@@ -26,6 +26,8 @@ def create_batch(body: BatchIn, station: ContextDep, who: OperatorUp) -> BatchOu
         subject_template=body.subject_template,
         days=body.days,
         operator=who.name,
+        crl_url=body.crl_url,
+        ocsp_url=body.ocsp_url,
     )
     return BatchOut(**asdict(batch))
 

@@ -66,6 +66,8 @@ def _print_batch(b: Batch) -> None:
         "station": b.station_id,
         "created": _ts(b.created_at),
         "closed": _ts(b.closed_at) if b.closed_at else "-",
+        "crl url": b.crl_url or "-",
+        "ocsp url": b.ocsp_url or "-",
     }
     for key, value in rows.items():
         console.print(f"  {key:<9} {value}", highlight=False, markup=False)
@@ -88,6 +90,14 @@ def batch_create(
     days: Annotated[
         int | None, typer.Option("--days", help="Certificate validity (default: settings).")
     ] = None,
+    crl_url: Annotated[
+        str | None,
+        typer.Option("--crl-url", help="CRL distribution point in the device certificates."),
+    ] = None,
+    ocsp_url: Annotated[
+        str | None,
+        typer.Option("--ocsp-url", help="OCSP responder (AIA) in the device certificates."),
+    ] = None,
 ) -> None:
     """Open a production batch."""
     cfg = settings()
@@ -101,6 +111,8 @@ def batch_create(
             subject_template=subject_template,
             days=days or cfg.device_days,
             operator=_operator(),
+            crl_url=crl_url,
+            ocsp_url=ocsp_url,
         )
     console.print(f"created batch [bold]{b.name}[/]", highlight=False)
     _print_batch(b)

@@ -22,7 +22,8 @@ from station.ledger.schema import BatchState, batches, devices
 # with a device's (see devices.LIVE_COLUMNS).
 HEAD_COLUMNS = (
     "b.id AS b_id, b.name AS b_name, b.state AS b_state, b.planned_count AS b_planned, "
-    "b.device_count AS b_devices, b.subject_template AS b_template, b.days AS b_days"
+    "b.device_count AS b_devices, b.subject_template AS b_template, b.days AS b_days, "
+    "b.crl_url AS b_crl_url, b.ocsp_url AS b_ocsp_url"
 )
 _SQL_HEAD = f"SELECT {HEAD_COLUMNS} FROM batches b WHERE b.name = :name"  # noqa: S608
 _SQL_COUNT = "UPDATE batches SET device_count = device_count + :delta WHERE id = :bid"
@@ -39,6 +40,8 @@ class BatchHead:
     device_count: int
     subject_template: str
     days: int
+    crl_url: str | None = None
+    ocsp_url: str | None = None
 
     @classmethod
     def of(cls, row: Mapping[str, Any]) -> BatchHead:
@@ -50,6 +53,8 @@ class BatchHead:
             device_count=row["b_devices"],
             subject_template=row["b_template"],
             days=row["b_days"],
+            crl_url=row["b_crl_url"],
+            ocsp_url=row["b_ocsp_url"],
         )
 
     @property
@@ -84,6 +89,8 @@ def insert(
     operator: str | None,
     station_id: str,
     now: datetime,
+    crl_url: str | None = None,
+    ocsp_url: str | None = None,
 ) -> None:
     conn.execute(
         batches.insert().values(
@@ -98,6 +105,8 @@ def insert(
             station_id=station_id,
             device_count=0,
             created_at=now,
+            crl_url=crl_url,
+            ocsp_url=ocsp_url,
         )
     )
 
@@ -127,6 +136,8 @@ def _batch(row: Any) -> Batch:
         device_count=m["device_count"],
         created_at=created,
         closed_at=utc(m["closed_at"]),
+        crl_url=m["crl_url"],
+        ocsp_url=m["ocsp_url"],
     )
 
 

@@ -157,6 +157,8 @@ class Intent:
     days: int
     backdate_seconds: int
     subject_template: str
+    crl_url: str | None = None
+    ocsp_url: str | None = None
 
 
 def open_intents(
@@ -174,6 +176,8 @@ def open_intents(
             certificates.c.backdate_seconds,
             devices.c.device_id,
             batches.c.subject_template,
+            batches.c.crl_url,
+            batches.c.ocsp_url,
         )
         .select_from(
             certificates.join(devices, devices.c.id == certificates.c.device_pk).join(
@@ -203,6 +207,8 @@ def open_intents(
                 days=m["days"],
                 backdate_seconds=m["backdate_seconds"],
                 subject_template=m["subject_template"],
+                crl_url=m["crl_url"],
+                ocsp_url=m["ocsp_url"],
             )
         )
     return out

@@ -106,6 +106,8 @@ class _Planned:
     subject: x509.Name
     sign_time: datetime
     days: int
+    crl_url: str | None = None
+    ocsp_url: str | None = None
 
 
 def _now() -> datetime:
@@ -176,7 +178,12 @@ class Issuer:
                 csr,
                 subject=p.subject,
                 serial=p.serial,
-                profile=DeviceProfile(days=p.days, backdate_seconds=self.backdate_seconds),
+                profile=DeviceProfile(
+                    days=p.days,
+                    backdate_seconds=self.backdate_seconds,
+                    crl_url=p.crl_url,
+                    ocsp_url=p.ocsp_url,
+                ),
                 now=p.sign_time,
             )
         except Exception as exc:
@@ -317,7 +324,7 @@ class Issuer:
                 {"serial": serial_hex(serial), "batch": batch_name, "public_key_sha256": pk},
                 now=now,
             )
-            return _Planned(cert_id, device_pk, serial, subject, now, b.days)
+            return _Planned(cert_id, device_pk, serial, subject, now, b.days, b.crl_url, b.ocsp_url)
 
         # Not durable: losing an intent in a power cut loses nothing that left the station.
         return self._writes.submit(write, durable=False)
@@ -429,7 +436,12 @@ class Issuer:
                     csr,
                     subject=subject_for(it.subject_template, it.device_id, csr),
                     serial=serial,
-                    profile=DeviceProfile(days=it.days, backdate_seconds=it.backdate_seconds),
+                    profile=DeviceProfile(
+                        days=it.days,
+                        backdate_seconds=it.backdate_seconds,
+                        crl_url=it.crl_url,
+                        ocsp_url=it.ocsp_url,
+                    ),
                     now=it.sign_time,
                 )
             except Exception as exc:

@@ -31,6 +31,8 @@ class Batch:
     device_count: int
     created_at: datetime
     closed_at: datetime | None
+    crl_url: str | None = None
+    ocsp_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,6 +85,10 @@ batches = Table(
     Column("device_count", Integer, nullable=False, server_default="0"),
     Column("created_at", TS, nullable=False),
     Column("closed_at", TS, nullable=True),
+    # Written into the batch's device certificates: CRL distribution point and the
+    # AIA OCSP responder URL (station.publish serves both). NULL: none.
+    Column("crl_url", String(512), nullable=True),
+    Column("ocsp_url", String(512), nullable=True),
     CheckConstraint(_in("key_mode", KeyMode), name="key_mode"),
     CheckConstraint(_in("state", BatchState), name="state"),
     CheckConstraint("planned_count > 0", name="planned_count"),

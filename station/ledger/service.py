@@ -144,12 +144,24 @@ class Ledger(LedgerReads):
         subject_template: str,
         days: int = 3650,
         operator: str | None = None,
+        crl_url: str | None = None,
+        ocsp_url: str | None = None,
     ) -> Batch:
-        """Open a batch. Codes: bad-batch, bad-text, bad-key-mode, bad-template, batch-exists."""
+        """Open a batch. Codes: bad-batch, bad-text, bad-key-mode, bad-template, bad-url,
+        batch-exists.
+
+        ``crl_url`` and ``ocsp_url`` go into the batch's device certificates (CRL
+        distribution point, AIA OCSP), e.g. the station's own ``/crl`` and ``/ocsp``.
+        """
+        from station.ca import check_publication_url
+
         check_batch_name(name)
         check_text(product, "a product")
         if operator is not None:
             check_text(operator, "an operator")
+        for url in (crl_url, ocsp_url):
+            if url is not None:
+                check_publication_url(url)
         if planned_count < 1:
             raise PolicyError("the planned count must be at least 1", code="bad-batch")
         if not 1 <= days <= 36500:
@@ -178,6 +190,8 @@ class Ledger(LedgerReads):
                 operator=operator,
                 station_id=self.station_id,
                 now=now,
+                crl_url=crl_url,
+                ocsp_url=ocsp_url,
             )
             detail = {
                 "product": product,
@@ -186,6 +200,8 @@ class Ledger(LedgerReads):
                 "subject_template": subject_template,
                 "days": days,
                 "operator": operator,
+                **({"crl_url": crl_url} if crl_url else {}),
+                **({"ocsp_url": ocsp_url} if ocsp_url else {}),
             }
             audit.append(conn, self.station_id, "batch.create", name, detail, now=now)
 

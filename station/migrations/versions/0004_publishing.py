@@ -1,5 +1,6 @@
-"""publishing: crls (the CRLs the station signed, newest served at GET /crl) and
-aws_certificate_status (the AWS IoT status a whitelist sync last saw of a revoked certificate)
+"""publishing: crls (the CRLs the station signed, newest served at GET /crl),
+aws_certificate_status (the AWS IoT status a whitelist sync last saw of a revoked
+certificate), and a batch's CRL and OCSP URLs for its device certificates
 
 Revision ID: 0004
 Revises: 0003
@@ -20,6 +21,9 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("batches", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("crl_url", sa.String(length=512), nullable=True))
+        batch_op.add_column(sa.Column("ocsp_url", sa.String(length=512), nullable=True))
     op.create_table(
         "crls",
         sa.Column("number", sa.Integer(), autoincrement=False, nullable=False),
@@ -48,3 +52,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("aws_certificate_status")
     op.drop_table("crls")
+    with op.batch_alter_table("batches", schema=None) as batch_op:
+        batch_op.drop_column("ocsp_url")
+        batch_op.drop_column("crl_url")
