@@ -464,7 +464,7 @@ def main() -> int:
     try:
         crl = bench_crl(settings, ssl, args.rounds)
         rng = random.Random(6960)
-        asked = rng.sample(live, 500) + rng.sample(revoked, 500)
+        asked = rng.sample(live, min(500, len(live))) + rng.sample(revoked, min(500, len(revoked)))
         rng.shuffle(asked)
         answers = bench_ocsp(settings, conf, ssl, asked, args.clients, duration, args.workers)
     finally:

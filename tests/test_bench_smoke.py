@@ -31,6 +31,7 @@ RUNS = {
     "line_load": ["--ports", "4", "--boards", "8", "--baud", "0"],
     "crash": ["--kills", "2", "--boards", "3", "--backend", "sqlite"],
     "soak": ["--minutes", "0.1", "--clients", "2"],
+    "publish": ["--revoked", "300", "--duration", "0.5", "--clients", "4", "--rounds", "1"],
 }
 
 

