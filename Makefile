@@ -14,7 +14,7 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 DEB_PACKAGES := softhsm2 opensc openssl libengine-pkcs11-openssl mosquitto \
 	mosquitto-clients postgresql poppler-utils chromium python3-venv \
 	swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 \
-	libtpm2-pkcs11-tools dbus opencryptoki
+	libtpm2-pkcs11-tools dbus opencryptoki iproute2
 
 .PHONY: setup demo test lint bench lock clean
 .DEFAULT_GOAL := help
