@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -11,22 +9,9 @@ import typer
 
 from station.ca import open_ca
 from station.cli.common import cli_errors, console, settings
+from station.files import write_atomically
 from station.ledger import Ledger
 from station.publish import crl as crls
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """A reader (mosquitto reloading its crlfile) never sees half a CRL."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # a CRL is public; brokers drop privileges before reading it
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @cli_errors
@@ -53,7 +38,9 @@ def crl_cmd(
             made = crls.generate(ledger.engine, ca, s.station_id, validity=validity)
         else:
             made = crls.current(ledger.engine, ca, s.station_id, validity=validity)
-    _write_atomically(out, made.der if der else made.pem)
+    # atomic, and world-readable: a CRL is public, and brokers read it after dropping
+    # privileges; a reader (mosquitto reloading its crlfile) never sees half a CRL
+    write_atomically(out, made.der if der else made.pem, mode=0o644)
     console.print(
         f"wrote CRL number {made.number} ({made.revoked_count} revoked, next update "
         f"{made.next_update.isoformat()}) to {out}",

@@ -18,7 +18,6 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from typing import Any
 
 from station import aws_iot
 from station.errors import StationError
+from station.files import write_atomically
 from station.ledger import Ledger
 from station.publish.aws_state import RevokedInAws
 from station.settings import Settings
@@ -98,15 +98,9 @@ def read_status(settings: Settings) -> SyncStatus | None:
 
 
 def _write_status(path: Path, status: SyncStatus) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(asdict(status), handle, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # rewritten every round: no fsync (a power cut loses a status, not a fact)
+    data = json.dumps(asdict(status), sort_keys=True).encode()
+    write_atomically(path, data, sync=False)
 
 
 def _report_dict(report: aws_iot.SyncReport) -> dict[str, Any]:
