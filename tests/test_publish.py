@@ -546,3 +546,35 @@ def test_serial_status_on_both_databases(ledger: Ledger, ca: CertificateAuthorit
     assert status.revoked_at == revoked_at and status.revoked_at.tzinfo is not None
     assert serial_status(ledger.engine, 12345).status == "unknown"
     assert serial_status(ledger.engine, -1).status == "unknown"
+
+
+def test_station_crl_command(
+    station_env: Settings, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    station = str(Path(sys.executable).parent / "station")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [station, "crl", *args], capture_output=True, text=True, timeout=120, check=False
+        )
+
+    with Ledger.from_settings(station_env) as led:
+        led.create_batch(
+            "P", product="p", planned_count=5, key_mode="board-ecc", subject_template=TEMPLATE
+        )
+        board = provision(led, ca, "cli-1")
+        led.revoke("cli-1", "key-compromise")
+    pem_path, der_path = tmp_path / "out" / "station.crl", tmp_path / "station.crl.der"
+    done = run("--out", str(pem_path))
+    assert done.returncode == 0, done.stderr
+    assert "CRL number 1 (1 revoked" in done.stdout
+    crl = x509.load_pem_x509_crl(pem_path.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(board.cert.serial_number) is not None
+    assert pem_path.stat().st_mode & 0o777 == 0o644  # brokers read it after dropping root
+    assert run("--out", str(der_path), "--der").returncode == 0
+    assert x509.load_der_x509_crl(der_path.read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    ) == crl.public_bytes(serialization.Encoding.DER)  # the stored CRL, not a new one
+    assert "CRL number 2" in run("--out", str(der_path), "--der", "--fresh").stdout
+    bad = run("--out", str(der_path), "--validity-hours", "0")
+    assert bad.returncode == 1 and bad.stderr.startswith("error [bad-argument] ")
