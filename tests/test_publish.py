@@ -578,3 +578,38 @@ def test_station_crl_command(
     assert "CRL number 2" in run("--out", str(der_path), "--der", "--fresh").stdout
     bad = run("--out", str(der_path), "--validity-hours", "0")
     assert bad.returncode == 1 and bad.stderr.startswith("error [bad-argument] ")
+
+
+def test_station_crl_watch_rewrites_the_file_after_a_revocation(
+    station_env: Settings, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    with Ledger.from_settings(station_env) as led:
+        led.create_batch(
+            "P", product="p", planned_count=5, key_mode="board-ecc", subject_template=TEMPLATE
+        )
+        board = provision(led, ca, "watch-1")
+    out = tmp_path / "watched.crl"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "station"), "crl", "--out", str(out), "--watch",
+         "--interval", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not out.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.1)
+        assert len(x509.load_pem_x509_crl(out.read_bytes())) == 0
+        with Ledger.from_settings(station_env) as led:
+            led.revoke("watch-1", "key-compromise")
+        while True:
+            crl = x509.load_pem_x509_crl(out.read_bytes())
+            if crl.get_revoked_certificate_by_serial_number(board.cert.serial_number):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "not rewritten"
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "CRL number 2 (1 revoked" in stdout
