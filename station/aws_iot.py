@@ -868,9 +868,11 @@ def sync_whitelist(
     waiting: list[tuple[str, dict[str, Any]]] = []
     for serial in entering:
         description = _description(iot, fingerprints[serial])
-        status = None if description is None else str(description.get("status", ""))
+        if description is None:
+            continue  # never connected: the Lambda activates it on its first connection
+        status = str(description.get("status", ""))
         if status in ("INACTIVE", "PENDING_ACTIVATION"):
-            waiting.append((serial, description))  # type: ignore[arg-type]
+            waiting.append((serial, description))
         elif status == "REVOKED":
             warnings.append(
                 SyncWarning(
