@@ -2,8 +2,8 @@
 
 One worker runs it (the one that takes DATA_DIR/aws-sync.lock); with a separate
 `station aws sync-whitelist --watch` on the same data directory holding the lock,
-no worker runs one. Every worker reads the loop's status file for /metrics,
-/v1/health and the dashboard.
+no worker runs one. Every worker reads the loop's status file for /metrics, the
+health details (/healthz with an operator token) and the dashboard.
 """
 
 from __future__ import annotations
