@@ -32,20 +32,18 @@ from cryptography.x509.oid import NameOID
 from station.aws_iot import (
     AwsError,
     CaRegistration,
-    SyncReport,
     VerificationCertificateError,
     ca_certificate_id,
     ca_status,
-    create_whitelist_table,
     package_lambda,
     register_ca,
-    sync_whitelist,
     update_ca,
 )
 from station.ca import CertificateAuthority
 from station.errors import StationError
 from station.ledger import Ledger
 from station.publish.aws_state import RevokedInAws
+from station.publish.aws_sync import SyncReport, create_whitelist_table, sync_whitelist
 from station.whitelist import DelistedCertificate, WhitelistEntry, serial_hex
 from tests.fixtures.aws import SoftwareCa, make_software_ca
 from tests.test_ledger import TEMPLATE, make_csr

@@ -23,10 +23,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from jitr.handler import lambda_handler
-from station.aws_iot import SyncReport, create_whitelist_table, register_ca, sync_whitelist
+from station.aws_iot import register_ca
 from station.ca import CertificateAuthority
 from station.ledger import Ledger
 from station.publish.aws_state import RevokedInAws
+from station.publish.aws_sync import SyncReport, create_whitelist_table, sync_whitelist
 from station.settings import Settings
 from tests.test_aws_iot import CountingIot
 from tests.test_ledger import TEMPLATE, make_csr
@@ -241,3 +242,19 @@ def test_a_revoked_board_that_connects_later_is_revoked_at_the_next_recheck(flow
 
     assert flow.status(cert) == "REVOKED"
     assert [(c.before, c.after) for c in report.changes] == [("INACTIVE", "REVOKED")]
+
+
+@pytest.mark.parametrize("prefix", ["things", "factory/line-1/"])
+def test_the_sync_attaches_the_policy_document_the_lambda_makes(prefix: str) -> None:
+    """The station may not import the Lambda's package: the document is written twice."""
+    from jitr.handler import DEFAULT_POLICY_NAME, DEFAULT_TOPIC_PREFIX, default_policy_document
+    from station.publish import aws_sync
+
+    arn = "arn:aws-cn:iot:cn-north-1:123456789012:cert/" + "ab" * 32
+    assert aws_sync.device_policy_document(arn, prefix) == default_policy_document(arn, prefix)
+    assert (aws_sync.DEFAULT_POLICY_NAME, aws_sync.DEFAULT_TOPIC_PREFIX) == (
+        DEFAULT_POLICY_NAME,
+        DEFAULT_TOPIC_PREFIX,
+    )
+    with pytest.raises(ValueError, match="not an IoT certificate ARN"):
+        aws_sync.device_policy_document("arn:aws:s3:::bucket")

@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from jitr import handler
 from jitr.handler import CertificateParseError, lambda_handler, serial_from_der
-from station.aws_iot import create_whitelist_table, register_ca, sync_whitelist
+from station.aws_iot import register_ca
+from station.publish.aws_sync import create_whitelist_table, sync_whitelist
 from station.whitelist import DelistedCertificate, WhitelistEntry, serial_hex
 from tests.fixtures.aws import SoftwareCa
 

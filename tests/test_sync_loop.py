@@ -20,10 +20,10 @@ import pytest
 import uvicorn
 
 from api.app import create_app
-from station.aws_iot import create_whitelist_table
 from station.ca import CertificateAuthority
 from station.ledger import Ledger
 from station.line.broker import free_port
+from station.publish.aws_sync import create_whitelist_table
 from station.publish.whitelist_sync import LoopLock
 from station.settings import Settings
 from tests.fixtures.hsm import settings_for

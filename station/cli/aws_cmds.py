@@ -22,7 +22,7 @@ from station.ca import open_ca
 from station.cli.common import EXIT_REFUSED, cli_errors, console, err_console, fail, settings
 from station.errors import StationError
 from station.ledger import Ledger
-from station.publish import whitelist_sync
+from station.publish import aws_sync, whitelist_sync
 from station.publish.aws_state import RevokedInAws
 from station.settings import Settings
 
@@ -121,11 +121,11 @@ def update_ca_cmd(
 def create_table_cmd() -> None:
     """Create the DynamoDB table the JITR Lambda reads (STATION_WHITELIST_TABLE)."""
     s = settings()
-    created = aws_iot.create_whitelist_table(_client("dynamodb"), s.whitelist_table)
+    created = aws_sync.create_whitelist_table(_client("dynamodb"), s.whitelist_table)
     console.print(f"{'created' if created else 'exists'}: table {s.whitelist_table}")
 
 
-def _print_report(table: str, report: aws_iot.SyncReport, *, quiet: bool = False) -> None:
+def _print_report(table: str, report: aws_sync.SyncReport, *, quiet: bool = False) -> None:
     if not quiet or report.changes or report.added or report.removed or report.updated:
         console.print(
             f"synced {table}: {report.added} added, {report.updated} updated, "
@@ -183,7 +183,7 @@ def sync_whitelist_cmd(
         _watch(s, interval)
         return
     with Ledger.from_settings(s) as ledger:
-        report = aws_iot.sync_whitelist(
+        report = aws_sync.sync_whitelist(
             _client("dynamodb"),
             s.whitelist_table,
             ledger.whitelist(batch),
@@ -191,7 +191,7 @@ def sync_whitelist_cmd(
             iot=_client("iot"),
             batch=batch,
             revoked=RevokedInAws(ledger.engine),
-            policy=aws_iot.DevicePolicy(s.aws_policy_name, s.aws_topic_prefix),
+            policy=aws_sync.DevicePolicy(s.aws_policy_name, s.aws_topic_prefix),
         )
     _print_report(s.whitelist_table, report)
     if report.skipped:
@@ -204,7 +204,7 @@ def sync_whitelist_cmd(
 
 
 def _watch(s: Settings, interval: float) -> None:
-    def on_round(report: aws_iot.SyncReport | None, error: StationError | None) -> None:
+    def on_round(report: aws_sync.SyncReport | None, error: StationError | None) -> None:
         if error is not None:
             err_console.print(
                 f"[bold red]error[/] {escape(f'[{error.code}]')} {escape(error.message)}",

@@ -2,7 +2,7 @@
 
 ``station aws sync-whitelist --watch`` runs it in the foreground; ``station serve``
 runs it in one of its workers when ``STATION_AWS_SYNC_INTERVAL`` is set. Each
-round syncs the ledger's whitelist to DynamoDB and AWS IoT (``station.aws_iot``)
+round syncs the ledger's whitelist to DynamoDB and AWS IoT (``aws_sync``)
 and writes what happened to ``DATA_DIR/aws-sync-status.json``, so /metrics, the
 health details and the dashboard of every worker (and of a ``station serve``
 beside a separate ``--watch`` process) show the same lag and last error.
@@ -30,6 +30,7 @@ from station import aws_iot
 from station.errors import StationError
 from station.files import write_atomically
 from station.ledger import Ledger
+from station.publish import aws_sync
 from station.publish.aws_state import RevokedInAws
 from station.settings import Settings
 
@@ -103,7 +104,7 @@ def _write_status(path: Path, status: SyncStatus) -> None:
     write_atomically(path, data, sync=False)
 
 
-def _report_dict(report: aws_iot.SyncReport) -> dict[str, Any]:
+def _report_dict(report: aws_sync.SyncReport) -> dict[str, Any]:
     return {
         "added": report.added,
         "updated": report.updated,
@@ -117,17 +118,19 @@ def _report_dict(report: aws_iot.SyncReport) -> dict[str, Any]:
     }
 
 
-def sync_once(settings: Settings, ledger: Ledger, *, dynamodb: Any, iot: Any) -> aws_iot.SyncReport:
+def sync_once(
+    settings: Settings, ledger: Ledger, *, dynamodb: Any, iot: Any
+) -> aws_sync.SyncReport:
     """One sync of the whole whitelist, remembering revoked certificates in the ledger."""
     with aws_iot.aws_errors("sync-whitelist"):
-        return aws_iot.sync_whitelist(
+        return aws_sync.sync_whitelist(
             dynamodb,
             settings.whitelist_table,
             ledger.whitelist(),
             ledger.delisted_serials(),
             iot=iot,
             revoked=RevokedInAws(ledger.engine),
-            policy=aws_iot.DevicePolicy(settings.aws_policy_name, settings.aws_topic_prefix),
+            policy=aws_sync.DevicePolicy(settings.aws_policy_name, settings.aws_topic_prefix),
         )
 
 
@@ -139,7 +142,7 @@ class SyncLoop:
         settings: Settings,
         interval: float,
         *,
-        on_round: Callable[[aws_iot.SyncReport | None, StationError | None], None] | None = None,
+        on_round: Callable[[aws_sync.SyncReport | None, StationError | None], None] | None = None,
     ) -> None:
         self.settings = settings
         self.interval = interval
@@ -148,9 +151,9 @@ class SyncLoop:
         self.status = SyncStatus(interval=interval, pid=os.getpid())
         self._clients: tuple[Any, Any] | None = None
 
-    def round(self, ledger: Ledger) -> aws_iot.SyncReport | None:
+    def round(self, ledger: Ledger) -> aws_sync.SyncReport | None:
         started = time.time()
-        report: aws_iot.SyncReport | None = None
+        report: aws_sync.SyncReport | None = None
         error: StationError | None = None
         try:
             if self._clients is None:
