@@ -101,7 +101,7 @@ def read_status(settings: Settings) -> SyncStatus | None:
 def _write_status(path: Path, status: SyncStatus) -> None:
     # rewritten every round: no fsync (a power cut loses a status, not a fact)
     data = json.dumps(asdict(status), sort_keys=True).encode()
-    write_atomically(path, data, sync=False)
+    write_atomically(path, data, mode=0o600, sync=False)  # AWS errors name accounts
 
 
 def _report_dict(report: aws_sync.SyncReport) -> dict[str, Any]:
@@ -218,7 +218,7 @@ class LoopLock:
 
     def __init__(self, settings: Settings) -> None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(settings.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = os.open(settings.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
 
     def acquire(self) -> bool:
         try:
