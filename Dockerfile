@@ -16,6 +16,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     STATION_DATA_DIR=/data \
+    STATION_HOST=0.0.0.0 \
+    STATION_PORT=8000 \
     STATION_PKCS11_MODULE=/usr/lib/softhsm/libsofthsm2.so \
     SOFTHSM2_CONF=/etc/softhsm/softhsm2.conf
 
@@ -45,8 +47,10 @@ USER 10001:10001
 VOLUME ["/data", "/tokens"]
 EXPOSE 8000
 
+# `station serve` reads STATION_HOST and STATION_PORT, and so does the health check:
+# another port is `-e STATION_PORT=9000 -p 9000:9000`, and the check follows it.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ['STATION_PORT'], timeout=4)"]
 
 ENTRYPOINT ["station"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["serve"]

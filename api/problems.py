@@ -56,6 +56,7 @@ STATUS_OF_KIND: dict[Kind, int] = {
     Kind.UNAVAILABLE: 503,
     Kind.UPSTREAM: 502,
     Kind.NOT_CONFIGURED: 503,
+    Kind.IN_USE: 409,
 }
 
 

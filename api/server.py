@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
-import sys
 from typing import Any
 
 import uvicorn
-from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
+
+from station.errors import Kind, StationError
 
 log = logging.getLogger("uvicorn.error")
 
@@ -73,11 +75,20 @@ class TcpConfig(uvicorn.Config):
                 family, address, WorkerListener, reuse_addr=False
             )
         except OSError as exc:
-            log.error(exc)
-            sys.exit(STARTUP_FAILURE)
+            # One line and its own exit code (5) from the CLI, not uvicorn's log and exit 3.
+            raise StationError(
+                f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}",
+                code="address-in-use" if exc.errno == errno.EADDRINUSE else "cannot-listen",
+                kind=Kind.IN_USE if exc.errno == errno.EADDRINUSE else Kind.NOT_CONFIGURED,
+            ) from None
         host, port = sock.getsockname()[:2]
         log.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", host, port)
         return sock
+
+
+def default_workers() -> int:
+    """One more worker than the machine has cores (see the README for why)."""
+    return (os.cpu_count() or 1) + 1
 
 
 def serve(host: str, port: int, workers: int, *, access_log: bool = False) -> None:
@@ -97,10 +108,12 @@ def serve(host: str, port: int, workers: int, *, access_log: bool = False) -> No
         log_level="info",
         access_log=access_log,
     )
+    # Bound here, before any worker starts: a port in use is a StationError the CLI reports.
+    sockets = [config.bind_socket()]
     try:
         if workers > 1:
-            Multiprocess(config, sockets=[config.bind_socket()]).run()
+            Multiprocess(config, sockets=sockets).run()
         else:
-            uvicorn.Server(config).run()
+            uvicorn.Server(config).run(sockets=sockets)
     except KeyboardInterrupt:
         pass

@@ -32,6 +32,7 @@ class Kind(StrEnum):
     UNAVAILABLE = "unavailable"  # a part (token, ledger, worker) cannot serve now
     UPSTREAM = "upstream"  # a remote service (AWS) refused or failed
     NOT_CONFIGURED = "not-configured"  # an operator must set something up
+    IN_USE = "in-use"  # something the station must hold alone (a TCP port) is taken
 
 
 class StationError(Exception):

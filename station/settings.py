@@ -7,11 +7,20 @@ the SQLite ledger and AWS registration state.
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from station.errors import ConfigurationError
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# DynamoDB's rule for table names.
+_TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{3,255}")
+# AWS IoT's rule for policy names.
+_POLICY_NAME = re.compile(r"[\w+=,.@-]{1,128}")
 
 
 class Settings(BaseSettings):
@@ -64,13 +73,103 @@ class Settings(BaseSettings):
     aws_topic_prefix: str = Field(
         default="things", description="The stack's TopicPrefix, for that policy's document."
     )
-    max_body_bytes: int = Field(default=65536, description="Largest HTTP request body accepted.")
+    max_body_bytes: int = Field(
+        default=65536, ge=1024, le=64 * 1024 * 1024, description="Largest HTTP request body."
+    )
     auth_failures_per_minute: int = Field(
         default=30,
         ge=1,
         description="Failed HTTP authentications an address may make in a minute before it "
         "is answered 429 (per worker process).",
     )
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_usable(cls, value: Path) -> Path:
+        # The nearest existing ancestor must be a directory: the station creates the rest.
+        for parent in (value, *value.absolute().parents):
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ValueError(f"{parent} is not a directory")
+                break
+        return value
+
+    @field_validator("ca_key_uri")
+    @classmethod
+    def _pkcs11_uri(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("pkcs11:"):
+            raise ValueError("must be an RFC 7512 URI starting with 'pkcs11:'")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _sqlalchemy_url(cls, value: str | None) -> str | None:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        if value is None:
+            return None
+        try:
+            make_url(value)
+        except ArgumentError:
+            raise ValueError(
+                "not a SQLAlchemy URL (e.g. sqlite:///path or postgresql+psycopg://user@host/db)"
+            ) from None
+        return value
+
+    @field_validator("station_id", "dev_token_label")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not value or _CONTROL.search(value):
+            raise ValueError("must be non-empty printable text")
+        return value
+
+    @field_validator("dev_token_label")
+    @classmethod
+    def _token_label(cls, value: str) -> str:
+        if len(value.encode()) > 32:
+            raise ValueError("a PKCS#11 token label has at most 32 bytes")
+        return value
+
+    @field_validator("pkcs11_module")
+    @classmethod
+    def _absolute_module(cls, value: str) -> str:
+        if not Path(value).is_absolute():
+            raise ValueError("must be an absolute path to a PKCS#11 module")
+        return value
+
+    @field_validator("aws_policy_name")
+    @classmethod
+    def _policy_name(cls, value: str) -> str:
+        if not _POLICY_NAME.fullmatch(value):
+            raise ValueError("an AWS IoT policy name: 1-128 of letters, digits and _ + = , . @ -")
+        return value
+
+    @field_validator("aws_topic_prefix")
+    @classmethod
+    def _topic_prefix(cls, value: str) -> str:
+        if not value or _CONTROL.search(value) or set(value) & {"+", "#"}:
+            raise ValueError("an MQTT topic prefix: printable, no wildcards (+ #)")
+        return value
+
+    @field_validator("whitelist_table")
+    @classmethod
+    def _table_name(cls, value: str) -> str:
+        if not _TABLE_NAME.fullmatch(value):
+            raise ValueError("a DynamoDB table name: 3-255 of A-Z a-z 0-9 _ . -")
+        return value
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """Settings from the environment; a bad value is one :class:`ConfigurationError`.
+
+        Its message names every bad ``STATION_*`` variable on one line, never
+        echoes a value (a URL or a key URI may hold a password or a PIN).
+        """
+        try:
+            return cls()
+        except ValidationError as exc:
+            raise ConfigurationError(describe(exc), code="bad-setting") from None
 
     @property
     def ca_cert_path(self) -> Path:
@@ -95,3 +194,13 @@ class Settings(BaseSettings):
         if self.ca_key_uri_path.exists():
             return self.ca_key_uri_path.read_text().strip() or None
         return None
+
+
+def describe(exc: ValidationError) -> str:
+    """One line naming each bad variable and why, without its value."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        name = "STATION_" + "_".join(str(p) for p in err["loc"]).upper()
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{name}: {_CONTROL.sub('?', msg)}")
+    return "; ".join(parts)

@@ -33,7 +33,7 @@ TEMPLATE = "/O=company/OU=team/CN={device_id}/C=US"
 
 @pytest.fixture
 def cli(station_env: Settings, aws_env: str, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("STATION_WHITELIST_TABLE", "wl")
+    monkeypatch.setenv("STATION_WHITELIST_TABLE", "wlist")
     app = typer.Typer(pretty_exceptions_enable=False)
     aws_cmds.register(app)
     runner = CliRunner()
@@ -101,11 +101,11 @@ def test_register_sync_and_jitr_with_the_hsm_ca(
     assert "2 unchanged" in cli("sync-whitelist")
 
     ddb = boto3.client("dynamodb")
-    item = ddb.get_item(TableName="wl", Key={"serial": {"S": format(good.serial_number, "x")}})
+    item = ddb.get_item(TableName="wlist", Key={"serial": {"S": format(good.serial_number, "x")}})
     assert item["Item"]["fingerprint"]["S"] == certificate_fingerprint(good)
     assert item["Item"]["device_id"]["S"] == "dev-good"
 
-    monkeypatch.setenv("WHITELIST_TABLE", "wl")
+    monkeypatch.setenv("WHITELIST_TABLE", "wlist")
     iot = boto3.client("iot")
     event = first_connect(iot, good, ca.chain_pem, state["certificateId"])
     assert event["certificateId"] == certificate_fingerprint(good)
@@ -166,7 +166,7 @@ def test_sync_whitelist_reports_what_it_cannot_publish(cli, station_env: Setting
     assert "1 added" in out and "1 skipped" in out
     assert "board.02" in out and format(dotted.serial_number, "x") in out
     assert "Traceback" not in out
-    items = boto3.client("dynamodb").scan(TableName="wl")["Items"]
+    items = boto3.client("dynamodb").scan(TableName="wlist")["Items"]
     assert [i["serial"]["S"] for i in items] == [format(ok.serial_number, "x")]
 
 

@@ -9,7 +9,13 @@ import pytest
 
 import hsm.errors
 from api.problems import STATUS_OF_KIND, http_status
-from station.cli.common import EXIT_REFUSED, EXIT_UNAVAILABLE, exit_code
+from station.cli.common import (
+    EXIT_IN_USE,
+    EXIT_NOT_CONFIGURED,
+    EXIT_REFUSED,
+    EXIT_UNAVAILABLE,
+    exit_code,
+)
 from station.errors import Kind, StationError, kind_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,8 +28,14 @@ def test_every_kind_has_an_http_status() -> None:
 
 @pytest.mark.parametrize("kind", list(Kind))
 def test_exit_codes_by_kind(kind: Kind) -> None:
-    operator_must_act = {Kind.UNAVAILABLE, Kind.UPSTREAM, Kind.NOT_CONFIGURED}
-    expected = EXIT_UNAVAILABLE if kind in operator_must_act else EXIT_REFUSED
+    # 3 set the station up, 4 something it depends on does not answer, 5 a port is
+    # taken, 1 every refusal of the request (README's table).
+    expected = {
+        Kind.NOT_CONFIGURED: EXIT_NOT_CONFIGURED,
+        Kind.UNAVAILABLE: EXIT_UNAVAILABLE,
+        Kind.UPSTREAM: EXIT_UNAVAILABLE,
+        Kind.IN_USE: EXIT_IN_USE,
+    }.get(kind, EXIT_REFUSED)
     assert exit_code(StationError("x", code="c", kind=kind)) == expected
 
 

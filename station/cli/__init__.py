@@ -13,6 +13,8 @@ app = typer.Typer(
 
 def main() -> None:
     from station.cli import register
+    from station.cli.common import uncut_when_not_a_terminal
 
+    uncut_when_not_a_terminal(app)
     register.register_all(app)
     app()

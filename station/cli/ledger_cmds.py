@@ -7,16 +7,24 @@ import csv
 import getpass
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Annotated, ParamSpec, TypeVar
+from typing import IO, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from station.cli.common import cli_errors, console, err_console, fail, settings
+from station.cli.common import (
+    ListFormat,
+    cli_errors,
+    console,
+    err_console,
+    fail,
+    settings,
+    write_rows,
+)
 from station.ledger import ADHOC_BATCH, Ledger
 from station.ledger.records import Batch, Device
 from station.ledger.schema import DeviceState, KeyMode
@@ -118,28 +126,53 @@ def batch_create(
     _print_batch(b)
 
 
+FORMAT_OPTION = typer.Option(
+    "--format", help="table for people; tsv or json for programs (nothing is ever cut)."
+)
+
+
+def _iso(value: object) -> str | None:
+    """RFC 3339 in UTC with a Z, as the API writes timestamps."""
+    if not hasattr(value, "isoformat"):
+        return None
+    return value.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 @batch_app.command("list")
 @cli_errors
-def batch_list() -> None:
+def batch_list(fmt: Annotated[ListFormat, FORMAT_OPTION] = ListFormat.TABLE) -> None:
     """Every batch with its state and device counts."""
     with _ledger() as led:
         items = led.list_batches()
         counts = led.counts()
-    if not items:
+    if not items and fmt is ListFormat.TABLE:
         console.print("no batches")
         return
-    console.print(
-        f"{'NAME':<20} {'STATE':<7} {'PRODUCT':<14} {'DEVICES':>15} {'VERIFIED':>9} KEY MODE",
-        highlight=False,
+    rows = (
+        {
+            "name": b.name,
+            "state": b.state,
+            "product": b.product,
+            "device_count": b.device_count,
+            "planned_count": b.planned_count,
+            "verified": counts.get(b.name, {}).get("verified", 0),
+            "key_mode": b.key_mode,
+            "created_at": _iso(b.created_at),
+        }
+        for b in items
     )
-    for b in items:
-        verified = counts.get(b.name, {}).get("verified", 0)
-        console.print(
-            f"{b.name:<20} {b.state:<7} {b.product:<14} "
-            f"{f'{b.device_count}/{b.planned_count}':>15} {verified:>9} {b.key_mode}",
-            highlight=False,
-            markup=False,
-        )
+    write_rows(
+        rows,
+        fmt,
+        ["name", "state", "product", "device_count", "planned_count", "verified", "key_mode",
+         "created_at"],
+        lambda r: (
+            f"{r['name']:<20} {r['state']:<7} {r['product']:<14} "
+            f"{str(r['device_count']) + '/' + str(r['planned_count']):>15} {r['verified']:>9} "
+            f"{r['key_mode']}"
+        ),
+        f"{'NAME':<20} {'STATE':<7} {'PRODUCT':<14} {'DEVICES':>15} {'VERIFIED':>9} KEY MODE",
+    )  # fmt: skip
 
 
 @batch_app.command("show")
@@ -274,6 +307,14 @@ def device_show(device_id: Annotated[str, typer.Argument(help="The board's hardw
         )
 
 
+def _device_line(r: Mapping[str, Any]) -> str:
+    failed = r["failure_code"] and r["state"] == "failed"
+    return (
+        f"{r['device_id']:<24} {r['batch']:<16} {r['state']:<10} {r['attempts']:>8} "
+        f"{r['serial'] or '-'}" + (f" [{r['failure_code']}]" if failed else "")
+    )
+
+
 @device_app.command("list")
 @cli_errors
 def device_list(
@@ -281,19 +322,28 @@ def device_list(
     state: Annotated[
         DeviceState | None, typer.Option("--state", help="Only boards in this state.")
     ] = None,
+    fmt: Annotated[ListFormat, FORMAT_OPTION] = ListFormat.TABLE,
 ) -> None:
     """Boards, one a line, streamed in enrolment order."""
-    out = sys.stdout
     with _ledger() as led:
-        rows = led.list_devices(batch, state.value if state else None)
-        out.write(f"{'DEVICE':<24} {'BATCH':<16} {'STATE':<10} {'ATTEMPTS':>8} SERIAL\n")
-        for d in rows:
-            failure = f" [{d.failure_code}]" if d.failure_code and d.state == "failed" else ""
-            out.write(
-                f"{d.device_id:<24} {d.batch:<16} {d.state:<10} {d.attempts:>8} "
-                f"{d.serial or '-'}{failure}\n"
-            )
-    out.flush()
+        rows = (
+            {
+                "device_id": d.device_id,
+                "batch": d.batch,
+                "state": d.state,
+                "attempts": d.attempts,
+                "serial": d.serial,
+                "failure_code": d.failure_code,
+            }
+            for d in led.list_devices(batch, state.value if state else None)
+        )
+        write_rows(
+            rows,
+            fmt,
+            ["device_id", "batch", "state", "attempts", "serial", "failure_code"],
+            _device_line,
+            f"{'DEVICE':<24} {'BATCH':<16} {'STATE':<10} {'ATTEMPTS':>8} SERIAL",
+        )
 
 
 @cli_errors

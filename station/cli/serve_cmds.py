@@ -14,20 +14,30 @@ token_app = typer.Typer(help="Bearer tokens of the HTTP API.", no_args_is_help=T
 
 @cli_errors
 def serve(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    host: Annotated[
+        str, typer.Option(envvar="STATION_HOST", help="Address to listen on.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(envvar="STATION_PORT", min=0, max=65535, help="TCP port.")
+    ] = 8000,
     workers: Annotated[
-        int, typer.Option(min=1, help="Worker processes; each opens its own PKCS#11 session.")
-    ] = 1,
+        int | None,
+        typer.Option(
+            min=1,
+            show_default=False,
+            help="Worker processes, each with its own PKCS#11 session. [default: cores + 1]",
+        ),
+    ] = None,
     access_log: Annotated[
         bool, typer.Option(help="Log one line per request (off: the ledger records issuance).")
     ] = False,
 ) -> None:
     """Serve the HTTP API and the operator dashboard with uvicorn."""
+    from api.server import default_workers
     from api.server import serve as run_server
 
     settings()  # refuse bad STATION_* variables before starting workers
-    run_server(host, port, workers, access_log=access_log)
+    run_server(host, port, workers or default_workers(), access_log=access_log)
 
 
 @cli_errors

@@ -113,13 +113,14 @@ class Ledger(LedgerReads):
 
     @classmethod
     def from_settings(cls, settings: Any) -> Ledger:
-        """The ledger a :class:`station.settings.Settings` points at."""
-        private_dir(settings.data_dir)
-        return cls(
-            settings.resolved_database_url(),
-            settings.station_id,
-            backdate_seconds=settings.backdate_seconds,
-        )
+        """The ledger a :class:`station.settings.Settings` points at (``ledger-unreachable``
+        when its database cannot be opened)."""
+        from station.ledger.opening import ledger_errors
+
+        url = settings.resolved_database_url()
+        with ledger_errors(url):
+            private_dir(settings.data_dir)
+            return cls(url, settings.station_id, backdate_seconds=settings.backdate_seconds)
 
     def close(self) -> None:
         self._writes.close()
