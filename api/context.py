@@ -28,6 +28,7 @@ from station.errors import Kind, StationError
 from station.ledger import Ledger
 from station.ledger.db import ping
 from station.ledger.records import RecoveryReport
+from station.ledger.tallies import tallies
 from station.publish.ocsp import Responder
 from station.publish.whitelist_sync import SyncStatus, read_status
 from station.recovery import StationLock, recover_at_startup
@@ -98,8 +99,13 @@ class AppContext:
         self._station_lock: StationLock | None = None
         self._ocsp: Responder | None = None
         self._recovering = threading.Lock()  # one thread recovers for the others
-        self.metrics = Metrics(lambda: self.ledger.counts(), self.sync_status)
         self.line = LineView(settings.data_dir / FILE_NAME)
+        self.metrics = Metrics(
+            lambda: self.ledger.counts(),
+            lambda: tallies(self.ledger.engine),
+            self.line.snapshot,
+            self.sync_status,
+        )
         self.activity = Activity()
         self.token_cache = TokenCache()
         self.auth_limiter = AuthFailureLimiter(settings.auth_failures_per_minute, 60.0)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import socket
+import tempfile
 from typing import Any
 
 import uvicorn
@@ -110,6 +112,13 @@ def serve(host: str, port: int, workers: int, *, access_log: bool = False) -> No
     )
     # Bound here, before any worker starts: a port in use is a StationError the CLI reports.
     sockets = [config.bind_socket()]
+    # Every worker's request metrics in one directory, summed by whichever worker a
+    # scrape reaches (api/metrics.py). Set before the workers (spawned) import
+    # prometheus_client; a directory of this run's own, removed when it ends.
+    own_dir = None
+    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        own_dir = tempfile.mkdtemp(prefix="station-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
     try:
         if workers > 1:
             Multiprocess(config, sockets=sockets).run()
@@ -117,3 +126,6 @@ def serve(host: str, port: int, workers: int, *, access_log: bool = False) -> No
             uvicorn.Server(config).run(sockets=sockets)
     except KeyboardInterrupt:
         pass
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)

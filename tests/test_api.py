@@ -336,7 +336,10 @@ def test_metrics(api: Api) -> None:
     api.post("/v1/devices/dev-m/proof", "board", json={"nonce": ch, "signature": sig})
     api.post("/v1/certificates", "board", json={"batch": "B1", "device_id": "x", "csr": "junk"})
     text = api.get("/metrics", "operator").text  # board counts are for reader roles
-    assert 'station_certificates_issued_total{reused="false"} 1.0' in text
+    # HTTP requests answered by this service; certificates issued come from the ledger
+    # (every channel), per batch.
+    assert 'station_http_certificate_requests_total{outcome="issued"} 1.0' in text
+    assert 'station_certificates_issued_total{batch="B1"} 1.0' in text
     assert 'station_issue_failures_total{code="malformed-csr"} 1.0' in text
     assert "station_issue_duration_seconds_count 2.0" in text
     assert "station_hsm_sign_duration_seconds_count 1.0" in text

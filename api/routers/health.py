@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.auth import OPERATOR_UP, READERS, MaybePrincipal
 from api.context import AppContext, ContextDep
@@ -79,7 +79,5 @@ def whitelist_sync(station: AppContext) -> dict[str, Any]:
 
 @router.get("/metrics", response_class=Response, openapi_extra=_OPTIONAL_AUTH)
 def metrics(station: ContextDep, who: MaybePrincipal) -> Response:
-    body = generate_latest(station.metrics.registry)
-    if who is not None and who.role in _PRIVATE_METRICS_FOR:
-        body += generate_latest(station.metrics.private_registry)
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
+    reader = who is not None and who.role in _PRIVATE_METRICS_FOR
+    return Response(station.metrics.exposition(reader=reader), media_type=CONTENT_TYPE_LATEST)
