@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select
 
+from station.errors import ConflictError
 from station.ledger.rawsql import Raw
 from station.ledger.records import Batch, utc
 from station.ledger.schema import BatchState, batches, devices
@@ -63,7 +64,31 @@ class BatchHead:
 
     @property
     def is_full(self) -> bool:
+        """Enrolled boards reach the plan (failed ones included): see :func:`plan_full`."""
         return self.device_count >= self.planned_count
+
+
+_SQL_FAILED = "SELECT COUNT(*) FROM devices WHERE batch_id = :bid AND state = 'failed'"
+
+
+def plan_full(raw: Raw, b: BatchHead) -> bool:
+    """True when ``planned_count`` of the batch's boards are not failed (README, "Batches").
+
+    The plan is about boards shipped: a failed board does not use it up, so a
+    replacement may take its place. Counted only at the plan's edge, so the usual
+    enrolment reads no COUNT(*).
+    """
+    if not b.is_full:
+        return False
+    failed = int(raw.value(_SQL_FAILED, {"bid": b.id}) or 0)
+    return b.device_count - failed >= b.planned_count
+
+
+def plan_full_error(b: BatchHead) -> ConflictError:
+    return ConflictError(
+        f"batch {b.name!r} has its {b.planned_count} planned boards (failed boards not counted)",
+        code="batch-full",
+    )
 
 
 def head(conn: Connection | Raw, name: str) -> BatchHead | None:

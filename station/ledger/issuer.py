@@ -283,12 +283,11 @@ class Issuer:
                 )
 
             if d is None or d.batch_id != b.id:
-                if b.is_full:
-                    raise ConflictError(
-                        f"batch {batch_name!r} already has its {b.planned_count} devices",
-                        code="batch-full",
-                    )
+                if batches.plan_full(raw, b):
+                    raise batches.plan_full_error(b)
                 batches.count_device(raw, b.id, +1)
+            elif d.state is DeviceState.FAILED and batches.plan_full(raw, b):
+                raise batches.plan_full_error(b)  # a failed board's retry takes a place
             if d is None:
                 device_pk = devices.insert(raw, device_id, b.id, self.station_id, now)
             else:

@@ -331,10 +331,8 @@ class Ledger(LedgerReads):
                 f"device {device_id!r} already has live certificate {d.serial} in another batch",
                 code="already-provisioned",
             )
-        if b.is_full:
-            raise ConflictError(
-                f"batch {batch!r} already has its {b.planned_count} devices", code="batch-full"
-            )
+        if batches.plan_full(raw, b):
+            raise batches.plan_full_error(b)
         batches.count_device(raw, b.id, +1)
         if d is None:
             devices.insert(raw, device_id, b.id, self.station_id, now)
