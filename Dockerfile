@@ -9,6 +9,11 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         softhsm2=2.6.1-2.1 \
         opensc=0.23.0-0.3+deb12u2 \
+        libpango-1.0-0=1.50.12+ds-1 \
+        libpangoft2-1.0-0=1.50.12+ds-1 \
+        libharfbuzz-subset0=6.0.0+dfsg-3 \
+        fonts-dejavu-core=2.37-6 \
+        fonts-noto-cjk=1:20220127+repack1-1 \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -10,11 +10,13 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 # check issued chains, PostgreSQL for the shared ledger, Chromium for the
 # dashboard test, poppler for checking PDF reports; a TPM 2.0 simulator with its
 # resource manager and PKCS#11 module, and opencryptoki, the two other tokens the
-# key-store tests run on (docs/hsm.md).
+# key-store tests run on (docs/hsm.md); pango and fonts for WeasyPrint's PDF
+# reports (DejaVu for Latin, Noto CJK for Chinese, Japanese and Korean).
 DEB_PACKAGES := softhsm2 opensc openssl libengine-pkcs11-openssl mosquitto \
 	mosquitto-clients postgresql poppler-utils chromium python3-venv \
 	swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 \
-	libtpm2-pkcs11-tools dbus opencryptoki iproute2
+	libtpm2-pkcs11-tools dbus opencryptoki iproute2 \
+	libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 fonts-dejavu-core fonts-noto-cjk
 
 .PHONY: setup demo test lint bench lock clean
 .DEFAULT_GOAL := help

@@ -32,6 +32,7 @@ RUNS = {
     "crash": ["--kills", "2", "--boards", "3", "--backend", "sqlite"],
     "soak": ["--minutes", "0.1", "--clients", "2"],
     "publish": ["--revoked", "300", "--duration", "0.5", "--clients", "4", "--rounds", "1"],
+    "report": ["--count", "300", "--pdf-rows", "20"],
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 import subprocess
 from collections import Counter
@@ -144,12 +145,13 @@ def test_html_has_summary_charts_failures_and_devices(
 ) -> None:
     page = render_html(ledger, _report(ledger, station_settings))
     assert page.index('id="summary"') < page.index('id="charts"') < page.index('id="devices"')
-    assert page.count('src="data:image/png;base64,') == 2
-    assert "boards verified per minute" in page and "histogram of cycle times" in page
+    # Vector charts (inline SVG from the one template), no raster images.
+    assert page.count("<svg") == 3 and "image/png" not in page
+    assert "Boards verified over line time" in page and "Cycle time per board" in page
     assert ca.fingerprint in page and "artik530" in page and "qa-ann" in page
     assert "<td>3 / 1 / 1</td>" in page  # failed / revoked / in progress
     assert "csr-timeout" in page and "dev-06, dev-08" in page
-    assert all(f"<td class=mono>dev-0{i}</td>" in page for i in range(1, 10))
+    assert all(f'<td class="mono">dev-0{i}</td>' in page for i in range(1, 10))
     assert "full table is in the CSV" not in page
 
 
@@ -159,7 +161,7 @@ def test_html_device_table_of_a_big_batch_is_cut_with_a_pointer_to_the_csv(
     page = render_html(ledger, _report(ledger, station_settings), max_rows=3)
     assert "first 3 of 9 boards" in page and "--format csv" in page
     # Enrolment order: dev-04 came first (its failed attempt).
-    assert "<td class=mono>dev-02</td>" in page and "<td class=mono>dev-03</td>" not in page
+    assert '<td class="mono">dev-02</td>' in page and '<td class="mono">dev-03</td>' not in page
 
 
 def _need(tool: str) -> str:
@@ -179,11 +181,14 @@ def test_pdf_renders_summary_charts_and_table_pages(
         [_need("pdftotext"), "-layout", str(pdf), "-"], capture_output=True, text=True, check=True
     ).stdout
     pages = text.split("\f")
-    assert "Batch report: B1" in pages[0] and "Boards verified per minute" in pages[0]
-    assert "Cycle time per board" in pages[0] and ca.fingerprint in pages[0]
-    assert "Failed / revoked / in progress: 3 / 1 / 1" in pages[0]
-    assert "csr-timeout" in pages[1] and "dev-06, dev-08" in pages[1]
-    assert "Devices (page 1)" in pages[2] and "dev-09" in pages[2]
+    # WeasyPrint lays out the HTML template: summary table, then the charts, failures and
+    # steps, then the device table on landscape pages (tests/test_report_typeset.py).
+    assert "Batch report: B1" in pages[0] and "Boards verified over line time" in pages[0]
+    assert "Cycle time per board" in text and ca.fingerprint in pages[0]
+    assert re.search(r"3\s*/\s*1\s*/\s*1", pages[0])  # failed / revoked / in progress
+    assert "csr-timeout" in text and "dev-06, dev-08" in text
+    devices = next(p for p in pages if "hardware id" in p)
+    assert "Devices" in devices and "dev-09" in devices
     subprocess.run(
         [
             _need("pdftoppm"),
@@ -330,7 +335,7 @@ def test_api_answers_the_report_for_qa_in_each_format(
         assert r.headers["content-type"].startswith("text/csv")
         assert len(r.text.strip().splitlines()) == 10
         r = client.get("/v1/batches/B1/report?format=html", headers=auth)
-        assert r.status_code == 200 and "data:image/png;base64," in r.text
+        assert r.status_code == 200 and "<svg" in r.text  # vector charts
         r = client.get("/v1/batches/B1/report", headers={**auth, "Accept": "application/pdf"})
         assert r.content.startswith(b"%PDF")
         assert client.get("/v1/batches/B1/report").status_code == 401
@@ -410,7 +415,8 @@ def test_a_batch_gets_its_report_in_each_format(ledger: Ledger, station_settings
 def test_dollar_signs_in_batch_fields_and_failures_are_text_not_mathtext(
     ledger: Ledger, station_settings: Settings, tmp_path: Path
 ) -> None:
-    """matplotlib parsed $...$ as mathtext: ValueError after the 200 had started."""
+    """matplotlib parsed $...$ as mathtext (ValueError after the 200 had started); the
+    typeset report must keep them as text too."""
     from api.app import create_app
 
     ledger.create_batch(
@@ -430,7 +436,7 @@ def test_dollar_signs_in_batch_fields_and_failures_are_text_not_mathtext(
     text = subprocess.run(
         [_need("pdftotext"), "-layout", str(pdf), "-"], capture_output=True, text=True, check=True
     ).stdout
-    assert "Batch report: m-foo" in text and "Product: $\\frac{$" in text
+    assert "Batch report: m-foo" in text and "$\\frac{$" in text
     assert "board said $\\foo$ and $5 $^" in text
     assert "m-foo" in render_html(ledger, report)
 

@@ -149,6 +149,34 @@ class Summary:
     per_minute: dict[int, int]  # minute since the batch opened -> boards verified
     first_verified: datetime | None
     last_verified: datetime | None
+    first_enrolled: datetime | None = None
+    verified_epochs: array[float] = field(default_factory=lambda: array("d"))  # POSIX seconds
+
+    @property
+    def line_seconds(self) -> float | None:
+        """Line time: from the first enrolment to the last verification."""
+        if self.first_enrolled is None or self.last_verified is None:
+            return None
+        return max(0.0, (self.last_verified - self.first_enrolled).total_seconds())
+
+    @property
+    def boards_per_hour(self) -> float | None:
+        """Verified boards per hour of line time (not per the instants between verifications)."""
+        line = self.line_seconds
+        return round(len(self.verified_epochs) * 3600.0 / line, 1) if line else None
+
+    @property
+    def ports_busy_mean(self) -> float | None:
+        """Boards on the line at once, on average: the sum of cycle times over line time."""
+        line = self.line_seconds
+        return round(sum(self.cycle_seconds) / line, 2) if line else None
+
+    def verified_offsets(self) -> array[float]:
+        """Seconds from the first enrolment to each verification (the throughput chart)."""
+        if self.first_enrolled is None:
+            return array("d")
+        t0 = self.first_enrolled.timestamp()
+        return array("d", (t - t0 for t in self.verified_epochs))
 
     @property
     def verified(self) -> int:
@@ -174,14 +202,6 @@ class Summary:
     @property
     def first_pass_yield_pct(self) -> float | None:
         return round(100.0 * self.first_pass / self.enrolled, 2) if self.enrolled else None
-
-    @property
-    def boards_per_minute(self) -> float | None:
-        """Mean rate between the first and the last verification."""
-        if self.first_verified is None or self.last_verified is None:
-            return None
-        minutes = (self.last_verified - self.first_verified).total_seconds() / 60.0
-        return round(self.verified_total / minutes, 2) if minutes > 0 else None
 
     @property
     def verified_total(self) -> int:
@@ -246,7 +266,11 @@ class BatchReport:
             "cycle_time": s.cycle.as_dict(),
             "steps": {name: st.as_dict() for name, st in s.steps.items()},
             "throughput": {
-                "boards_per_minute": s.boards_per_minute,
+                "boards_per_hour": s.boards_per_hour,
+                "line_time_s": _round(s.line_seconds),
+                "cycle_time_per_port_s": _round(s.cycle.median),
+                "ports_busy_mean": s.ports_busy_mean,
+                "first_enrolled_at": iso(s.first_enrolled),
                 "first_verified_at": iso(s.first_verified),
                 "last_verified_at": iso(s.last_verified),
                 "verified_per_minute": [
@@ -367,9 +391,13 @@ def summarize(batch: Batch, rows: Iterator[DeviceRow]) -> Summary:
     per_minute: dict[int, int] = {}
     first: datetime | None = None
     last: datetime | None = None
+    first_enrolled: datetime | None = None
+    verified_epochs: array[float] = array("d")
     enrolled = 0
     for row in rows:
         enrolled += 1
+        if first_enrolled is None or row.created_at < first_enrolled:
+            first_enrolled = row.created_at
         states[row.state] = states.get(row.state, 0) + 1
         failed_attempts += row.attempts
         if row.attempts:
@@ -394,6 +422,7 @@ def summarize(batch: Batch, rows: Iterator[DeviceRow]) -> Summary:
                     step_values[name].append(value)
             minute = int((row.verified_at - batch.created_at).total_seconds() // 60)
             per_minute[minute] = per_minute.get(minute, 0) + 1
+            verified_epochs.append(row.verified_at.timestamp())
             first = row.verified_at if first is None else min(first, row.verified_at)
             last = row.verified_at if last is None else max(last, row.verified_at)
     failures = tuple(
@@ -415,6 +444,8 @@ def summarize(batch: Batch, rows: Iterator[DeviceRow]) -> Summary:
         per_minute=per_minute,
         first_verified=first,
         last_verified=last,
+        first_enrolled=first_enrolled,
+        verified_epochs=verified_epochs,
     )
 
 
