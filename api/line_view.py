@@ -85,8 +85,10 @@ class LineView:
             if isinstance(f, dict)
         ]
         rate = raw.get("issued_per_min")
+        running = raw.get("running")
         return {
             "updated": raw.get("updated"),
+            "running": running if isinstance(running, bool) else None,
             "batch": batch,
             "ports": ports,
             "recent_failures": failures,

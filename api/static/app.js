@@ -1,16 +1,36 @@
 // Operator dashboard: asks for a token once (kept in sessionStorage), polls /v1/line/status.
+// "connected" says the page reaches the API; the line pill says whether the line itself
+// is updating its status (a killed line shows as stopped, whatever the API answers).
 "use strict";
 
 const KEY = "station-token";
 const POLL_MS = 1500;
 let timer = null;
 
+const STEP_WORDS = {
+  waiting: "waiting for a board",
+  hello: "saying hello",
+  key: "making the key",
+  issue: "issuing the certificate",
+  chain: "installing the chain",
+  prove: "proving it holds the key",
+  verified: "verified",
+  failed: "failed",
+  skipped: "skipped (already done)",
+};
+const DONE = new Set(["waiting", "verified", "failed", "skipped"]);
+
 const $ = (sel) => document.querySelector(sel);
 
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  return e;
+}
+
 function cell(row, text, cls) {
-  const td = document.createElement("td");
-  td.textContent = text === null || text === undefined ? "" : String(text);
-  if (cls) td.className = cls;
+  const td = el("td", cls, text === null || text === undefined ? "" : text);
   row.appendChild(td);
   return td;
 }
@@ -23,7 +43,6 @@ function fill(tableId, items, columns, emptyText) {
     const td = cell(tr, emptyText, "empty");
     td.colSpan = columns;
     body.appendChild(tr);
-    return body;
   }
   return body;
 }
@@ -32,6 +51,85 @@ function when(iso) {
   if (!iso) return "";
   const d = new Date(iso);
   return isNaN(d) ? iso : d.toLocaleTimeString();
+}
+
+function duration(s) {
+  if (s === null || s === undefined) return "";
+  if (s < 60) return `${Math.floor(s)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.floor(s % 60)} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+
+function pct(v) {
+  return v === null || v === undefined ? "—" : `${v.toFixed(1)} %`;
+}
+
+function problemWords(lastError) {
+  if (!lastError) return "";
+  const i = lastError.indexOf(": ");
+  return i < 0 ? lastError : `${lastError.slice(i + 2)} (${lastError.slice(0, i)})`;
+}
+
+function renderLine(line) {
+  const pill = $("#line-state");
+  const note = $("#line-note");
+  if (line.state === "running") {
+    pill.textContent = "line running";
+    pill.className = "pill ok";
+    note.textContent = line.batch ? `batch ${line.batch}` : "";
+  } else if (line.state === "stopped") {
+    pill.textContent = "line stopped";
+    pill.className = "pill bad";
+    note.textContent = `the line stopped updating ${duration(line.age_s)} ago; ports show their last state`;
+  } else {
+    pill.textContent = "line not started";
+    pill.className = "pill";
+    note.textContent = "";
+  }
+}
+
+function renderPorts(ports, stale) {
+  const box = $("#ports");
+  box.replaceChildren();
+  if (!ports.length) {
+    box.appendChild(el("p", "empty", "no ports reported by the line"));
+    return;
+  }
+  for (const p of ports) {
+    const tile = el("div", "tile");
+    tile.dataset.port = p.port;
+    tile.classList.add(DONE.has(p.step) ? p.step : "busy");
+    if (stale) tile.classList.add("stale");
+    tile.appendChild(el("div", "port", p.port));
+    tile.appendChild(el("div", "board", p.device_id || "no board"));
+    tile.appendChild(el("div", "step", STEP_WORDS[p.step] || p.step));
+    tile.appendChild(el("div", "time", stale ? "last known state" : `for ${duration(p.on_step_s)}`));
+    if (p.last_error) tile.appendChild(el("div", "problem", problemWords(p.last_error)));
+    box.appendChild(tile);
+  }
+}
+
+function renderThroughput(perMinute, total) {
+  const box = $("#throughput");
+  box.replaceChildren();
+  const most = Math.max(1, ...perMinute);
+  perMinute.forEach((n, i) => {
+    const bar = el("span");
+    bar.style.height = `${(100 * n) / most}%`;
+    bar.title = `${60 - i} min ago: ${n}`;
+    box.appendChild(bar);
+  });
+  $("#hour-total").textContent = `${total} boards in the last hour`;
+}
+
+function renderHealth(health) {
+  const list = $("#health");
+  list.replaceChildren();
+  for (const [part, status] of Object.entries(health)) {
+    const li = el("li", status, `${part}: ${status}`);
+    li.dataset.part = part;
+    list.appendChild(li);
+  }
 }
 
 // The whitelist sync's lag (and its last error, if any) as one pill; hidden when no loop runs.
@@ -46,56 +144,38 @@ function renderSync(sync) {
 }
 
 function render(data) {
-  const batches = fill("batches", data.batches, 8, "no batches yet");
+  renderLine(data.line);
+  renderPorts(data.ports, data.line.state !== "running");
+  renderThroughput(data.verified_per_minute, data.boards_last_hour);
+  renderHealth(data.health);
+  renderSync(data.whitelist_sync);
+  const batches = fill("batches", data.batches, 9, "no batches yet");
   for (const b of data.batches) {
     const tr = document.createElement("tr");
     tr.dataset.batch = b.name;
-    cell(tr, b.name);
-    cell(tr, b.product);
+    cell(tr, b.name, "mono");
     cell(tr, b.state);
-    cell(tr, b.planned);
-    cell(tr, b.devices, "devices");
-    cell(tr, b.verified, "verified");
-    cell(tr, b.failed, "failed");
-    const bar = document.createElement("div");
-    bar.className = "bar";
-    const fillEl = document.createElement("span");
-    fillEl.style.width = `${Math.min(100, (100 * b.verified) / Math.max(1, b.planned))}%`;
-    bar.appendChild(fillEl);
-    cell(tr, "").appendChild(bar);
+    cell(tr, b.planned, "num");
+    cell(tr, b.devices, "num devices");
+    cell(tr, b.verified, "num verified");
+    cell(tr, b.failed, "num failed");
+    cell(tr, pct(b.yield_pct), "num yield");
+    cell(tr, pct(b.first_pass_yield_pct), "num first-pass");
+    const reasons = Object.entries(b.failures_by_reason).map(([code, n]) => `${code} ${n}`);
+    cell(tr, reasons.join(", ") || "—", "reasons");
     batches.appendChild(tr);
   }
-  const ports = fill("ports", data.ports, 6, "no ports reported by the line driver");
-  for (const p of data.ports) {
-    const tr = document.createElement("tr");
-    cell(tr, p.port);
-    cell(tr, p.device_id);
-    cell(tr, p.batch);
-    cell(tr, p.step, `step-${p.step}`);
-    cell(tr, when(p.since));
-    cell(tr, p.last_error);
-    ports.appendChild(tr);
-  }
-  const failures = [
-    ...data.recent_refusals,
-    ...data.line_failures,
-    ...data.failed_devices,
-  ]
-    .sort((a, b) => String(b.at).localeCompare(String(a.at)))
-    .slice(0, 10);
-  const fbody = fill("failures", failures, 5, "no failures");
-  for (const f of failures) {
+  const fbody = fill("failures", data.failures, 5, "no failures");
+  for (const f of data.failures) {
     const tr = document.createElement("tr");
     cell(tr, when(f.at));
-    cell(tr, f.device_id);
+    cell(tr, f.device_id, "mono");
     cell(tr, f.batch);
     cell(tr, f.code, "error");
     cell(tr, f.detail);
     fbody.appendChild(tr);
   }
-  $("#rate").textContent = `${data.issue_rate_per_min.toFixed(1)} certs/min`;
-  renderSync(data.whitelist_sync);
-  $("#updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  $("#updated").textContent = `page updated ${new Date().toLocaleTimeString()}`;
 }
 
 function showLogin(message) {
@@ -127,7 +207,7 @@ async function poll() {
     $("#login").hidden = true;
     $("#board").hidden = false;
     $("#logout").hidden = false;
-    $("#conn").textContent = "live";
+    $("#conn").textContent = "connected";
     $("#conn").className = "pill ok";
   } catch (err) {
     $("#conn").textContent = `offline: ${err.message}`;

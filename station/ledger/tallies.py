@@ -10,6 +10,7 @@ into Python, so a scrape costs the same for 8 boards and 100,000.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, and_, case, func, select
@@ -90,3 +91,53 @@ def tallies(engine: Engine) -> Tallies:
                 [(le, int(n)) for le, n in zip(STEP_BUCKETS, row[2:], strict=True)], count, total
             )
     return out
+
+
+@dataclass
+class BatchQuality:
+    first_pass: int = 0  # verified with no recorded failure
+    failures: dict[str, int] = field(default_factory=dict)  # boards now failed, by reason
+
+
+def batch_quality(engine: Engine, names: list[str]) -> dict[str, BatchQuality]:
+    """First-pass boards and failures by reason of the named batches (two grouped queries)."""
+    out = {name: BatchQuality() for name in names}
+    if not names:
+        return out
+    joined = devices.join(batches, batches.c.id == devices.c.batch_id)
+    with engine.connect() as conn:
+        for name, n in conn.execute(
+            select(batches.c.name, func.count())
+            .select_from(joined)
+            .where(
+                batches.c.name.in_(names),
+                devices.c.verified_at.is_not(None),
+                devices.c.attempts == 0,
+            )
+            .group_by(batches.c.name)
+        ):
+            out[name].first_pass = n
+        for name, code, n in conn.execute(
+            select(batches.c.name, devices.c.failure_code, func.count())
+            .select_from(joined)
+            .where(batches.c.name.in_(names), devices.c.state == "failed")
+            .group_by(batches.c.name, devices.c.failure_code)
+        ):
+            out[name].failures[code or "unknown"] = n
+    return out
+
+
+def verified_per_minute(engine: Engine, now: datetime, minutes: int = 60) -> list[int]:
+    """Boards verified in each of the last ``minutes`` minutes, oldest first (every batch)."""
+    since = now - timedelta(minutes=minutes)
+    counts = [0] * minutes
+    with engine.connect() as conn:
+        for (at,) in conn.execute(
+            select(devices.c.verified_at).where(devices.c.verified_at >= since)
+        ):
+            if at.tzinfo is None:
+                at = at.replace(tzinfo=UTC)
+            i = int((at - since).total_seconds() // 60)
+            if 0 <= i < minutes:
+                counts[i] += 1
+    return counts

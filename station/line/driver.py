@@ -224,6 +224,7 @@ class LineDriver:
                 worker.stop.set()
             for worker in list(self._workers.values()):
                 worker.thread.join(timeout=30)
+            self.status.running = False  # the last write tells the dashboard
             self.status.flush(force=True)
         return self.records
 

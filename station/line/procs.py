@@ -364,6 +364,7 @@ class ProcessLine:
         finally:
             self._stop.set()
             self._shutdown()
+            self.status.running = False  # the last write tells the dashboard
             self.status.flush(force=True)
         return self.records
 

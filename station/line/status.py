@@ -91,6 +91,10 @@ class LineEvent:
     detail: str = ""
 
 
+#: Seconds between writes of an idle line, so that a fresh ``updated`` means alive.
+HEARTBEAT = 2.0
+
+
 class LineStatus:
     """Thread-safe state of every port; ``path`` None keeps it in memory only."""
 
@@ -98,6 +102,10 @@ class LineStatus:
         self.batch = batch
         self.path = path
         self.min_interval = min_interval
+        # False once the run ended: its last write says so, and the dashboard shows
+        # the line stopped at once (a killed line is seen by the age of `updated`,
+        # rewritten every HEARTBEAT seconds while the line runs, even when idle).
+        self.running = True
         self.ports: dict[str, PortState] = {}
         # device_id -> verified / failed / skipped: the last outcome of the most recent
         # RECENT_OUTCOMES boards (bounded: a line runs for days).
@@ -207,6 +215,7 @@ class LineStatus:
         with self._lock:
             return {
                 "updated": _iso(datetime.now(UTC)),
+                "running": self.running,
                 "batch": self.batch,
                 "ports": [self.ports[k].as_dict() for k in sorted(self.ports)],
                 "counts": {**self.counts, "in_progress": self.in_progress()},
@@ -221,7 +230,9 @@ class LineStatus:
         if self.path is None:
             return False
         now = time.monotonic()
-        if not force and (not self._dirty or now - self._last_write < self.min_interval):
+        idle_long = now - self._last_write >= HEARTBEAT
+        due = self._dirty or idle_long
+        if not force and (not due or now - self._last_write < self.min_interval):
             return False
         self._dirty = False
         self._last_write = now
