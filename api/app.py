@@ -22,6 +22,7 @@ from api.middleware import (
     PlainTextParamsMiddleware,
     SecurityHeadersMiddleware,
 )
+from api.openapi_ids import operation_id
 from api.routers import (
     batches,
     ca,
@@ -105,6 +106,7 @@ def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -
         # schema stays at /openapi.json for any viewer run elsewhere.
         docs_url=None,
         redoc_url=None,
+        generate_unique_id_function=operation_id,
     )
     app.state.station = station
     problems.install(app)

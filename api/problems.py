@@ -154,8 +154,55 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 
 
-def _problem_response(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {PROBLEM_JSON: {"schema": _PROBLEM_REF}}}
+def _problem_response(description: str, codes: tuple[str, ...] = ()) -> dict[str, Any]:
+    media: dict[str, Any] = {"schema": _PROBLEM_REF}
+    if codes:
+        media["examples"] = {
+            code: {"value": {"type": TYPE_BASE + code, "code": code}} for code in codes
+        }
+    return {"description": description, "content": {PROBLEM_JSON: media}}
+
+
+def _documented_errors(path: str, method: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """The errors a /v1 route answers with, each with example reason codes (its type is
+    ``urn:station:problem:<code>``)."""
+    errors: list[tuple[str, str, tuple[str, ...]]] = [
+        ("401", "no bearer token, or one the ledger does not know", ("unauthorized",))
+    ]
+    if path != "/v1/ca":  # every role may read the CA
+        errors.append(("403", "the token's role may not call this route", ("forbidden",)))
+    if "{" in path:
+        errors.append(
+            ("404", "no such batch or board", ("unknown-batch", "unknown-device", "not-found"))
+        )
+    if method == "post":
+        errors.append(
+            (
+                "409",
+                "the ledger's state forbids it now",
+                ("batch-full", "batch-closed", "already-provisioned", "token-exists"),
+            )
+        )
+    errors.append(
+        (
+            "422",
+            "the request is not valid, or policy refuses it",
+            ("invalid-request", "bad-text", "subject-mismatch"),
+        )
+    )
+    return errors
+
+
+def _not_null(parameter: dict[str, Any]) -> None:
+    """An optional query parameter is absent or a value, never null: document the value.
+
+    (``str | None`` gives ``anyOf: [string, null]``; a client cannot send a null in a
+    query string, and fuzzers that try dropped the parameter, sending a valid request.)"""
+    schema = parameter.get("schema", {})
+    options = [o for o in schema.get("anyOf", ()) if o.get("type") != "null"]
+    if len(options) == 1 and len(options) < len(schema["anyOf"]):
+        rest = {k: v for k, v in schema.items() if k != "anyOf"}
+        parameter["schema"] = {**options[0], **rest}
 
 
 def _no_control_characters(schema: dict[str, Any]) -> None:
@@ -181,16 +228,21 @@ def document(app: FastAPI) -> None:
         schema = generate()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components["Problem"] = PROBLEM_SCHEMA
-        for path_item in schema.get("paths", {}).values():
-            for operation in path_item.values():
+        for path, path_item in schema.get("paths", {}).items():
+            for method, operation in path_item.items():
                 responses = operation.setdefault("responses", {})
                 if "422" in responses:
                     responses["422"] = _problem_response("the request is not valid")
+                if path.startswith("/v1/"):
+                    for status, description, codes in _documented_errors(path, method):
+                        responses[status] = _problem_response(description, codes)
                 for status, response in responses.items():
                     if status.startswith(("4", "5")) and "content" not in response:
                         response["content"] = {PROBLEM_JSON: {"schema": _PROBLEM_REF}}
                 responses.setdefault("default", _problem_response("an error (problem details)"))
                 for parameter in operation.get("parameters", ()):
+                    if parameter.get("in") == "query":
+                        _not_null(parameter)
                     if parameter.get("in") in ("path", "query"):
                         _no_control_characters(parameter.get("schema", {}))
         for unused in ("HTTPValidationError", "ValidationError"):

@@ -163,3 +163,21 @@ class TokenInfo(BaseModel):
     last_used_at: datetime | None = Field(description="to the minute")
     expires_at: datetime | None
     revoked_at: datetime | None
+
+
+class BatchPage(BaseModel):
+    """One page of batches: ``items`` from ``offset``, at most ``limit``, of ``total``."""
+
+    items: list[BatchOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class DevicePage(BaseModel):
+    """One page of boards in enrolment order: ``items`` from ``offset`` of ``total``."""
+
+    items: list[DeviceOut]
+    total: int
+    limit: int
+    offset: int

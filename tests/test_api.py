@@ -73,8 +73,8 @@ def test_batches(api: Api) -> None:
         422,
         "bad-template",
     )
-    listed = api.get("/v1/batches", "qa").json()
-    assert [b["name"] for b in listed] == ["B1"]
+    listed = api.get("/v1/batches", "qa").json()  # a page: items, total, limit, offset
+    assert [b["name"] for b in listed["items"]] == ["B1"] and listed["total"] == 1
     got = api.get("/v1/batches/B1", "qa").json()
     assert got["planned_count"] == 3 and got["state"] == "open"
     assert got["operator"] == "test-operator"
@@ -123,8 +123,8 @@ def test_full_flow_to_whitelist(api: Api) -> None:
     device = api.get("/v1/devices/dev-1", "qa").json()
     assert device["state"] == "verified" and device["verified_at"]
     listed = api.get("/v1/devices", "qa", params={"batch": "B1", "state": "verified"}).json()
-    assert [d["device_id"] for d in listed] == ["dev-1"]
-    assert api.get("/v1/devices", "qa", params={"state": "failed"}).json() == []
+    assert [d["device_id"] for d in listed["items"]] == ["dev-1"] and listed["total"] == 1
+    assert api.get("/v1/devices", "qa", params={"state": "failed"}).json()["items"] == []
     assert_problem(api.get("/v1/devices", "qa", params={"state": "bogus"}), 422, "bad-state")
     assert_problem(api.get("/v1/devices/ghost", "qa"), 404, "unknown-device")
 
@@ -370,7 +370,7 @@ def test_line_status_and_dashboard_page(api: Api) -> None:
     (api.settings.data_dir / "line-status.json").write_text(json.dumps(status))
     data = api.get("/v1/line/status", "qa").json()
     (b1,) = data["batches"]
-    assert (b1["name"], b1["planned"], b1["devices"], b1["verified"]) == ("B1", 4, 1, 0)
+    assert (b1["name"], b1["planned_count"], b1["device_count"], b1["verified"]) == ("B1", 4, 1, 0)
     assert data["ports"][0]["port"] == "/dev/ttyUSB0" and data["ports"][0]["step"] == "prove"
     assert data["ports"][0]["batch"] == "B1"
     assert data["recent_refusals"][0]["code"] == "malformed-csr"

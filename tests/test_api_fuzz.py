@@ -138,7 +138,7 @@ def test_listing_batches_in_an_unknown_state_is_refused(fuzz_app: tuple[FastAPI,
         r = client.get("/v1/batches", params={"state": "opne"}, headers=headers)
         assert r.status_code == 422 and r.json()["code"] == "bad-state", r.text
         assert [
-            b["name"] for b in client.get("/v1/batches?state=open", headers=headers).json()
+            b["name"] for b in client.get("/v1/batches?state=open", headers=headers).json()["items"]
         ] == ["B1"]
 
 

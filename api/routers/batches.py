@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, status
 
 from api.auth import OperatorUp, Reader
 from api.context import ContextDep
-from api.schemas import BatchIn, BatchOut
+from api.schemas import BatchIn, BatchOut, BatchPage
 from station.errors import PolicyError
 from station.ledger import BatchState
 
@@ -32,17 +32,25 @@ def create_batch(body: BatchIn, station: ContextDep, who: OperatorUp) -> BatchOu
     return BatchOut(**asdict(batch))
 
 
-@router.get("", response_model=list[BatchOut])
+@router.get("", response_model=BatchPage)
 def list_batches(
     station: ContextDep,
     _: Reader,
     state: Annotated[str | None, Query(json_schema_extra={"enum": list(BatchState)})] = None,
-) -> list[BatchOut]:
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
+) -> BatchPage:
     if state is not None and state not in set(BatchState):
         # The ledger filters by any string: an unknown state would list nothing, silently.
         states = ", ".join(BatchState)
         raise PolicyError(f"state {state!r} is not one of {states}", code="bad-state")
-    return [BatchOut(**asdict(b)) for b in station.ledger.list_batches(state=state)]
+    every = station.ledger.list_batches(state=state)
+    return BatchPage(
+        items=[BatchOut(**asdict(b)) for b in every[offset : offset + limit]],
+        total=len(every),
+        limit=limit,
+        offset=offset,
+    )
 
 
 @router.get("/{name}", response_model=BatchOut)

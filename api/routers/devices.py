@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query
 
 from api.auth import Admin, BoardUp, Reader
 from api.context import ContextDep
-from api.schemas import ChallengeOut, DeviceOut, ProofIn, RevokeIn
+from api.schemas import ChallengeOut, DeviceOut, DevicePage, ProofIn, RevokeIn
 from station.errors import StationError
 from station.ledger import DeviceState
 from station.ledger.proof import signed_message
@@ -28,7 +28,7 @@ def _b64(value: str, field: str) -> bytes:
         raise StationError(f"{field} is not valid base64", code="bad-base64") from None
 
 
-@router.get("", response_model=list[DeviceOut])
+@router.get("", response_model=DevicePage)
 def list_devices(
     station: ContextDep,
     _: Reader,
@@ -36,9 +36,14 @@ def list_devices(
     state: Annotated[str | None, Query(json_schema_extra={"enum": list(DeviceState)})] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     offset: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
-) -> list[DeviceOut]:
+) -> DevicePage:
     devices = station.ledger.list_devices(batch, state, limit=limit, offset=offset)
-    return [DeviceOut(**asdict(d)) for d in devices]
+    # The total from the ledger's per-batch, per-state counts (one grouped query).
+    counts = station.ledger.counts(batch)
+    total = sum(n for states in counts.values() for s, n in states.items() if state in (None, s))
+    return DevicePage(
+        items=[DeviceOut(**asdict(d)) for d in devices], total=total, limit=limit, offset=offset
+    )
 
 
 @router.get("/{device_id}", response_model=DeviceOut)

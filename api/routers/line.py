@@ -13,6 +13,7 @@ from api.auth import Reader
 from api.context import AppContext, ContextDep
 from api.metrics import LINE_STALE_SECONDS, line_age_seconds
 from station.ledger.tallies import batch_quality, verified_per_minute
+from station.timefmt import rfc3339
 
 router = APIRouter(prefix="/v1/line", tags=["line"])
 
@@ -36,12 +37,25 @@ def _line_state(line: dict[str, Any], now: datetime) -> dict[str, Any]:
     return {"state": state, "updated": line["updated"], "age_s": age, "batch": line["batch"]}
 
 
+def _z(item: dict[str, Any]) -> dict[str, Any]:
+    """The item with its ``at`` in RFC 3339 with ``Z`` (one timestamp format in the API)."""
+    at = item.get("at")
+    if isinstance(at, datetime):
+        return {**item, "at": rfc3339(at)}
+    if isinstance(at, str):
+        try:
+            return {**item, "at": rfc3339(datetime.fromisoformat(at.replace("Z", "+00:00")))}
+        except ValueError:
+            return item
+    return item
+
+
 def _merged_failures(*sources: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each failure once: the same board and reason from the ledger, the line's status and
     this worker's refusals is one entry (its latest), newest first."""
     seen: dict[tuple[Any, Any], dict[str, Any]] = {}
     for source in sources:
-        for f in source:
+        for f in map(_z, source):
             key = (f.get("device_id"), f.get("code"))
             at = str(f.get("at") or "")
             if key not in seen or at > str(seen[key].get("at") or ""):
@@ -65,8 +79,8 @@ def line_status(station: ContextDep, _: Reader) -> dict[str, Any]:
                 "name": b.name,
                 "product": b.product,
                 "state": b.state,
-                "planned": b.planned_count,
-                "devices": b.device_count,
+                "planned_count": b.planned_count,
+                "device_count": b.device_count,
                 "verified": states.get("verified", 0),
                 "failed": states.get("failed", 0),
                 "states": states,
@@ -86,7 +100,7 @@ def line_status(station: ContextDep, _: Reader) -> dict[str, Any]:
             "batch": d.batch,
             "code": d.failure_code,
             "detail": d.failure_message,
-            "at": d.failed_at.isoformat() if d.failed_at else None,
+            "at": rfc3339(d.failed_at) if d.failed_at else None,
         }
         for d in failed
     ]
@@ -99,16 +113,16 @@ def line_status(station: ContextDep, _: Reader) -> dict[str, Any]:
     refusals = [asdict(f) for f in station.activity.failures()[:MAX_FAILURES]]
     per_minute = verified_per_minute(ledger.engine, now)
     return {
-        "now": now.isoformat(),
+        "now": rfc3339(now),
         "batches": batches,
         "line": line_state,
         "line_batch": line["batch"],
         "line_updated": line["updated"],
         "ports": ports,
         "failures": _merged_failures(failed_devices, line["recent_failures"], refusals),
-        "line_failures": line["recent_failures"],
+        "line_failures": [_z(f) for f in line["recent_failures"]],
         "failed_devices": failed_devices,
-        "recent_refusals": refusals,
+        "recent_refusals": [_z(f) for f in refusals],
         "verified_per_minute": per_minute,
         "boards_last_hour": sum(per_minute),
         "health": {part: c["status"] for part, c in station.health().items()},

@@ -155,8 +155,8 @@ function render(data) {
     tr.dataset.batch = b.name;
     cell(tr, b.name, "mono");
     cell(tr, b.state);
-    cell(tr, b.planned, "num");
-    cell(tr, b.devices, "num devices");
+    cell(tr, b.planned_count, "num");
+    cell(tr, b.device_count, "num devices");
     cell(tr, b.verified, "num verified");
     cell(tr, b.failed, "num failed");
     cell(tr, pct(b.yield_pct), "num yield");
