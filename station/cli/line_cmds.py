@@ -108,6 +108,14 @@ def run_cmd(
             "session and ledger connection); 1 runs every port in this process.",
         ),
     ] = 1,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels",
+            help="Write a label (QR code with device id and certificate fingerprint, PNG "
+            "and PDF) for each board this run verified into this directory.",
+        ),
+    ] = None,
 ) -> None:
     """Provision every board plugged into the line, all ports at once.
 
@@ -171,6 +179,12 @@ def run_cmd(
                 driver, console, live=live and console.is_terminal, until=until, timeout=timeout
             )
         _print_run(records, ledger, batch)
+        if labels is not None:
+            from station.labels import write_batch
+
+            verified = {r.outcome.device_id for r in records if r.outcome.result == "verified"}
+            n = write_batch(ledger, batch, labels, only=verified)
+            console.print(f"wrote {n} labels to {labels}", highlight=False, markup=False)
     if any(r.outcome.result == "failed" for r in records):
         raise typer.Exit(1)
 

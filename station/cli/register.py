@@ -16,6 +16,7 @@ MODULES = [
     "station.cli.line_cmds",
     "station.cli.report_cmds",
     "station.cli.publish_cmds",
+    "station.cli.label_cmds",
 ]
 
 
