@@ -96,3 +96,27 @@ def test_station_label_writes_a_batch_and_refuses_an_unknown_one(
     assert len(list((tmp_path / "d").glob("*.png"))) == 1
     refused = station("label", "nope", "--out-dir", str(tmp_path / "e"), code=1)
     assert refused.stderr.startswith("error [unknown-batch]") and "Traceback" not in refused.stderr
+
+
+def test_the_batch_report_lists_each_board_s_label(station_env: Settings, tmp_path: Path) -> None:
+    station("batch", "create", "L", "--product", "p", "--count", "5", "--key-mode", "board-ecc",
+            "--subject-template", TEMPLATE)  # fmt: skip
+    out = tmp_path / "labels"
+    station("line", "run", "--batch", "L", "--simulate", "2", "--no-live", "--baud", "0",
+            "--labels", str(out))  # fmt: skip
+    html = tmp_path / "L.html"
+    station("report", "L", "--out", str(html), "--labels", str(out))
+    page = html.read_text()
+    assert "<th>label</th>" in page
+    for png in out.glob("*.png"):
+        assert f'<td class="mono">{png.name}</td>' in page
+    pdf = tmp_path / "L.pdf"
+    station("report", "L", "--out", str(pdf), "--labels", str(out))
+    text = "".join(subprocess.run([tool("pdftotext"), str(pdf), "-"], capture_output=True,
+                                  text=True).stdout.split())  # fmt: skip
+    assert all(png.name in text for png in out.glob("*.png"))
+    plain = tmp_path / "plain.html"
+    station("report", "L", "--out", str(plain))
+    assert "<th>label</th>" not in plain.read_text()
+    refused = station("report", "L", "--out", str(plain), "--labels", str(tmp_path), code=1)
+    assert refused.stderr.startswith("error [bad-labels]")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -50,6 +52,15 @@ report_app = typer.Typer(
 )
 
 
+def _labels(directory: Path) -> dict[str, str]:
+    """device id -> label file, from the directory's labels.csv (station/labels.py)."""
+    try:
+        with (directory / "labels.csv").open(newline="") as fh:
+            return {row["device_id"]: row["png"] for row in csv.DictReader(fh)}
+    except (OSError, KeyError) as exc:
+        raise fail("bad-labels", f"no readable labels.csv in {directory}: {exc}") from None
+
+
 def _safe_dir_name(batch: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", batch) or "batch"
 
@@ -78,6 +89,14 @@ def report_batch(
         Path | None,
         typer.Option("--out-dir", help="Manifest directory (default ./BATCH-manifest)."),
     ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels",
+            help="A directory of shipping labels (station label, line run --labels): "
+            "html and pdf list each board's label file.",
+        ),
+    ] = None,
 ) -> None:
     cfg = settings()
     with Ledger.from_settings(cfg) as ledger:
@@ -98,6 +117,8 @@ def report_batch(
         if out is None and fmt is Format.PDF and sys.stdout.isatty():
             raise fail("bad-argument", "a PDF does not go to a terminal: pass --out FILE", 2)
         report = build_report(ledger, batch, CaFacts.from_file(cfg.ca_cert_path))
+        if labels is not None:
+            report = dataclasses.replace(report, labels=_labels(labels))
         if out is None:
             write_report(ledger, report, fmt, sys.stdout.buffer)
             sys.stdout.buffer.flush()

@@ -216,6 +216,9 @@ class BatchReport:
     ca: CaFacts | None
     summary: Summary
     generated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    #: device id -> its shipping label's file name (``labels.csv`` of ``station label``);
+    #: None: the HTML and PDF device tables have no label column.
+    labels: dict[str, str] | None = None
 
     def batch_facts(self) -> dict[str, Any]:
         b = self.batch

@@ -119,6 +119,7 @@ def _context(ledger: Ledger, report: BatchReport, max_rows: int) -> dict[str, An
         ],
         "devices": islice(iter_devices(ledger, report.batch.name), max_rows),
         "max_rows": max_rows,
+        "labels": report.labels,
         "fmt": fmt,
         "iso": iso,
     }
