@@ -94,7 +94,7 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
             )
     try:
         csr.subject  # noqa: B018 - parsed lazily: a bad string (e.g. invalid UTF-8) raises here
-    except ValueError:
+    except (ValueError, TypeError):  # TypeError: a BIT STRING value under another attribute
         raise PolicyError("the CSR's subject cannot be parsed", code="malformed-csr") from None
     return csr
 

@@ -104,6 +104,21 @@ def test_der_with_trailing_garbage_is_malformed() -> None:
     assert code_of(load_csr, csr_der(csr) + b"\x00\x01") == "malformed-csr"
 
 
+def test_a_bit_string_under_another_attribute_is_malformed() -> None:
+    """Found by the API's DER fuzzing: cryptography raises TypeError (not ValueError)
+    parsing a subject whose BIT STRING value is not an x500UniqueIdentifier; it was a 500."""
+    from cryptography.x509.name import _ASN1Type
+    from cryptography.x509.oid import NameOID
+
+    unique = x509.NameAttribute(NameOID.X500_UNIQUE_IDENTIFIER, b"\x01", _type=_ASN1Type.BitString)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "d1"), unique])
+    der = csr_der(make_csr(subject)[0])
+    # 2.5.4.45 (x500UniqueIdentifier) -> 2.5.4.46 (dnQualifier): same length, same BIT STRING.
+    assert der.count(b"\x06\x03\x55\x04\x2d") == 1
+    bent = der.replace(b"\x06\x03\x55\x04\x2d", b"\x06\x03\x55\x04\x2e")
+    assert code_of(load_csr, bent) == "malformed-csr"
+
+
 def test_pem_with_two_blocks_is_malformed() -> None:
     csr, _ = make_csr(device_name("d1"))
     assert code_of(load_csr, csr_pem(csr) + csr_pem(csr)) == "malformed-csr"
