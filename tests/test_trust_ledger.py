@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from firmware_hooks.host import BoardClient
+from firmware_hooks.protocol import proof_message
 from firmware_hooks.simboard import SimulatedBoard
 from station.ca import CertificateAuthority
 from station.cli import ledger_cmds
@@ -45,7 +46,7 @@ def _prove(
     r = api.post(f"/v1/devices/{device_id}/challenge", role)
     assert r.status_code == 200, r.text
     nonce = r.json()["nonce"]
-    sig = base64.b64encode(sign(key, base64.b64decode(nonce))).decode()
+    sig = base64.b64encode(sign(key, proof_message(device_id, base64.b64decode(nonce)))).decode()
     return api.post(f"/v1/devices/{device_id}/proof", role, json={"nonce": nonce, "signature": sig})
 
 
@@ -137,10 +138,10 @@ def test_one_open_challenge_per_device_and_the_old_one_is_gone(live_api: Api) ->
     nonces = [api.post("/v1/devices/c-1/challenge", "board").json()["nonce"] for _ in range(50)]
     assert _challenge_rows(api) == 1
     old = nonces[0]
-    sig = base64.b64encode(sign(key, base64.b64decode(old))).decode()
+    sig = base64.b64encode(sign(key, proof_message("c-1", base64.b64decode(old)))).decode()
     r = api.post("/v1/devices/c-1/proof", "board", json={"nonce": old, "signature": sig})
     assert_problem(r, 422, "no-challenge")
-    sig = base64.b64encode(sign(key, base64.b64decode(nonces[-1]))).decode()
+    sig = base64.b64encode(sign(key, proof_message("c-1", base64.b64decode(nonces[-1])))).decode()
     r = api.post("/v1/devices/c-1/proof", "board", json={"nonce": nonces[-1], "signature": sig})
     assert r.status_code == 200, r.text
     assert _challenge_rows(api) == 0  # a used challenge is not kept
@@ -184,7 +185,7 @@ def test_a_nonce_is_spent_by_any_answer_and_every_refusal_is_audited(live_api: A
     nonce = api.post("/v1/devices/c-3/challenge", "board").json()["nonce"]
     with Ledger.from_settings(api.settings) as ledger:
         ledger.mark_failed("c-3", "test", "left the line")
-    sig = base64.b64encode(sign(key, base64.b64decode(nonce))).decode()
+    sig = base64.b64encode(sign(key, proof_message("c-3", base64.b64decode(nonce)))).decode()
     answer = {"nonce": nonce, "signature": sig}
     assert_problem(api.post("/v1/devices/c-3/proof", "board", json=answer), 409, "bad-state")
     assert_problem(api.post("/v1/devices/c-3/proof", "board", json=answer), 422, "no-challenge")

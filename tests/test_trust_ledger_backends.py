@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
+from firmware_hooks.protocol import proof_message
 from station.ca import CertificateAuthority
 from station.errors import StationError
 from station.ledger import Ledger
@@ -61,8 +62,14 @@ def test_challenges_and_revocation(ledger: Ledger, ca: CertificateAuthority) -> 
         nonce = ledger.create_challenge("d-1")
     assert rows(ledger) == 1  # d-2's expired one purged, d-1's replaced
     ledger.mark_failed("d-1", "test", "left the line")
-    assert code_of(ledger.verify_proof, "d-1", nonce, sign(key, nonce)) == "bad-state"
-    assert code_of(ledger.verify_proof, "d-1", nonce, sign(key, nonce)) == "no-challenge"
+    assert (
+        code_of(ledger.verify_proof, "d-1", nonce, sign(key, proof_message("d-1", nonce)))
+        == "bad-state"
+    )
+    assert (
+        code_of(ledger.verify_proof, "d-1", nonce, sign(key, proof_message("d-1", nonce)))
+        == "no-challenge"
+    )
     assert rows(ledger) == 0
 
     pem3, _ = new_csr("d-2")
