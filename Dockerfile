@@ -53,9 +53,11 @@ VOLUME ["/data", "/tokens"]
 EXPOSE 8000
 
 # `station serve` reads STATION_HOST and STATION_PORT, and so does the health check:
-# another port is `-e STATION_PORT=9000 -p 9000:9000`, and the check follows it.
+# another port is `-e STATION_PORT=9000 -p 9000:9000`, and the check follows it. HTTPS
+# when STATION_TLS_CERT and STATION_TLS_KEY name a mounted pair (the probe skips the
+# name check: the certificate names the host, not 127.0.0.1).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ['STATION_PORT'], timeout=4)"]
+    CMD ["python", "-c", "import os, ssl, urllib.request as u; t = os.environ.get('STATION_TLS_CERT'); u.urlopen(('https' if t else 'http') + '://127.0.0.1:%s/healthz' % os.environ['STATION_PORT'], timeout=4, context=ssl._create_unverified_context() if t else None)"]
 
 ENTRYPOINT ["station"]
 CMD ["serve"]

@@ -12,13 +12,14 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 # resource manager and PKCS#11 module, and opencryptoki, the two other tokens the
 # key-store tests run on (docs/hsm.md); pango and fonts for WeasyPrint's PDF
 # reports (DejaVu for Latin, Noto CJK for Chinese, Japanese and Korean); zbar-tools
-# to read back the QR codes of shipping labels.
+# to read back the QR codes of shipping labels; strongSwan's `pki --est` and curl as
+# real EST clients.
 DEB_PACKAGES := softhsm2 opensc openssl libengine-pkcs11-openssl mosquitto \
 	mosquitto-clients postgresql poppler-utils chromium python3-venv \
 	swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 \
 	libtpm2-pkcs11-tools dbus opencryptoki iproute2 \
 	libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 fonts-dejavu-core fonts-noto-cjk \
-	zbar-tools
+	zbar-tools strongswan-pki libstrongswan-extra-plugins curl
 
 .PHONY: setup demo test lint bench lock clean
 .DEFAULT_GOAL := help

@@ -14,6 +14,7 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from station.errors import Kind, StationError
+from station.tls import TlsFiles
 
 log = logging.getLogger("uvicorn.error")
 
@@ -84,7 +85,8 @@ class TcpConfig(uvicorn.Config):
                 kind=Kind.IN_USE if exc.errno == errno.EADDRINUSE else Kind.NOT_CONFIGURED,
             ) from None
         host, port = sock.getsockname()[:2]
-        log.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", host, port)
+        scheme = "https" if self.is_ssl else "http"
+        log.info("Uvicorn running on %s://%s:%d (Press CTRL+C to quit)", scheme, host, port)
         return sock
 
 
@@ -93,13 +95,29 @@ def default_workers() -> int:
     return (os.cpu_count() or 1) + 1
 
 
-def serve(host: str, port: int, workers: int, *, access_log: bool = False) -> None:
+def serve(
+    host: str, port: int, workers: int, *, access_log: bool = False, tls: TlsFiles | None = None
+) -> None:
     """Factory mode: each worker builds its app and opens its own PKCS#11 session.
 
     The access log is off unless asked for: one line per certificate costs CPU on
     the worker (about 4% of a loaded worker) and the ledger already records
     every request that changed something.
+
+    With ``tls`` the port speaks HTTPS only; a client certificate from the
+    station's CA is asked for (optional by default) and handed to the app through
+    the ASGI TLS extension (api/tls.py). (`station serve` warns about plain HTTP
+    on an address other than loopback.)
     """
+    options: dict[str, Any] = {}
+    if tls is not None:
+        options = {
+            "ssl_certfile": str(tls.cert),
+            "ssl_keyfile": str(tls.key),
+            "ssl_cert_reqs": tls.cert_reqs,
+            "ssl_ca_certs": str(tls.client_ca) if tls.client_ca is not None else None,
+            "http": "api.tls:TlsHttpToolsProtocol",
+        }
     config = TcpConfig(
         APP,
         factory=True,
@@ -109,6 +127,7 @@ def serve(host: str, port: int, workers: int, *, access_log: bool = False) -> No
         proxy_headers=False,
         log_level="info",
         access_log=access_log,
+        **options,
     )
     # Bound here, before any worker starts: a port in use is a StationError the CLI reports.
     sockets = [config.bind_socket()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -81,6 +82,21 @@ class Settings(BaseSettings):
         ge=1,
         description="Failed HTTP authentications an address may make in a minute before it "
         "is answered 429 (per worker process).",
+    )
+    tls_cert: Path | None = Field(
+        default=None,
+        description="PEM server certificate (chain) for HTTPS; with tls_key, `station serve` "
+        "speaks TLS only.",
+    )
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert.")
+    tls_client_certs: Literal["off", "optional", "required"] = Field(
+        default="optional",
+        description="Ask TLS clients for a certificate issued by the station's CA (EST "
+        "re-enrolment): off, optional (checked when sent) or required.",
+    )
+    est_default_batch: str | None = Field(
+        default=None,
+        description="Batch of EST requests without a label (/.well-known/est/simpleenroll).",
     )
 
     @field_validator("data_dir")
@@ -182,6 +198,11 @@ class Settings(BaseSettings):
     @property
     def token_dir(self) -> Path:
         return self.data_dir / "softhsm"
+
+    @property
+    def tls_dir(self) -> Path:
+        """Where `station tls init` writes a development server key and certificate."""
+        return self.data_dir / "tls"
 
     def resolved_database_url(self) -> str:
         if self.database_url:

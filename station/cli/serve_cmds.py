@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from station.cli.common import cli_errors, console, settings
+from station.cli.common import cli_errors, console, err_console, settings
 
 token_app = typer.Typer(help="Bearer tokens of the HTTP API.", no_args_is_help=True)
+tls_app = typer.Typer(help="TLS for `station serve`.", no_args_is_help=True)
 
 
 @cli_errors
@@ -31,13 +34,48 @@ def serve(
     access_log: Annotated[
         bool, typer.Option(help="Log one line per request (off: the ledger records issuance).")
     ] = False,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="PEM server certificate (chain); default STATION_TLS_CERT."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="PEM key of --tls-cert; default STATION_TLS_KEY.")
+    ] = None,
 ) -> None:
-    """Serve the HTTP API and the operator dashboard with uvicorn."""
+    """Serve the HTTP API, EST, CMP and the dashboard with uvicorn (HTTPS with --tls-cert)."""
     from api.server import default_workers
     from api.server import serve as run_server
+    from station.tls import plain_http_warning, tls_files
 
-    settings()  # refuse bad STATION_* variables before starting workers
-    run_server(host, port, workers or default_workers(), access_log=access_log)
+    s = settings()  # refuse bad STATION_* variables before starting workers
+    tls = tls_files(s, tls_cert, tls_key)
+    if tls is None and (warning := plain_http_warning(host)) is not None:
+        err_console.print(f"[bold red]{escape(warning)}[/]", highlight=False)
+    run_server(host, port, workers or default_workers(), access_log=access_log, tls=tls)
+
+
+@cli_errors
+def tls_init(
+    host: Annotated[
+        list[str], typer.Option(help="Host name or IP address clients use (repeat for more).")
+    ],
+    days: Annotated[int, typer.Option(min=1, max=825, help="Validity in days.")] = 825,
+) -> None:
+    """Make a development TLS server key and certificate under DATA_DIR/tls/.
+
+    Signed by a throw-away CA whose key is never stored (not the station's CA:
+    what that CA signs, AWS IoT takes for a device). Give clients tls/ca.pem.
+    """
+    from station.tls import init_dev_tls
+
+    made = init_dev_tls(settings(), host, days=days)
+    console.print(f"certificate {made.cert}", highlight=False)
+    console.print(f"key         {made.key}", highlight=False)
+    console.print(f"clients trust {made.ca}", highlight=False)
+    console.print(
+        f"serve with: STATION_TLS_CERT={made.cert} STATION_TLS_KEY={made.key} station serve",
+        highlight=False,
+    )
 
 
 @cli_errors
@@ -100,3 +138,5 @@ def register(app: typer.Typer) -> None:
     token_app.command("list")(token_list)
     token_app.command("revoke")(token_revoke)
     app.add_typer(token_app, name="token")
+    tls_app.command("init")(tls_init)
+    app.add_typer(tls_app, name="tls")
