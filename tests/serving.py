@@ -1,4 +1,4 @@
-"""`station serve` in a subprocess, over HTTPS or HTTP, for tests of real clients (no tests here)."""
+"""`station serve` in a subprocess, HTTPS or HTTP, for tests with real clients (no tests here)."""
 
 from __future__ import annotations
 

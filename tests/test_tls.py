@@ -94,13 +94,13 @@ def test_https_checks_chain_and_host_name(station_settings: Settings) -> None:
         assert wrong_name.returncode == 60 and "elsewhere.test" in wrong_name.stderr
         # Python's ssl with its defaults (CERT_REQUIRED, check_hostname).
         ctx = ssl.create_default_context(cafile=str(s.ca_file))
-        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as raw:
-            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                assert tls.version() in ("TLSv1.2", "TLSv1.3")
-                tls.sendall(
-                    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-                )
-                assert tls.recv(100).startswith(b"HTTP/1.1 200")
+        with (
+            socket.create_connection(("127.0.0.1", s.port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert tls.recv(100).startswith(b"HTTP/1.1 200")
         # Plain HTTP on the TLS port gets nothing.
         plain = curl(f"http://127.0.0.1:{s.port}/healthz")
         assert plain.returncode != 0

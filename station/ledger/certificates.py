@@ -313,7 +313,9 @@ def delisted_select() -> Select[Any]:
         select(certificates.c.serial, certificates.c.fingerprint, certificates.c.state)
         .select_from(certificates.outerjoin(whitelist, whitelist.c.serial == certificates.c.serial))
         .where(
-            certificates.c.state.in_([CertState.ISSUED.value, CertState.REVOKED.value]),
+            certificates.c.state.in_(
+                [CertState.ISSUED.value, CertState.REVOKED.value, CertState.SUPERSEDED.value]
+            ),
             certificates.c.fingerprint.is_not(None),
             whitelist.c.serial.is_(None),
         )

@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from station import policy
 from station.ca import DeviceProfile, new_serial
 from station.errors import ConflictError, Kind, NotFoundError, PolicyError, StationError
-from station.ledger import audit, batches, certificates, changes, devices
+from station.ledger import audit, batches, certificates, changes, devices, succession
 from station.ledger.batches import BatchHead
 from station.ledger.certificates import SignedCertificate
 from station.ledger.devices import LiveDevice
@@ -142,6 +142,7 @@ class Issuer:
         *,
         reprovision: bool = False,
         reason: str | None = None,
+        renews: str | None = None,
     ) -> IssueResult:
         csr = policy.load_csr(csr_der_or_pem)
         policy.check_csr(csr)
@@ -155,7 +156,7 @@ class Issuer:
         for attempt in range(5):
             try:
                 planned = self._record_intent(
-                    batch, device_id, csr, csr_der, pk, reprovision, ca.chain_pem, comeback
+                    batch, device_id, csr, csr_der, pk, reprovision, ca.chain_pem, comeback, renews
                 )
                 break
             except IntegrityError as exc:
@@ -217,6 +218,7 @@ class Issuer:
         reprovision: bool,
         chain_pem: bytes,
         comeback: str | None = None,
+        renews: str | None = None,
     ) -> IssueResult | _Planned:
         now = _now()
         # The subject (or why the CSR does not fit) worked out before the write
@@ -240,7 +242,8 @@ class Issuer:
                 raise NotFoundError(f"no batch named {batch_name!r}", code="unknown-batch")
             b = BatchHead.of(row)
             d = None if row["d_id"] is None else LiveDevice.of(row)
-            if not b.is_open:
+            # A closed batch stops new boards, not the field renewal of its own.
+            if not b.is_open and renews is None:
                 raise ConflictError(f"batch {batch_name!r} is closed", code="batch-closed")
             if early is not None and b.subject_template == seen_template:
                 if isinstance(early, PolicyError):
@@ -254,7 +257,11 @@ class Issuer:
             revoked = d is not None and d.state is DeviceState.REVOKED
             if revoked and not comeback:
                 raise device_revoked(device_id)
-            if d is not None and d.cert_id is not None:
+            if renews is not None:
+                succession.check(d, device_id, renews, pk)
+                assert d is not None and d.cert_id is not None
+                succession.begin(raw, d.cert_id)
+            elif d is not None and d.cert_id is not None:
                 if d.cert_state is CertState.INTENT:
                     raise ConflictError(
                         f"device {device_id!r} has an issuance in progress (serial "
@@ -315,14 +322,11 @@ class Issuer:
                 days=b.days,
                 backdate_seconds=self.backdate_seconds,
             )
-            audit.append(
-                raw,
-                self.station_id,
-                "cert.intent",
-                device_id,
-                {"serial": serial_hex(serial), "batch": batch_name, "public_key_sha256": pk},
-                now=now,
-            )
+            detail = {"serial": serial_hex(serial), "batch": batch_name, "public_key_sha256": pk}
+            if renews is not None:
+                succession.link(raw, cert_id, renews.lower())
+                detail["renews"] = renews.lower()
+            audit.append(raw, self.station_id, "cert.intent", device_id, detail, now=now)
             return _Planned(cert_id, device_pk, serial, subject, now, b.days, b.crl_url, b.ocsp_url)
 
         # Not durable: losing an intent in a power cut loses nothing that left the station.
@@ -364,7 +368,12 @@ class Issuer:
                     f"intent {signed.serial} was resolved elsewhere; certificate discarded",
                     code="intent-resolved",
                 )
-            devices.set_state(raw, signed.device_pk, DeviceState.ISSUED, now, self.station_id)
+            renewed = succession.complete(
+                raw, self.station_id, signed.device_pk, signed.device_id, signed.cert_id,
+                signed.serial, now,
+            )  # fmt: skip
+            if not renewed:
+                devices.set_state(raw, signed.device_pk, DeviceState.ISSUED, now, self.station_id)
             audit.append(
                 raw,
                 self.station_id,
@@ -374,7 +383,7 @@ class Issuer:
                     "serial": signed.serial,
                     "fingerprint": signed.fingerprint,
                     "not_after": signed.not_after.isoformat(),
-                    "device_state": DeviceState.ISSUED.value,
+                    "device_state": (DeviceState.VERIFIED if renewed else DeviceState.ISSUED).value,
                 },
                 now=now,
             )
@@ -401,6 +410,8 @@ class Issuer:
                 {"serial": serial_hex(serial), "code": code},
                 now=now,
             )
+            if succession.undo(Raw(conn), self.station_id, device_pk, device_id, now):
+                return  # a renewal the token could not sign: the old certificate stands
             changes.fail(conn, device_pk, device_id, code, message, now, self.station_id)
 
         self._writes.submit(write, durable=True)

@@ -60,6 +60,8 @@ class CertState(StrEnum):
     ISSUED = "issued"  # signed and recorded: a live certificate
     REVOKED = "revoked"
     FAILED = "failed"  # the intent was abandoned; no certificate was ever released
+    RENEWING = "renewing"  # still whitelisted while its successor is signed (succession.py)
+    SUPERSEDED = "superseded"  # replaced by a confirmed successor; not revoked
 
 
 def _in(column: str, enum: type[StrEnum]) -> str:
@@ -146,6 +148,8 @@ certificates = Table(
     Column("revoked_at", TS, nullable=True),
     Column("revoke_reason", String(256), nullable=True),
     Column("failure_code", String(64), nullable=True),
+    # The serial this certificate succeeded (field renewal), if any.
+    Column("renews", String(40), nullable=True),
     CheckConstraint(_in("state", CertState), name="state"),
     # One public key, one certificate, across the whole ledger (abandoned intents aside).
     Index(

@@ -255,8 +255,13 @@ class Ledger(LedgerReads):
         *,
         reprovision: bool = False,
         reason: str | None = None,
+        renews: str | None = None,
     ) -> IssueResult:
         """Issue (or hand back) the certificate of ``device_id`` in ``batch``.
+
+        ``renews``: the serial of the device's live certificate this one succeeds
+        (field renewal, station/ledger/succession.py; codes renewal-not-current,
+        renewal-same-key, bad-state).
 
         The same device with the same public key gets its certificate back
         (``reused=True``). Codes: malformed-csr, bad-signature, weak-key,
@@ -268,7 +273,13 @@ class Ledger(LedgerReads):
         station.ledger.revocation).
         """
         return self._issuer.issue(
-            batch, device_id, csr_der_or_pem, ca, reprovision=reprovision, reason=reason
+            batch,
+            device_id,
+            csr_der_or_pem,
+            ca,
+            reprovision=reprovision,
+            reason=reason,
+            renews=renews,
         )
 
     def recover(
