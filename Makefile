@@ -19,7 +19,7 @@ DEB_PACKAGES := softhsm2 opensc openssl libengine-pkcs11-openssl mosquitto \
 	swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 \
 	libtpm2-pkcs11-tools dbus opencryptoki iproute2 \
 	libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 fonts-dejavu-core fonts-noto-cjk \
-	zbar-tools strongswan-pki libstrongswan-extra-plugins curl
+	zbar-tools strongswan-pki libstrongswan-extra-plugins libstrongswan-standard-plugins curl
 
 .PHONY: setup demo test lint bench lock clean
 .DEFAULT_GOAL := help

@@ -18,13 +18,14 @@ def issue(
     *,
     reprovision: bool = False,
     reason: str | None = None,
+    renews: str | None = None,
 ) -> IssueResult:
     m = station.metrics
     start = time.perf_counter()
     try:
         ca = station.issuing_ca()
         result = station.ledger.issue(
-            batch, device_id, csr, ca, reprovision=reprovision, reason=reason
+            batch, device_id, csr, ca, reprovision=reprovision, reason=reason, renews=renews
         )
     except (StationError, HsmError) as raised:
         # The ledger abandoned the intent as sign-failed; the token's own reason

@@ -528,6 +528,15 @@ class Ledger(LedgerReads):
             return exc
         return None
 
+    def record_refusal(self, action: str, entity: str, detail: dict[str, Any]) -> None:
+        """Audit a request a channel refused before it reached the ledger (EST, CMP):
+        bad DER, a wrong MAC or token, a replay. Nothing else is written."""
+
+        def write(conn: Connection) -> None:
+            audit.append(conn, self.station_id, action, entity[:256], detail)
+
+        self._writes.submit(write, durable=False)
+
     # --------------------------------------------------------------- API tokens
 
     def create_token(self, name: str, role: str, *, expires_in: timedelta | None = None) -> str:
