@@ -50,7 +50,8 @@ from station.whitelist import serial_hex
 
 log = logging.getLogger("api.est")
 
-router = APIRouter(prefix="/.well-known/est", tags=["est"])
+# Not in the OpenAPI document: EST is specified by RFC 7030 (docs/enrollment.md), not JSON.
+router = APIRouter(prefix="/.well-known/est", tags=["est"], include_in_schema=False)
 
 _BOARD_UP = frozenset(BOARD_UP)
 _CACHE_LOCK = threading.Lock()
