@@ -95,11 +95,11 @@ def complete(
 
     Returns False when the device was not renewing (a first issuance).
     """
-    old = raw.one(_SQL_RENEWING, {"did": device_pk})
+    old = raw.first(_SQL_RENEWING, {"did": device_pk})
     if old is None:
         return False
     ts = raw.ts(now)
-    raw.run(_SQL_SUPERSEDE, {"cid": old[0]})
+    raw.run(_SQL_SUPERSEDE, {"cid": old["id"]})
     raw.run(_SQL_WHITELIST_DROP, {"did": device_pk})
     raw.run(_SQL_WHITELIST_ADD, {"cid": new_cert_id, "now": ts})
     raw.run(_SQL_DEVICE_VERIFIED, {"did": device_pk, "now": ts, "station": station_id})
@@ -108,7 +108,7 @@ def complete(
         station_id,
         "cert.supersede",
         device_id,
-        {"serial": old[1], "by": serial, "device_state": DeviceState.VERIFIED.value},
+        {"serial": old["serial"], "by": serial, "device_state": DeviceState.VERIFIED.value},
         now=now,
     )
     return True
@@ -116,9 +116,11 @@ def complete(
 
 def undo(raw: Raw, station_id: str, device_pk: int, device_id: str, now: datetime) -> bool:
     """The new intent was abandoned: the old certificate is live again. False: no renewal."""
-    old = raw.one(_SQL_RENEWING, {"did": device_pk})
+    old = raw.first(_SQL_RENEWING, {"did": device_pk})
     if old is None:
         return False
-    raw.run(_SQL_RESTORE, {"cid": old[0]})
-    audit.append(raw, station_id, "cert.renewal-abandoned", device_id, {"serial": old[1]}, now=now)
+    raw.run(_SQL_RESTORE, {"cid": old["id"]})
+    audit.append(
+        raw, station_id, "cert.renewal-abandoned", device_id, {"serial": old["serial"]}, now=now
+    )
     return True
