@@ -94,6 +94,12 @@ class Settings(BaseSettings):
         description="Ask TLS clients for a certificate issued by the station's CA (EST "
         "re-enrolment): off, optional (checked when sent) or required.",
     )
+    cmp_secrets: Path | None = Field(
+        default=None,
+        description="File (mode 0600) of `NAME TOKEN` lines: board tokens CMP clients use as "
+        "their MAC secret (senderKID NAME). The ledger keeps only token hashes; a MAC needs "
+        "the secret itself.",
+    )
     est_default_batch: str | None = Field(
         default=None,
         description="Batch of EST requests without a label (/.well-known/est/simpleenroll).",

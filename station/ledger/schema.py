@@ -197,6 +197,21 @@ challenges = Table(
     Index(None, "expires_at"),
 )
 
+# CMP transactions (RFC 4210): a transactionID is used once; the certConf of a
+# certificate must come back with our nonce (station/ledger/cmp_transactions.py).
+cmp_transactions = Table(
+    "cmp_transactions",
+    metadata,
+    Column("transaction_id", String(64), primary_key=True),  # hex, at most 32 bytes
+    Column("sender_kid", String(256), nullable=False),
+    Column("state", String(16), nullable=False),  # waiting, confirmed, rejected, refused
+    Column("serial", String(40), nullable=True),
+    Column("device_id", String(128), nullable=True),
+    Column("our_nonce", String(64), nullable=True),  # hex, the senderNonce of our answer
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+)
+
 audit_log = Table(
     "audit_log",
     metadata,

@@ -34,6 +34,7 @@ from station import policy
 from station.errors import ConflictError, NotFoundError, PolicyError, StationError
 from station.filemodes import private_dir
 from station.ledger import audit, batches, certificates, challenges, changes, devices, proof, tokens
+from station.ledger.cmp_transactions import CmpTransactions
 from station.ledger.db import make_engine, upgrade
 from station.ledger.devices import LiveDevice
 from station.ledger.groupcommit import GroupCommitter
@@ -94,6 +95,8 @@ class Ledger(LedgerReads):
         self.backdate_seconds = backdate_seconds
         self._writes = GroupCommitter(self.engine)
         self._issuer = Issuer(self.engine, self._writes, station_id, backdate_seconds)
+        #: CMP's transactions and nonces (api/routers/cmp.py).
+        self.cmp_transactions = CmpTransactions(self.engine, self._writes)
         self._issuer.after_sign = self._after_sign
         self._templates = self._issuer.templates
         if migrate:
@@ -528,8 +531,8 @@ class Ledger(LedgerReads):
             return exc
         return None
 
-    def record_refusal(self, action: str, entity: str, detail: dict[str, Any]) -> None:
-        """Audit a request a channel refused before it reached the ledger (EST, CMP):
+    def audit_event(self, action: str, entity: str, detail: dict[str, Any]) -> None:
+        """Audit what a channel did or refused outside the ledger's own changes (EST, CMP):
         bad DER, a wrong MAC or token, a replay. Nothing else is written."""
 
         def write(conn: Connection) -> None:

@@ -1,4 +1,4 @@
-"""field renewal: certificates.renews and the states renewing and superseded
+"""field renewal (certificates.renews, states renewing and superseded); CMP transactions
 
 Revision ID: 0003
 Revises: 0002
@@ -27,9 +27,22 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("renews", sa.String(length=40), nullable=True))
         batch_op.drop_constraint(batch_op.f("ck_certificates_state"), type_="check")
         batch_op.create_check_constraint(batch_op.f("ck_certificates_state"), NEW)
+    op.create_table(
+        "cmp_transactions",
+        sa.Column("transaction_id", sa.String(length=64), nullable=False),
+        sa.Column("sender_kid", sa.String(length=256), nullable=False),
+        sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("serial", sa.String(length=40), nullable=True),
+        sa.Column("device_id", sa.String(length=128), nullable=True),
+        sa.Column("our_nonce", sa.String(length=64), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("transaction_id", name=op.f("pk_cmp_transactions")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("cmp_transactions")
     with op.batch_alter_table("certificates", schema=None) as batch_op:
         batch_op.drop_constraint(batch_op.f("ck_certificates_state"), type_="check")
         batch_op.create_check_constraint(batch_op.f("ck_certificates_state"), OLD)

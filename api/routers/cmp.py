@@ -1,0 +1,381 @@
+"""Lightweight CMP (RFC 9483) under /.well-known/cmp/p/{batch}/[{operation}]: p10cr, certConf.
+
+* ``p10cr`` protected by a password-based MAC: first enrolment. The MAC secret is
+  a board token, its name the senderKID; the station reads the token from the
+  ``STATION_CMP_SECRETS`` file (the ledger keeps only token hashes) and checks it
+  is a live token of the ledger (role board and up). The device id is the CSR's CN.
+* ``p10cr`` protected by a signature with the device's current certificate (sent
+  first in extraCerts): renewal, a succession in the ledger.
+* ``certConf``: the device confirms (the certificate's SHA-256 hash) and is
+  ``verified``; a rejection revokes the certificate. Asked for implicit
+  confirmation, the station grants it and the device is verified at once.
+* Anything else (ir, cr, kur: CRMF requests) gets an error message, badRequest:
+  the station's issuer takes PKCS#10 requests only (docs/enrollment.md).
+
+Answers are protected by the station's CA key in the token (docs/enrollment.md
+says why), with the CA certificate first in extraCerts. Errors are CMP error
+messages with a PKIFailureInfo (HTTP 200, as RFC 6712 carries them), audited as
+``cmp.refused``; nothing is issued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from api import provision
+from api.auth import BOARD_UP
+from api.context import Station
+from api.problems import http_status
+from hsm.errors import HsmError
+from station.cmp_responder import KEY_LABEL, open_responder
+from station.enroll import cmp, est
+from station.errors import Kind, NotFoundError, StationError
+from station.ledger.schema import CertState, KeyMode
+from station.policy import load_csr
+from station.whitelist import serial_hex
+
+log = logging.getLogger("api.cmp")
+
+router = APIRouter(prefix="/.well-known/cmp", include_in_schema=False)
+
+OPERATIONS = {"pkcs10", "initialization", "certification", "keyupdate"}
+_BOARD_UP = {r.value for r in BOARD_UP}
+_lock = threading.Lock()
+_secrets: dict[str, tuple[float, dict[str, str]]] = {}
+
+
+def _secret_for(station: Station, kid: str) -> str | None:
+    """The board token named ``kid`` in the CMP secrets file (re-read when it changes)."""
+    path: Path | None = station.settings.cmp_secrets
+    if path is None:
+        return None
+    try:
+        mtime = os.stat(path).st_mtime
+    except OSError:
+        return None
+    key = str(path)
+    with _lock:
+        cached = _secrets.get(key)
+    if cached is None or cached[0] != mtime:
+        table: dict[str, str] = {}
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2 and not line.startswith("#"):
+                table[parts[0]] = parts[1]
+        cached = (mtime, table)
+        with _lock:
+            _secrets[key] = cached
+    return cached[1].get(kid)
+
+
+_responders: dict[int, cmp.Responder] = {}
+
+
+def _responder(station: Station) -> cmp.Responder:
+    """The key in the token that signs CMP answers (station/cmp_responder.py), per worker."""
+    with _lock:
+        found = _responders.get(id(station))
+    if found is not None:
+        return found
+    ca = station.ca
+    made, new = open_responder(station.settings, ca)
+    if new:
+        station.ledger.audit_event(
+            "cmp.responder",
+            "cmp",
+            {"serial": serial_hex(made.certificate.serial_number), "key": KEY_LABEL},
+        )
+    responder = cmp.Responder(made.key, made.certificate, (ca.certificate, *ca.parents))
+    with _lock:
+        _responders[id(station)] = responder
+    return responder
+
+
+def _answer(der: bytes) -> Response:
+    return Response(der, media_type=cmp.CONTENT_TYPE)
+
+
+class _Refusal(Exception):
+    def __init__(self, failure: str, exc: StationError | HsmError) -> None:
+        super().__init__(str(exc))
+        self.failure = failure
+        self.exc = exc
+
+
+# Which PKIFailureInfo a station refusal maps to, by kind (the code says more).
+_FAILURE_OF_KIND = {
+    Kind.UNAUTHENTICATED: "badMessageCheck",
+    Kind.FORBIDDEN: "notAuthorized",
+    Kind.NOT_FOUND: "badRequest",
+    Kind.CONFLICT: "badRequest",
+    Kind.UNAVAILABLE: "systemUnavail",
+    Kind.NOT_CONFIGURED: "systemUnavail",
+}
+_FAILURE_OF_CODE = {
+    "malformed-csr": "badDataFormat",
+    "bad-signature": "badPOP",
+    "weak-key": "badCertTemplate",
+    "unsupported-key": "badCertTemplate",
+    "subject-mismatch": "badCertTemplate",
+    "duplicate-key": "badCertTemplate",
+    "renewal-same-key": "badCertTemplate",
+    "cmp-transaction-in-use": "transactionIdInUse",
+}
+
+
+def _failure(exc: StationError | HsmError) -> str:
+    if isinstance(exc, cmp.CmpError):
+        return exc.failure
+    kind = getattr(exc, "kind", None)
+    return _FAILURE_OF_CODE.get(exc.code) or _FAILURE_OF_KIND.get(
+        Kind(kind) if kind else Kind.BAD_INPUT, "badRequest"
+    )
+
+
+async def _refused(
+    station: Station, msg: Any, exc: StationError | HsmError, label: str | None, entity: str
+) -> Response:
+    failure = _failure(exc)
+    text = f"{exc.code}: {exc.message if isinstance(exc, StationError) else exc}"
+    detail = {"label": label, "code": exc.code, "failure": failure}
+    try:
+        await run_in_threadpool(station.ledger.audit_event, "cmp.refused", entity, detail)
+    except Exception as audit_exc:
+        log.warning("CMP refusal not audited: %s", audit_exc)
+    try:
+        der = await run_in_threadpool(cmp.error_message, msg, _responder(station), failure, text)
+    except (StationError, HsmError) as sign_exc:  # no token: no protected answer
+        return Response(
+            f"{sign_exc.code}: {sign_exc}\n", status_code=http_status(sign_exc),
+            media_type="text/plain",
+        )  # fmt: skip
+    return _answer(der)
+
+
+def _batch_of(station: Station, label: str) -> str:
+    batch = station.ledger.get_batch(label)  # unknown-batch
+    if batch.key_mode != KeyMode.BOARD_ECC.value:
+        raise StationError(
+            f"batch {label!r} is {batch.key_mode}: its keys go over the serial line",
+            code="cmp-key-mode",
+            kind=Kind.FORBIDDEN,
+        )
+    return batch.name
+
+
+def _authenticate(station: Station, msg: Any, h: cmp.Header) -> tuple[str, Any]:
+    """(sender, the current certificate's ledger record or None) of a protected request."""
+    if h.protection_alg == cmp.PBM:
+        kid = (h.sender_kid or b"").decode("utf-8", "replace")
+        secret = _secret_for(station, kid) if kid else None
+        if secret is None:
+            raise cmp.CmpError(
+                f"no CMP secret for senderKID {kid!r}", failure="badMessageCheck",
+                code="cmp-unknown-kid", kind=Kind.UNAUTHENTICATED,
+            )  # fmt: skip
+        cmp.check_mac(msg, secret.encode())
+        found = station.ledger.lookup_token(secret)
+        if found is None or found[0] != kid or found[1] not in _BOARD_UP:
+            raise cmp.CmpError(
+                f"{kid!r} is not a live board token", failure="notAuthorized",
+                code="cmp-not-authorized", kind=Kind.FORBIDDEN,
+            )  # fmt: skip
+        return kid, None
+    extra = cmp.extra_certs(msg)
+    if h.protection_alg is None or not extra:
+        raise cmp.CmpError(
+            "the request is not protected (MAC or signature with the certificate in "
+            "extraCerts)", failure="badMessageCheck", code="cmp-unprotected",
+            kind=Kind.UNAUTHENTICATED,
+        )  # fmt: skip
+    signer = extra[0]
+    ca = station.ca
+    try:
+        signer.verify_directly_issued_by(ca.certificate)
+    except (ValueError, TypeError, Exception) as exc:
+        raise cmp.CmpError(
+            f"the signer certificate is not the station's: {type(exc).__name__}",
+            failure="signerNotTrusted", code="cmp-signer-not-trusted",
+            kind=Kind.UNAUTHENTICATED,
+        ) from None  # fmt: skip
+    cmp.check_signature(msg, signer)
+    try:
+        record = station.ledger.certificate(serial_hex(signer.serial_number))
+    except NotFoundError:
+        record = None
+    if record is None or record.fingerprint != signer.fingerprint(hashes.SHA256()).hex():
+        raise cmp.CmpError(
+            "the signer certificate is not in the ledger", failure="signerNotTrusted",
+            code="cmp-signer-not-trusted", kind=Kind.UNAUTHENTICATED,
+        )  # fmt: skip
+    return f"serial:{record.serial}", record
+
+
+def _p10cr(station: Station, msg: Any, h: cmp.Header, label: str) -> tuple[bytes, str]:
+    sender, record = _authenticate(station, msg, h)
+    assert h.transaction_id is not None
+    station.ledger.cmp_transactions.begin(h.transaction_id, sender)
+    csr_der = cmp.p10cr_der(msg)
+    if record is None:
+        batch = _batch_of(station, label)
+        device_id = est.device_id_of(csr_der)
+        result = provision.issue(station, batch, device_id, csr_der)
+    else:
+        if record.state != CertState.ISSUED.value:
+            raise cmp.CmpError(
+                f"the signer certificate is {record.state}", failure="certRevoked",
+                code="cmp-certificate-not-live", kind=Kind.FORBIDDEN,
+            )  # fmt: skip
+        current = x509.load_pem_x509_certificate((record.pem or "").encode())
+        if load_csr(csr_der).subject != current.subject:
+            raise cmp.CmpError(
+                "a renewal CSR must carry the current certificate's subject",
+                failure="badCertTemplate", code="cmp-subject-mismatch", kind=Kind.CONFLICT,
+            )  # fmt: skip
+        device_id = record.device_id
+        device = station.ledger.get_device(device_id)
+        if device.state in ("issued", "installed") and device.serial == record.serial:
+            # Signing with its certificate proved the board holds its key.
+            station.ledger.mark_verified(device_id)
+        result = provision.issue(station, record.batch, device_id, csr_der, renews=record.serial)
+    der, nonce = cmp.certificate_response(
+        msg, _responder(station), result.certificate, -1, h.implicit_confirm
+    )
+    if h.implicit_confirm:
+        station.ledger.mark_verified(device_id)
+        state = "confirmed"
+    else:
+        state = "waiting"
+    station.ledger.cmp_transactions.issued(
+        h.transaction_id, serial_hex(result.serial), device_id, nonce, state
+    )
+    return der, device_id
+
+
+def _cert_conf(station: Station, msg: Any, h: cmp.Header) -> tuple[bytes, str]:
+    sender, _ = _authenticate(station, msg, h)
+    assert h.transaction_id is not None
+    try:
+        tx = station.ledger.cmp_transactions.get(h.transaction_id)
+    except NotFoundError:
+        raise cmp.CmpError(
+            "certConf for an unknown transaction", failure="badRequest",
+            code="cmp-unknown-transaction",
+        ) from None  # fmt: skip
+    if tx.state != "waiting" or tx.serial is None or tx.device_id is None:
+        raise cmp.CmpError(
+            f"the transaction is {tx.state}, not waiting for a confirmation",
+            failure="transactionIdInUse", code="cmp-transaction-in-use", kind=Kind.CONFLICT,
+        )  # fmt: skip
+    if tx.sender_kid != sender and not tx.sender_kid.startswith("serial:"):
+        raise cmp.CmpError(
+            "certConf from another sender", failure="notAuthorized", code="cmp-not-authorized",
+            kind=Kind.FORBIDDEN,
+        )  # fmt: skip
+    if h.recip_nonce is None or h.recip_nonce.hex() != tx.our_nonce:
+        raise cmp.CmpError(
+            "recipNonce is not the nonce of the station's answer",
+            failure="badRecipientNonce", code="cmp-bad-nonce",
+        )  # fmt: skip
+    statuses = cmp.cert_status(msg)
+    record = station.ledger.certificate(tx.serial)
+    if len(statuses) != 1 or statuses[0][0].hex() != record.fingerprint:
+        raise cmp.CmpError(
+            "certHash does not match the certificate of this transaction",
+            failure="badCertId", code="cmp-bad-cert-hash",
+        )  # fmt: skip
+    rejected = statuses[0][2] not in (None, 0, 1)
+    if not station.ledger.cmp_transactions.close(
+        h.transaction_id, "rejected" if rejected else "confirmed"
+    ):
+        raise cmp.CmpError(
+            "the transaction was confirmed meanwhile", failure="transactionIdInUse",
+            code="cmp-transaction-in-use", kind=Kind.CONFLICT,
+        )  # fmt: skip
+    if rejected:
+        station.ledger.revoke(tx.device_id, "rejected by the device in CMP certConf")
+    else:
+        station.ledger.mark_verified(tx.device_id)
+    return cmp.pki_conf(msg, _responder(station)), tx.device_id
+
+
+def _handle(station: Station, body: bytes, label: str) -> tuple[bytes, str]:
+    msg = None
+    try:
+        msg = cmp.decode(body)
+        h = cmp.header(msg)
+        if h.pvno not in (2, 3):
+            raise cmp.CmpError(
+                f"pvno {h.pvno} is not supported", failure="unsupportedVersion",
+                code="cmp-version",
+            )  # fmt: skip
+        if h.transaction_id is None or not 1 <= len(h.transaction_id) <= 32:
+            raise cmp.CmpError(
+                "a transactionID of 1-32 bytes is required", failure="badDataFormat",
+                code="cmp-bad-header",
+            )  # fmt: skip
+        if h.sender_nonce is None or len(h.sender_nonce) < 16:
+            raise cmp.CmpError(
+                "a senderNonce of at least 16 bytes is required", failure="badSenderNonce",
+                code="cmp-bad-header",
+            )  # fmt: skip
+        kind = cmp.body_type(msg)
+        if kind == "p10cr":
+            return _p10cr(station, msg, h, label)
+        if kind == "certConf":
+            return _cert_conf(station, msg, h)
+        raise cmp.CmpError(
+            f"{kind} is not supported here: send a PKCS#10 (p10cr)", failure="badRequest",
+            code="cmp-unsupported-body",
+        )  # fmt: skip
+    except (StationError, HsmError) as exc:
+        raise _Refusal(_failure(exc), exc) from exc
+    finally:
+        _ = msg
+
+
+async def _cmp(request: Request, label: str, operation: str | None) -> Response:
+    station: Station = request.app.state.station
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()
+    if ctype != cmp.CONTENT_TYPE:
+        return Response(
+            f"cmp-media-type: send {cmp.CONTENT_TYPE}\n", status_code=415,
+            media_type="text/plain",
+        )  # fmt: skip
+    if operation is not None and operation not in OPERATIONS:
+        return Response(
+            f"cmp-unknown-operation: {operation!r} is not one of {sorted(OPERATIONS)}\n",
+            status_code=404, media_type="text/plain",
+        )  # fmt: skip
+    handle = functools.partial(_handle, station, body, label)
+    try:
+        der, _ = await asyncio.get_running_loop().run_in_executor(station.issue_executor, handle)
+    except _Refusal as refusal:
+        try:
+            msg = cmp.decode(body)
+        except cmp.CmpError:
+            msg = None
+        return await _refused(station, msg, refusal.exc, label, "cmp")
+    return _answer(der)
+
+
+@router.post("/p/{label}")
+async def cmp_label(request: Request, label: str) -> Response:
+    return await _cmp(request, label, None)
+
+
+@router.post("/p/{label}/{operation}")
+async def cmp_operation(request: Request, label: str, operation: str) -> Response:
+    return await _cmp(request, label, operation)
