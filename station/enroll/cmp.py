@@ -280,7 +280,7 @@ def _answer_header(req: Any | None, responder: Responder, implicit: bool) -> tup
         if rh["senderNonce"].isValue:
             h["recipNonce"] = h["recipNonce"].clone(bytes(rh["senderNonce"]))
     if implicit:
-        info = rfc4210.InfoTypeAndValue()
+        info = h["generalInfo"].componentType.clone()
         info["infoType"] = univ.ObjectIdentifier(IMPLICIT_CONFIRM)
         info["infoValue"] = univ.Any(der_encoder.encode(univ.Null("")))
         h["generalInfo"].append(info)
@@ -328,7 +328,7 @@ def error_message(req: Any | None, responder: Responder, failure: str, text: str
     body = rfc4210.PKIBody()
     err = body["error"]
     err["pKIStatusInfo"]["status"] = 2  # rejection
-    err["pKIStatusInfo"]["failInfo"] = err["pKIStatusInfo"]["failInfo"].clone((failure,))
+    err["pKIStatusInfo"]["failInfo"] = err["pKIStatusInfo"]["failInfo"].clone(failure)
     err["pKIStatusInfo"]["statusString"].append(text[:512])
     return _finish(h, body, responder)
 

@@ -1,0 +1,283 @@
+"""Lightweight CMP (RFC 9483) with the real `openssl cmp` client (OpenSSL 3.0).
+
+One `station serve` for the module. What works: p10cr with MAC protection (a
+board token as the secret, its name as the senderKID), p10cr with signature
+protection by the current certificate (renewal), certConf/pkiConf, implicit
+confirmation, and error messages with the right PKIFailureInfo for bad input,
+each audited, nothing issued. ir, cr and kur are refused (badRequest): the
+station's issuer takes PKCS#10 requests only.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from pyasn1.codec.der import decoder as der_decoder
+from pyasn1_modules import rfc4210
+from sqlalchemy import func, select
+
+from station.enroll import cmp
+from station.ledger import Ledger
+from station.ledger.schema import audit_log, certificates
+from station.settings import Settings
+from station.whitelist import serial_hex
+from tests.fixtures.hsm import settings_for
+from tests.serving import Served, serve
+
+TEMPLATE = "/O=company/OU=team/CN={device_id}/C=US"
+
+
+@dataclass
+class Cmp:
+    served: Served
+    settings: Settings
+    token: str
+    work: Path
+
+    def url(self, label: str = "C", op: str = "pkcs10") -> str:
+        return f"{self.served.url}/.well-known/cmp/p/{label}/{op}"
+
+    def ledger(self) -> Ledger:
+        return Ledger.from_settings(self.settings)
+
+    def client(
+        self, *args: str, label: str = "C", op: str = "pkcs10"
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                "openssl", "cmp", "-server", f"127.0.0.1:{self.served.port}",
+                "-path", f".well-known/cmp/p/{label}/{op}",
+                "-trusted", str(self.settings.ca_cert_path), *args,
+            ],
+            capture_output=True, text=True, cwd=self.work, timeout=120,
+        )  # fmt: skip
+
+    def mac(
+        self, *args: str, secret: str | None = None, **kw: str
+    ) -> subprocess.CompletedProcess[str]:
+        return self.client(
+            "-ref", "cmp-board", "-secret", f"pass:{secret or self.token}", *args, **kw
+        )
+
+
+@pytest.fixture(scope="module")
+def cmp_station(ca_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cmp]:
+    root = tmp_path_factory.mktemp("cmp")
+    settings = settings_for(ca_home, root / "data")
+    with Ledger.from_settings(settings) as ledger:
+        ledger.create_batch(
+            "C", product="p", planned_count=100, key_mode="board-ecc", subject_template=TEMPLATE
+        )
+        ledger.create_batch(
+            "R", product="p", planned_count=5, key_mode="see-rsa", subject_template=TEMPLATE
+        )
+        token = ledger.create_token("cmp-board", "board")
+        qa = ledger.create_token("cmp-qa", "qa")
+    secrets_file = root / "cmp-secrets"
+    secrets_file.write_text(f"# name token\ncmp-board {token}\ncmp-qa {qa}\n")
+    os.chmod(secrets_file, 0o600)
+    work = root / "work"
+    work.mkdir()
+    with serve(settings, tls=False, STATION_CMP_SECRETS=str(secrets_file)) as served:
+        yield Cmp(served, settings, token, work)
+
+
+def csr(c: Cmp, name: str, device_id: str) -> None:
+    subprocess.run(
+        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", f"{name}.key", "-subj", f"/O=company/OU=team/CN={device_id}/C=US",
+         "-out", f"{name}.csr"],
+        check=True, capture_output=True, cwd=c.work,
+    )  # fmt: skip
+
+
+def count(c: Cmp, table: object, *where: object) -> int:
+    with c.ledger() as ledger, ledger.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table).where(*where)).scalar())
+
+
+def test_p10cr_with_mac_then_certconf(cmp_station: Cmp) -> None:
+    c = cmp_station
+    csr(c, "m1", "cmp-mac-1")
+    done = c.mac("-cmd", "p10cr", "-csr", "m1.csr", "-certout", "m1.pem")
+    assert done.returncode == 0, done.stdout + done.stderr
+    cert = x509.load_pem_x509_certificate((c.work / "m1.pem").read_bytes())
+    with c.ledger() as ledger:
+        record = ledger.certificate(serial_hex(cert.serial_number))
+        assert record.device_id == "cmp-mac-1" and record.state == "issued"
+        # openssl cmp confirmed (certConf) and the station answered pkiConf: verified.
+        assert ledger.get_device("cmp-mac-1").state == "verified"
+        assert record.serial in {e.serial for e in ledger.whitelist()}
+
+
+def test_implicit_and_disabled_confirmation(cmp_station: Cmp) -> None:
+    c = cmp_station
+    csr(c, "i1", "cmp-implicit-1")
+    done = c.mac("-cmd", "p10cr", "-csr", "i1.csr", "-certout", "i1.pem", "-implicit_confirm")
+    assert done.returncode == 0, done.stdout + done.stderr
+    csr(c, "d1", "cmp-noconf-1")
+    done = c.mac("-cmd", "p10cr", "-csr", "d1.csr", "-certout", "d1.pem", "-disable_confirm")
+    assert done.returncode == 0, done.stdout + done.stderr
+    with c.ledger() as ledger:
+        assert ledger.get_device("cmp-implicit-1").state == "verified"
+        # Issued, but never confirmed: not verified, not whitelisted.
+        assert ledger.get_device("cmp-noconf-1").state == "issued"
+
+
+def test_renewal_with_signature_protection(cmp_station: Cmp) -> None:
+    c = cmp_station
+    csr(c, "s1", "cmp-sig-1")
+    assert c.mac("-cmd", "p10cr", "-csr", "s1.csr", "-certout", "s1.pem").returncode == 0
+    csr(c, "s2", "cmp-sig-1")
+    done = c.client(
+        "-cmd", "p10cr", "-csr", "s2.csr", "-cert", "s1.pem", "-key", "s1.key",
+        "-certout", "s2.pem",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    old = x509.load_pem_x509_certificate((c.work / "s1.pem").read_bytes())
+    new = x509.load_pem_x509_certificate((c.work / "s2.pem").read_bytes())
+    with c.ledger() as ledger:
+        assert ledger.certificate(serial_hex(old.serial_number)).state == "superseded"
+        device = ledger.get_device("cmp-sig-1")
+        assert device.serial == serial_hex(new.serial_number) and device.state == "verified"
+        assert [e.serial for e in ledger.whitelist() if e.device_id == "cmp-sig-1"] == [
+            device.serial
+        ]
+    # The superseded certificate protects nothing any more.
+    csr(c, "s3", "cmp-sig-1")
+    done = c.client(
+        "-cmd", "p10cr", "-csr", "s3.csr", "-cert", "s1.pem", "-key", "s1.key",
+        "-certout", "s3.pem",
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "PKIFailureInfo: certRevoked" in out, out
+
+
+@pytest.mark.parametrize(
+    ("case", "failure"),
+    [
+        ("wrong-secret", "badMessageCheck"),
+        ("unknown-kid", "badMessageCheck"),
+        ("qa-token", "notAuthorized"),
+        ("ir", "badRequest"),
+        ("unknown-batch", "badRequest"),
+        ("see-rsa-batch", "notAuthorized"),
+        ("wrong-subject", "badCertTemplate"),
+    ],
+)
+def test_openssl_cmp_gets_the_protocol_error(cmp_station: Cmp, case: str, failure: str) -> None:
+    c = cmp_station
+    csr(c, case, f"cmp-{case}")
+    args = ["-cmd", "p10cr", "-csr", f"{case}.csr", "-certout", f"{case}.pem"]
+    label = "C"
+    secret = None
+    ref = "cmp-board"
+    if case == "wrong-secret":
+        secret = "not-the-token"
+    elif case == "unknown-kid":
+        ref = "nobody"
+    elif case == "qa-token":
+        ref = "cmp-qa"
+        secret = (Path(c.settings.data_dir).parent / "cmp-secrets").read_text().split()[-1]
+    elif case == "ir":
+        args = ["-cmd", "ir", "-newkey", f"{case}.key", "-subject",
+                "/O=company/OU=team/CN=cmp-ir/C=US", "-certout", f"{case}.pem"]  # fmt: skip
+    elif case == "unknown-batch":
+        label = "NOPE"
+    elif case == "see-rsa-batch":
+        label = "R"
+    elif case == "wrong-subject":
+        subprocess.run(
+            ["openssl", "req", "-new", "-key", f"{case}.key", "-subj", "/CN=elsewhere",
+             "-out", f"{case}.csr"],
+            check=True, capture_output=True, cwd=c.work,
+        )  # fmt: skip
+    certs_before = count(c, certificates)
+    refused_before = count(c, audit_log, audit_log.c.action == "cmp.refused")
+    done = c.client("-ref", ref, "-secret", f"pass:{secret or c.token}", *args, label=label)
+    out = done.stdout + done.stderr  # openssl cmp logs to stdout
+    assert done.returncode != 0
+    assert f"PKIFailureInfo: {failure}" in out, out
+    assert not (c.work / f"{case}.pem").exists()
+    assert count(c, certificates) == certs_before
+    assert count(c, audit_log, audit_log.c.action == "cmp.refused") == refused_before + 1
+
+
+def _error_of(der: bytes) -> tuple[list[str], str]:
+    msg, _ = der_decoder.decode(der, asn1Spec=rfc4210.PKIMessage())
+    assert msg["body"].getName() == "error"
+    info = msg["body"]["error"]["pKIStatusInfo"]
+    bits = info["failInfo"]
+    names = [n for n, v in rfc4210.PKIFailureInfo.namedValues.items() if len(bits) > v and bits[v]]
+    return names, str(info["statusString"][0])
+
+
+def _signed_by_responder(c: Cmp, der: bytes) -> None:
+    """The error message is protected by the station's CMP key, certified by the CA."""
+    msg = cmp.decode(der)
+    signer, ca_cert = cmp.extra_certs(msg)[:2]
+    station_ca = x509.load_pem_x509_certificate(c.settings.ca_cert_path.read_bytes())
+    assert ca_cert == station_ca
+    signer.verify_directly_issued_by(station_ca)
+    cmp.check_signature(msg, signer)
+
+
+def test_raw_bad_input(cmp_station: Cmp) -> None:
+    c = cmp_station
+    headers = {"Content-Type": cmp.CONTENT_TYPE}
+    # Not DER at all.
+    r = httpx.post(c.url(), content=b"\x30\x03garbage", headers=headers, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == cmp.CONTENT_TYPE
+    names, text = _error_of(r.content)
+    assert names == ["badDataFormat"] and text.startswith("cmp-bad-der")
+    _signed_by_responder(c, r.content)
+    # Wrong content type, unknown operation: HTTP's own answers.
+    r = httpx.post(c.url(), content=b"x", headers={"Content-Type": "text/plain"}, timeout=30)
+    assert r.status_code == 415
+    r = httpx.post(c.url(op="nonsense"), content=b"x", headers=headers, timeout=30)
+    assert r.status_code == 404
+    # Oversized.
+    r = httpx.post(c.url(), content=b"\x30" * 200_000, headers=headers, timeout=30)
+    assert r.status_code == 413
+
+
+def test_replayed_request_and_certconf_are_refused(cmp_station: Cmp) -> None:
+    c = cmp_station
+    csr(c, "rp", "cmp-replay-1")
+    done = c.mac("-cmd", "p10cr", "-csr", "rp.csr", "-certout", "rp.pem",
+                 "-reqout", "rp-p10cr.der,rp-certconf.der")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    certs_before = count(c, certificates)
+    headers = {"Content-Type": cmp.CONTENT_TYPE}
+    for name, failure in (("rp-p10cr.der", "transactionIdInUse"),
+                          ("rp-certconf.der", "transactionIdInUse")):  # fmt: skip
+        r = httpx.post(c.url(), content=(c.work / name).read_bytes(), headers=headers, timeout=30)
+        names, text = _error_of(r.content)
+        assert names == [failure], (name, text)
+    assert count(c, certificates) == certs_before
+
+
+def test_a_tampered_request_fails_its_mac(cmp_station: Cmp) -> None:
+    c = cmp_station
+    csr(c, "tm", "cmp-tamper-1")
+    # -reqout writes the request; the server answers it, so use a fresh transaction:
+    # flip one byte of the CSR's subject inside the saved request and send it again.
+    done = c.mac("-cmd", "p10cr", "-csr", "tm.csr", "-certout", "tm.pem",
+                 "-reqout", "tm-req.der,tm-conf.der")  # fmt: skip
+    assert done.returncode == 0
+    der = bytearray((c.work / "tm-req.der").read_bytes())
+    at = der.find(b"cmp-tamper-1")
+    der[at] ^= 0x01
+    r = httpx.post(c.url(), content=bytes(der), headers={"Content-Type": cmp.CONTENT_TYPE})
+    names, _ = _error_of(r.content)
+    # The transactionID is the original's: refused as a replay or a bad MAC, never issued.
+    assert names in (["badMessageCheck"], ["transactionIdInUse"])
+    with c.ledger() as ledger:
+        assert len(ledger.certificates("cmp-tamper-1")) == 1
