@@ -28,6 +28,7 @@ RUNS = {
     "ledger": ["--count", "20", "--export-count", "200", "--no-pg", "--threads", "2"],
     "http_issuance": ["--duration", "1", "--workers", "1"],
     "est": ["--duration", "1", "--workers", "1", "--clients", "2"],
+    "cmp": ["--count", "2", "--parallel", "2", "--workers", "1"],
     "line": ["--boards", "1", "--ports", "1,2", "--per-port", "1"],
     "line_load": ["--ports", "4", "--boards", "8", "--baud", "0"],
     "crash": ["--kills", "2", "--boards", "3", "--backend", "sqlite"],
