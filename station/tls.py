@@ -7,14 +7,14 @@ EST re-enrolment authenticates a board by it. The TLS layer checks such a
 certificate's chain; the channel then looks it up in the ledger.
 
 ``station tls init`` makes a development server certificate. It is signed by a
-throw-away CA made for the purpose, not by the station's CA in the token:
-every certificate the station CA signs is a device certificate recorded in the
-ledger, and AWS IoT registers (JITR) whatever that CA signed, so a server
-certificate from it would be an identity AWS IoT accepts for a device. The
+throw-away CA made for the purpose, not by the station's CA in the token: the
+station CA's certificates are device identities (AWS IoT registers whatever it
+signs through JITR; only the whitelist keeps a stray one out), and boards would
+have to trust their own device CA to check the server. The
 throw-away CA's key lives only in memory while it signs and is then dropped, so
 there is no second CA key to guard; its certificate (``tls/ca.pem``) is what
 clients are given to check the server (``curl --cacert``, ``pki --est --cacert``,
-``openssl cmp -trusted``). Running the command again replaces both.
+``openssl cmp -tls_trusted``). Running the command again replaces both.
 """
 
 from __future__ import annotations

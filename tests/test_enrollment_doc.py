@@ -1,4 +1,4 @@
-"""The command lines of docs/enrollment.md run as written against a served station.
+"""The command lines of docs/enrollment.md (curl, pki --est, openssl cmp) run as written.
 
 Only the host and port (``https://localhost:8443``), the data directory (``var/``)
 and the board token are put in for the test's own; the batch is the doc's.
@@ -60,6 +60,34 @@ def test_enrollment_doc_commands_work(
     work.mkdir()
     with serve(station_settings, STATION_EST_DEFAULT_BATCH="B-2026-12") as served:
         run_block(blocks_after(heading), served.url, station_settings, work, token)
+    first = x509.load_pem_x509_certificate((work / "board.pem").read_bytes())
+    second = x509.load_pem_x509_certificate((work / "board2.pem").read_bytes())
+    with Ledger.from_settings(station_settings) as ledger:
+        assert ledger.certificate(serial_hex(first.serial_number)).state == "superseded"
+        device = ledger.get_device("0123abcd")
+        assert device.serial == serial_hex(second.serial_number)
+        assert device.state == "verified"
+
+
+def test_cmp_doc_commands_work(station_settings: Settings, tmp_path: Path) -> None:
+    import os
+
+    with Ledger.from_settings(station_settings) as ledger:
+        ledger.create_batch(
+            "B-2026-12", product="p", planned_count=10, key_mode="board-ecc",
+            subject_template=TEMPLATE,
+        )  # fmt: skip
+        token = ledger.create_token("est-line-1", "board")
+    secrets = tmp_path / "cmp-secrets"
+    secrets.write_text(f"est-line-1 {token}\n")
+    os.chmod(secrets, 0o600)
+    work = tmp_path / "board"
+    work.mkdir()
+    with serve(station_settings, tls=False, STATION_CMP_SECRETS=str(secrets)) as served:
+        block = blocks_after("### openssl cmp").replace(
+            "127.0.0.1:8000", f"127.0.0.1:{served.port}"
+        )
+        run_block(block, served.url, station_settings, work, token)
     first = x509.load_pem_x509_certificate((work / "board.pem").read_bytes())
     second = x509.load_pem_x509_certificate((work / "board2.pem").read_bytes())
     with Ledger.from_settings(station_settings) as ledger:

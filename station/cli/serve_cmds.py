@@ -63,8 +63,8 @@ def tls_init(
 ) -> None:
     """Make a development TLS server key and certificate under DATA_DIR/tls/.
 
-    Signed by a throw-away CA whose key is never stored (not the station's CA:
-    what that CA signs, AWS IoT takes for a device). Give clients tls/ca.pem.
+    Signed by a throw-away CA whose key is never stored (not the station's CA, whose
+    certificates are device identities). Give clients tls/ca.pem.
     """
     from station.tls import init_dev_tls
 
