@@ -311,7 +311,6 @@ def _cert_conf(station: Station, msg: Any, h: cmp.Header) -> tuple[bytes, str]:
 
 
 def _handle(station: Station, body: bytes, label: str) -> tuple[bytes, str]:
-    msg = None
     try:
         msg = cmp.decode(body)
         h = cmp.header(msg)
@@ -341,8 +340,6 @@ def _handle(station: Station, body: bytes, label: str) -> tuple[bytes, str]:
         )  # fmt: skip
     except (StationError, HsmError) as exc:
         raise _Refusal(_failure(exc), exc) from exc
-    finally:
-        _ = msg
 
 
 async def _cmp(request: Request, label: str, operation: str | None) -> Response:

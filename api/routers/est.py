@@ -117,7 +117,7 @@ def _answer(exc: StationError | HsmError) -> Response:
 async def _refused(
     station: AppContext, exc: StationError | HsmError, op: str, label: str | None, entity: str
 ) -> Response:
-    if kind_is_unavailable(exc):
+    if _unavailable(exc):
         log.warning("EST %s: %s", op, exc)
     else:
         detail = {"op": op, "label": label, "code": exc.code}
@@ -128,7 +128,7 @@ async def _refused(
     return _answer(exc)
 
 
-def kind_is_unavailable(exc: StationError | HsmError) -> bool:
+def _unavailable(exc: StationError | HsmError) -> bool:
     return str(getattr(exc, "kind", "")) in (Kind.UNAVAILABLE, Kind.NOT_CONFIGURED)
 
 
