@@ -8,13 +8,14 @@ from api.context import AppContext
 from hsm.errors import HsmError
 from station.errors import StationError, innermost
 from station.ledger import IssueResult
+from station.request import CertRequest
 
 
 def issue(
     station: AppContext,
     batch: str,
     device_id: str,
-    csr: bytes,
+    csr: bytes | CertRequest,
     *,
     reprovision: bool = False,
     reason: str | None = None,

@@ -26,6 +26,7 @@ from station.errors import ConfigurationError, ConflictError, Kind, StationError
 from station.filemodes import private_dir
 from station.files import write_atomically
 from station.policy import format_subject, parse_subject
+from station.request import CertRequest
 from station.settings import Settings
 
 DEV_KEY_LABEL = "station-ca-key"
@@ -143,7 +144,7 @@ class CertificateAuthority:
 
     def issue(
         self,
-        csr: x509.CertificateSigningRequest,
+        csr: CertRequest,
         *,
         subject: x509.Name,
         serial: int,

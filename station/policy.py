@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from station.errors import PolicyError
+from station.request import CertRequest
 
 MAX_CSR_BYTES = 16 * 1024
 MAX_CSR_EXTENSIONS = 16
@@ -99,7 +100,7 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
     return csr
 
 
-def check_csr(csr: x509.CertificateSigningRequest) -> None:
+def check_csr(csr: CertRequest) -> None:
     """Signature, signature hash, key type and size, extensions, subject characters."""
     try:
         key = csr.public_key()
@@ -273,7 +274,7 @@ def _check_attribute(attr: x509.NameAttribute) -> None:
     check_attribute_text(attr)
 
 
-def public_key_sha256(obj: x509.CertificateSigningRequest | x509.Certificate) -> str:
+def public_key_sha256(obj: CertRequest | x509.Certificate) -> str:
     """Hex SHA-256 of the SubjectPublicKeyInfo DER: the identity of a key across the ledger."""
     spki = obj.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

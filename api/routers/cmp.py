@@ -39,10 +39,11 @@ from api.context import Station
 from api.problems import http_status
 from hsm.errors import HsmError
 from station.cmp_responder import KEY_LABEL, open_responder
-from station.enroll import cmp, est
+from station.enroll import cmp
 from station.errors import Kind, NotFoundError, StationError
 from station.ledger.schema import CertState, KeyMode
-from station.policy import load_csr
+from station.policy import common_name, load_csr
+from station.request import CertRequest
 from station.whitelist import serial_hex
 
 log = logging.getLogger("api.cmp")
@@ -222,15 +223,38 @@ def _authenticate(station: Station, msg: Any, h: cmp.Header) -> tuple[str, Any]:
     return f"serial:{record.serial}", record
 
 
-def _p10cr(station: Station, msg: Any, h: cmp.Header, label: str) -> tuple[bytes, str]:
+def _device_id(request: CertRequest) -> str:
+    cn = common_name(request.subject)
+    if cn is None:
+        raise cmp.CmpError(
+            "the request's subject needs exactly one CN: it names the device",
+            failure="badCertTemplate", code="cmp-no-device-id", kind=Kind.INVALID,
+        )  # fmt: skip
+    return cn
+
+
+def _enrol(station: Station, msg: Any, h: cmp.Header, label: str) -> tuple[bytes, str]:
+    """p10cr, ir, cr (first enrolment with a MAC; renewal signed) and kur (renewal)."""
+    kind = cmp.body_type(msg)
     sender, record = _authenticate(station, msg, h)
     assert h.transaction_id is not None
     station.ledger.cmp_transactions.begin(h.transaction_id, sender)
-    csr_der = cmp.p10cr_der(msg)
+    request: bytes | CertRequest
+    if kind == "p10cr":
+        request, cert_req_id = cmp.p10cr_der(msg), -1
+        parsed: CertRequest = load_csr(request)
+    else:
+        crmf = cmp.crmf_request(msg)
+        request, parsed, cert_req_id = crmf, crmf, crmf.cert_req_id
     if record is None:
+        if kind == "kur":
+            raise cmp.CmpError(
+                "a key update is signed with the certificate it updates",
+                failure="notAuthorized", code="cmp-kur-unsigned", kind=Kind.FORBIDDEN,
+            )  # fmt: skip
         batch = _batch_of(station, label)
-        device_id = est.device_id_of(csr_der)
-        result = provision.issue(station, batch, device_id, csr_der)
+        device_id = _device_id(parsed)
+        result = provision.issue(station, batch, device_id, request)
     else:
         if record.state != CertState.ISSUED.value:
             raise cmp.CmpError(
@@ -238,7 +262,7 @@ def _p10cr(station: Station, msg: Any, h: cmp.Header, label: str) -> tuple[bytes
                 code="cmp-certificate-not-live", kind=Kind.FORBIDDEN,
             )  # fmt: skip
         current = x509.load_pem_x509_certificate((record.pem or "").encode())
-        if load_csr(csr_der).subject != current.subject:
+        if parsed.subject != current.subject:
             raise cmp.CmpError(
                 "a renewal CSR must carry the current certificate's subject",
                 failure="badCertTemplate", code="cmp-subject-mismatch", kind=Kind.CONFLICT,
@@ -248,9 +272,9 @@ def _p10cr(station: Station, msg: Any, h: cmp.Header, label: str) -> tuple[bytes
         if device.state in ("issued", "installed") and device.serial == record.serial:
             # Signing with its certificate proved the board holds its key.
             station.ledger.mark_verified(device_id)
-        result = provision.issue(station, record.batch, device_id, csr_der, renews=record.serial)
+        result = provision.issue(station, record.batch, device_id, request, renews=record.serial)
     der, nonce = cmp.certificate_response(
-        msg, _responder(station), result.certificate, -1, h.implicit_confirm
+        msg, _responder(station), result.certificate, cert_req_id, h.implicit_confirm
     )
     if h.implicit_confirm:
         station.ledger.mark_verified(device_id)
@@ -330,13 +354,13 @@ def _handle(station: Station, body: bytes, label: str) -> tuple[bytes, str]:
                 code="cmp-bad-header",
             )  # fmt: skip
         kind = cmp.body_type(msg)
-        if kind == "p10cr":
-            return _p10cr(station, msg, h, label)
+        if kind in cmp.ANSWER:
+            return _enrol(station, msg, h, label)
         if kind == "certConf":
             return _cert_conf(station, msg, h)
         raise cmp.CmpError(
-            f"{kind} is not supported here: send a PKCS#10 (p10cr)", failure="badRequest",
-            code="cmp-unsupported-body",
+            f"{kind} is not supported here (ir, cr, kur, p10cr, certConf)",
+            failure="badRequest", code="cmp-unsupported-body",
         )  # fmt: skip
     except (StationError, HsmError) as exc:
         raise _Refusal(_failure(exc), exc) from exc

@@ -198,6 +198,20 @@ def check_signature(msg: Any, signer: x509.Certificate) -> None:
         ) from None  # fmt: skip
 
 
+def crmf_request(msg: Any) -> Any:
+    """The one CertReqMsg of an ir, cr or kur (RFC 9483: exactly one).
+
+    Codes: cmp-bad-request (badRequest)."""
+    from station.enroll.crmf import CrmfRequest
+
+    reqs = msg["body"][body_type(msg)]
+    if len(reqs) != 1:
+        raise CmpError(
+            "exactly one CertReqMsg per request", failure="badRequest", code="cmp-bad-request"
+        )
+    return CrmfRequest(reqs[0])
+
+
 def p10cr_der(msg: Any) -> bytes:
     """The PKCS#10 of a p10cr, DER."""
     csr = msg["body"]["p10cr"]
@@ -299,13 +313,17 @@ def _finish(h: Any, body: Any, responder: Responder) -> bytes:
     return bytes(der_encoder.encode(msg))
 
 
+# The answer to each request body.
+ANSWER = {"ir": "ip", "cr": "cp", "p10cr": "cp", "kur": "kup"}
+
+
 def certificate_response(
     req: Any, responder: Responder, cert: x509.Certificate, cert_req_id: int, implicit: bool
 ) -> tuple[bytes, bytes]:
-    """A cp (for p10cr) with the certificate; returns (DER, the sender nonce we sent)."""
+    """The ip, cp or kup with the certificate; returns (DER, the sender nonce we sent)."""
     h, nonce = _answer_header(req, responder, implicit)
     body = rfc4210.PKIBody()
-    rep = body["cp"]
+    rep = body[ANSWER[body_type(req)]]
     resp = rfc4210.CertResponse()
     resp["certReqId"] = cert_req_id
     resp["status"]["status"] = 0  # accepted

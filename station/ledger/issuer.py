@@ -40,6 +40,7 @@ from station.ledger.records import IssueResult, RecoveryReport
 from station.ledger.revocation import device_revoked
 from station.ledger.schema import CertState, DeviceState
 from station.ledger.textrules import check_text
+from station.request import CertRequest, load_request
 from station.whitelist import serial_hex
 
 # A batch whose template is "*" issues the subject the CSR presents (after
@@ -64,7 +65,7 @@ class Signer(Protocol):
 
     def issue(
         self,
-        csr: x509.CertificateSigningRequest,
+        csr: CertRequest,
         *,
         subject: x509.Name,
         serial: int,
@@ -73,7 +74,7 @@ class Signer(Protocol):
     ) -> x509.Certificate: ...
 
 
-def subject_for(template: str, device_id: str, csr: x509.CertificateSigningRequest) -> x509.Name:
+def subject_for(template: str, device_id: str, csr: CertRequest) -> x509.Name:
     """The subject the certificate gets; refuses a CSR that does not fit the batch."""
     presented = csr.subject  # parsed anew on every access: once here
     cn = policy.common_name(presented)
@@ -137,14 +138,17 @@ class Issuer:
         self,
         batch: str,
         device_id: str,
-        csr_der_or_pem: bytes,
+        csr_der_or_pem: bytes | CertRequest,
         ca: Signer,
         *,
         reprovision: bool = False,
         reason: str | None = None,
         renews: str | None = None,
     ) -> IssueResult:
-        csr = policy.load_csr(csr_der_or_pem)
+        # Bytes are a PKCS#10 (every channel but CMP); CMP hands a parsed CRMF request.
+        csr = (
+            policy.load_csr(csr_der_or_pem) if isinstance(csr_der_or_pem, bytes) else csr_der_or_pem
+        )
         policy.check_csr(csr)
         policy.check_device_id(device_id)
         pk = policy.public_key_sha256(csr)
@@ -212,7 +216,7 @@ class Issuer:
         self,
         batch_name: str,
         device_id: str,
-        csr: x509.CertificateSigningRequest,
+        csr: CertRequest,
         csr_der: bytes,
         pk: str,
         reprovision: bool,
@@ -441,7 +445,7 @@ class Issuer:
         for it in intents:
             serial = int(it.serial, 16)
             try:
-                csr = policy.load_csr(it.csr_der)
+                csr = load_request(it.csr_der)
                 cert = ca.issue(
                     csr,
                     subject=subject_for(it.subject_template, it.device_id, csr),

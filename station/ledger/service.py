@@ -52,6 +52,7 @@ from station.ledger.revocation import device_revoked
 from station.ledger.schema import BatchState, DeviceState, KeyMode
 from station.ledger.textrules import check_batch_name, check_text, clean_text
 from station.ledger.tokens import TOKEN_ROLES, Role
+from station.request import CertRequest
 
 __all__ = ["ADHOC_BATCH", "AS_PRESENTED", "TOKEN_ROLES", "Ledger"]
 
@@ -253,7 +254,7 @@ class Ledger(LedgerReads):
         self,
         batch: str,
         device_id: str,
-        csr_der_or_pem: bytes,
+        csr_der_or_pem: bytes | CertRequest,
         ca: Signer,
         *,
         reprovision: bool = False,
@@ -261,6 +262,9 @@ class Ledger(LedgerReads):
         renews: str | None = None,
     ) -> IssueResult:
         """Issue (or hand back) the certificate of ``device_id`` in ``batch``.
+
+        The request is a PKCS#10 (PEM or DER bytes) or, from CMP, a parsed CRMF
+        request (station/request.py).
 
         ``renews``: the serial of the device's live certificate this one succeeds
         (field renewal, station/ledger/succession.py; codes renewal-not-current,
