@@ -1,11 +1,10 @@
 """Lightweight CMP (RFC 9483) with the real `openssl cmp` client (OpenSSL 3.0).
 
-One `station serve` for the module. What works: p10cr with MAC protection (a
-board token as the secret, its name as the senderKID), p10cr with signature
-protection by the current certificate (renewal), certConf/pkiConf, implicit
-confirmation, and error messages with the right PKIFailureInfo for bad input,
-each audited, nothing issued. ir, cr and kur are refused (badRequest): the
-station's issuer takes PKCS#10 requests only.
+One `station serve` for the module: ir, cr and p10cr with MAC protection (a
+board token as the secret, its name as the senderKID), kur, cr and p10cr with
+signature protection by the current certificate (renewal), certConf/pkiConf,
+implicit confirmation, and error messages with the right PKIFailureInfo for bad
+input, each audited, nothing issued.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from pyasn1.codec.der import decoder as der_decoder
 from pyasn1_modules import rfc4210
 from sqlalchemy import func, select
@@ -166,7 +166,8 @@ def test_renewal_with_signature_protection(cmp_station: Cmp) -> None:
         ("wrong-secret", "badMessageCheck"),
         ("unknown-kid", "badMessageCheck"),
         ("qa-token", "notAuthorized"),
-        ("ir", "badRequest"),
+        ("genm", "badRequest"),
+        ("kur-with-mac", "notAuthorized"),
         ("unknown-batch", "badRequest"),
         ("see-rsa-batch", "notAuthorized"),
         ("wrong-subject", "badCertTemplate"),
@@ -186,9 +187,11 @@ def test_openssl_cmp_gets_the_protocol_error(cmp_station: Cmp, case: str, failur
     elif case == "qa-token":
         ref = "cmp-qa"
         secret = (Path(c.settings.data_dir).parent / "cmp-secrets").read_text().split()[-1]
-    elif case == "ir":
-        args = ["-cmd", "ir", "-newkey", f"{case}.key", "-subject",
-                "/O=company/OU=team/CN=cmp-ir/C=US", "-certout", f"{case}.pem"]  # fmt: skip
+    elif case == "genm":
+        args = ["-cmd", "genm"]
+    elif case == "kur-with-mac":
+        args = ["-cmd", "kur", "-newkey", f"{case}.key", "-oldcert", str(c.settings.ca_cert_path),
+                "-certout", f"{case}.pem"]  # fmt: skip
     elif case == "unknown-batch":
         label = "NOPE"
     elif case == "see-rsa-batch":
@@ -281,3 +284,133 @@ def test_a_tampered_request_fails_its_mac(cmp_station: Cmp) -> None:
     assert names in (["badMessageCheck"], ["transactionIdInUse"])
     with c.ledger() as ledger:
         assert len(ledger.certificates("cmp-tamper-1")) == 1
+
+
+def genkey(c: Cmp, name: str) -> None:
+    subprocess.run(
+        ["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-out", f"{name}.key"],
+        check=True, capture_output=True, cwd=c.work,
+    )  # fmt: skip
+
+
+def test_ir_cr_and_kur(cmp_station: Cmp) -> None:
+    c = cmp_station
+    genkey(c, "ir")
+    done = c.mac(
+        "-cmd", "ir", "-newkey", "ir.key", "-subject", "/O=company/OU=team/CN=cmp-ir-1/C=US",
+        "-certout", "ir.pem", op="initialization",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    genkey(c, "cr")
+    done = c.mac(
+        "-cmd", "cr", "-newkey", "cr.key", "-subject", "/O=company/OU=team/CN=cmp-cr-1/C=US",
+        "-certout", "cr.pem", op="certification",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    ir = x509.load_pem_x509_certificate((c.work / "ir.pem").read_bytes())
+    cr = x509.load_pem_x509_certificate((c.work / "cr.pem").read_bytes())
+    with c.ledger() as ledger:
+        assert ledger.certificate(serial_hex(ir.serial_number)).device_id == "cmp-ir-1"
+        assert ledger.certificate(serial_hex(cr.serial_number)).device_id == "cmp-cr-1"
+        assert ledger.get_device("cmp-ir-1").state == "verified"  # certConf
+    # kur: a new key, signed with the current certificate; the subject stays.
+    genkey(c, "kur")
+    done = c.client(
+        "-cmd", "kur", "-cert", "ir.pem", "-key", "ir.key", "-newkey", "kur.key",
+        "-certout", "kur.pem", op="keyupdate",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    kur = x509.load_pem_x509_certificate((c.work / "kur.pem").read_bytes())
+    assert kur.subject == ir.subject
+    # cr signed with the current certificate renews as well.
+    genkey(c, "cr2")
+    done = c.client(
+        "-cmd", "cr", "-cert", "cr.pem", "-key", "cr.key", "-newkey", "cr2.key",
+        "-subject", "/O=company/OU=team/CN=cmp-cr-1/C=US", "-certout", "cr2.pem",
+        op="certification",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    cr2 = x509.load_pem_x509_certificate((c.work / "cr2.pem").read_bytes())
+    with c.ledger() as ledger:
+        assert ledger.certificate(serial_hex(ir.serial_number)).state == "superseded"
+        assert ledger.get_device("cmp-ir-1").serial == serial_hex(kur.serial_number)
+        assert ledger.certificate(serial_hex(cr.serial_number)).state == "superseded"
+        assert ledger.get_device("cmp-cr-1").serial == serial_hex(cr2.serial_number)
+        listed = {e.serial for e in ledger.whitelist()}
+        assert (
+            serial_hex(kur.serial_number) in listed and serial_hex(ir.serial_number) not in listed
+        )
+
+
+def _captured_ir(c: Cmp, name: str, device_id: str) -> bytes:
+    """A real ir from openssl cmp, written with -reqout and sent nowhere (port 1)."""
+    genkey(c, name)
+    subprocess.run(
+        ["openssl", "cmp", "-cmd", "ir", "-server", "127.0.0.1:1", "-path", "x",
+         "-ref", "cmp-board", "-secret", f"pass:{c.token}", "-newkey", f"{name}.key",
+         "-subject", f"/O=company/OU=team/CN={device_id}/C=US", "-reqout", f"{name}.der",
+         "-certout", f"{name}.pem"],
+        capture_output=True, cwd=c.work, timeout=60,
+    )  # fmt: skip
+    return (c.work / f"{name}.der").read_bytes()
+
+
+def test_crmf_proof_of_possession_is_checked(cmp_station: Cmp) -> None:
+    from pyasn1.codec.der import encoder as der_encoder
+
+    from station import policy
+    from station.enroll.crmf import CrmfRequest
+    from station.errors import StationError
+
+    c = cmp_station
+    msg = cmp.decode(_captured_ir(c, "pop", "cmp-pop-1"))
+    request = cmp.crmf_request(msg)
+    assert request.is_signature_valid and request.subject.rfc4514_string() == (
+        "C=US,CN=cmp-pop-1,OU=team,O=company"
+    )
+    policy.check_csr(request)
+    # The same request with one bit of its POPO signature flipped.
+    der = bytearray(request.public_bytes(serialization.Encoding.DER))
+    der[-5] ^= 0x01
+    forged = CrmfRequest.load(bytes(der))
+    assert not forged.is_signature_valid
+    with pytest.raises(StationError, match=r"^bad-signature: "):
+        policy.check_csr(forged)
+    # raVerified (no signature) is not a proof the station takes.
+    pop = msg["body"]["ir"][0]["pop"]
+    pop["raVerified"] = pop["raVerified"].clone("")
+    unproved = CrmfRequest.load(bytes(der_encoder.encode(msg["body"]["ir"][0])))
+    assert not unproved.is_signature_valid
+
+
+def test_a_crmf_intent_left_by_a_crash_is_recovered(
+    cmp_station: Cmp, ca_home: Path, tmp_path: Path
+) -> None:
+    """The intent stores the CRMF request; recovery loads it again and signs."""
+    from station.ca import open_ca
+    from station.enroll.crmf import CrmfRequest
+
+    c = cmp_station
+    request = cmp.crmf_request(cmp.decode(_captured_ir(c, "crash", "cmp-crash-1")))
+    settings = settings_for(ca_home, tmp_path / "data")
+    ca = open_ca(settings)
+    with Ledger.from_settings(settings) as ledger:
+        ledger.create_batch(
+            "C", product="p", planned_count=5, key_mode="board-ecc", subject_template=TEMPLATE
+        )
+
+        def crash(_cert: x509.Certificate) -> None:
+            raise RuntimeError("killed between signature and commit")
+
+        ledger.after_sign = crash
+        with pytest.raises(RuntimeError):
+            ledger.issue("C", "cmp-crash-1", request, ca)
+        ledger.after_sign = None
+        report = ledger.recover(ca)
+        assert len(report.resigned) == 1 and not report.failed
+        record = ledger.certificate(report.resigned[0])
+        assert record.state == "issued" and record.device_id == "cmp-crash-1"
+        cert = x509.load_pem_x509_certificate((record.pem or "").encode())
+        assert cert.public_key() == request.public_key()
+        assert isinstance(request, CrmfRequest)

@@ -23,12 +23,12 @@ DOC = (ROOT / "docs" / "enrollment.md").read_text()
 TEMPLATE = "/O=company/OU=team/CN={device_id}/C=US"
 
 
-def blocks_after(heading: str) -> str:
-    """The first ```sh block after a heading."""
+def blocks_after(heading: str, n: int = 0) -> str:
+    """The n-th ```sh block after a heading."""
     at = DOC.index(heading)
-    match = re.search(r"```sh\n(.*?)```", DOC[at:], re.S)
-    assert match is not None, heading
-    return match.group(1)
+    blocks = re.findall(r"```sh\n(.*?)```", DOC[at:], re.S)
+    assert len(blocks) > n, heading
+    return str(blocks[n])
 
 
 def run_block(block: str, served_url: str, settings: Settings, work: Path, token: str) -> None:
@@ -84,10 +84,11 @@ def test_cmp_doc_commands_work(station_settings: Settings, tmp_path: Path) -> No
     work = tmp_path / "board"
     work.mkdir()
     with serve(station_settings, tls=False, STATION_CMP_SECRETS=str(secrets)) as served:
-        block = blocks_after("### openssl cmp").replace(
-            "127.0.0.1:8000", f"127.0.0.1:{served.port}"
-        )
-        run_block(block, served.url, station_settings, work, token)
+        for n in (0, 1):  # p10cr, then ir and kur
+            block = blocks_after("### openssl cmp", n).replace(
+                "127.0.0.1:8000", f"127.0.0.1:{served.port}"
+            )
+            run_block(block, served.url, station_settings, work, token)
     first = x509.load_pem_x509_certificate((work / "board.pem").read_bytes())
     second = x509.load_pem_x509_certificate((work / "board2.pem").read_bytes())
     with Ledger.from_settings(station_settings) as ledger:
@@ -95,3 +96,8 @@ def test_cmp_doc_commands_work(station_settings: Settings, tmp_path: Path) -> No
         device = ledger.get_device("0123abcd")
         assert device.serial == serial_hex(second.serial_number)
         assert device.state == "verified"
+    gw = x509.load_pem_x509_certificate((work / "gw.pem").read_bytes())
+    gw2 = x509.load_pem_x509_certificate((work / "gw2.pem").read_bytes())
+    with Ledger.from_settings(station_settings) as ledger:
+        assert ledger.certificate(serial_hex(gw.serial_number)).state == "superseded"
+        assert ledger.get_device("gw-0042").serial == serial_hex(gw2.serial_number)

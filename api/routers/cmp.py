@@ -1,16 +1,17 @@
-"""Lightweight CMP (RFC 9483) under /.well-known/cmp/p/{batch}/[{operation}]: p10cr, certConf.
+"""Lightweight CMP (RFC 9483) under /.well-known/cmp/p/{batch}/[{operation}].
 
-* ``p10cr`` protected by a password-based MAC: first enrolment. The MAC secret is
+* ``ir``, ``cr``, ``p10cr`` protected by a password-based MAC: first enrolment. The MAC secret is
   a board token, its name the senderKID; the station reads the token from the
   ``STATION_CMP_SECRETS`` file (the ledger keeps only token hashes) and checks it
-  is a live token of the ledger (role board and up). The device id is the CSR's CN.
-* ``p10cr`` protected by a signature with the device's current certificate (sent
-  first in extraCerts): renewal, a succession in the ledger.
+  is a live token of the ledger (role board and up). The device id is the subject's CN.
+* ``kur``, ``cr``, ``p10cr`` protected by a signature with the device's current
+  certificate (sent first in extraCerts): renewal, a succession in the ledger.
+  ir/cr/kur carry CRMF (station/enroll/crmf.py), p10cr a PKCS#10; both go to the
+  one issuance path.
 * ``certConf``: the device confirms (the certificate's SHA-256 hash) and is
   ``verified``; a rejection revokes the certificate. Asked for implicit
   confirmation, the station grants it and the device is verified at once.
-* Anything else (ir, cr, kur: CRMF requests) gets an error message, badRequest:
-  the station's issuer takes PKCS#10 requests only (docs/enrollment.md).
+* Anything else (genm, rr, ...) gets an error message, badRequest.
 
 Answers are protected by the station's CA key in the token (docs/enrollment.md
 says why), with the CA certificate first in extraCerts. Errors are CMP error
