@@ -34,9 +34,9 @@ from cryptography.hazmat.primitives import hashes
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from api import provision
+from api import issuance
 from api.auth import BOARD_UP
-from api.context import Station
+from api.context import AppContext
 from api.problems import http_status
 from hsm.errors import HsmError
 from station.cmp_responder import KEY_LABEL, open_responder
@@ -57,7 +57,7 @@ _lock = threading.Lock()
 _secrets: dict[str, tuple[float, dict[str, str]]] = {}
 
 
-def _secret_for(station: Station, kid: str) -> str | None:
+def _secret_for(station: AppContext, kid: str) -> str | None:
     """The board token named ``kid`` in the CMP secrets file (re-read when it changes)."""
     path: Path | None = station.settings.cmp_secrets
     if path is None:
@@ -84,7 +84,7 @@ def _secret_for(station: Station, kid: str) -> str | None:
 _responders: dict[int, cmp.Responder] = {}
 
 
-def _responder(station: Station) -> cmp.Responder:
+def _responder(station: AppContext) -> cmp.Responder:
     """The key in the token that signs CMP answers (station/cmp_responder.py), per worker."""
     with _lock:
         found = _responders.get(id(station))
@@ -146,7 +146,7 @@ def _failure(exc: StationError | HsmError) -> str:
 
 
 async def _refused(
-    station: Station, msg: Any, exc: StationError | HsmError, label: str | None, entity: str
+    station: AppContext, msg: Any, exc: StationError | HsmError, label: str | None, entity: str
 ) -> Response:
     failure = _failure(exc)
     text = f"{exc.code}: {exc.message if isinstance(exc, StationError) else exc}"
@@ -165,7 +165,7 @@ async def _refused(
     return _answer(der)
 
 
-def _batch_of(station: Station, label: str) -> str:
+def _batch_of(station: AppContext, label: str) -> str:
     batch = station.ledger.get_batch(label)  # unknown-batch
     if batch.key_mode != KeyMode.BOARD_ECC.value:
         raise StationError(
@@ -176,7 +176,7 @@ def _batch_of(station: Station, label: str) -> str:
     return batch.name
 
 
-def _authenticate(station: Station, msg: Any, h: cmp.Header) -> tuple[str, Any]:
+def _authenticate(station: AppContext, msg: Any, h: cmp.Header) -> tuple[str, Any]:
     """(sender, the current certificate's ledger record or None) of a protected request."""
     if h.protection_alg == cmp.PBM:
         kid = (h.sender_kid or b"").decode("utf-8", "replace")
@@ -234,7 +234,7 @@ def _device_id(request: CertRequest) -> str:
     return cn
 
 
-def _enrol(station: Station, msg: Any, h: cmp.Header, label: str) -> tuple[bytes, str]:
+def _enrol(station: AppContext, msg: Any, h: cmp.Header, label: str) -> tuple[bytes, str]:
     """p10cr, ir, cr (first enrolment with a MAC; renewal signed) and kur (renewal)."""
     kind = cmp.body_type(msg)
     sender, record = _authenticate(station, msg, h)
@@ -255,7 +255,7 @@ def _enrol(station: Station, msg: Any, h: cmp.Header, label: str) -> tuple[bytes
             )  # fmt: skip
         batch = _batch_of(station, label)
         device_id = _device_id(parsed)
-        result = provision.issue(station, batch, device_id, request)
+        result = issuance.issue(station, batch, device_id, request)
     else:
         if record.state != CertState.ISSUED.value:
             raise cmp.CmpError(
@@ -273,7 +273,7 @@ def _enrol(station: Station, msg: Any, h: cmp.Header, label: str) -> tuple[bytes
         if device.state in ("issued", "installed") and device.serial == record.serial:
             # Signing with its certificate proved the board holds its key.
             station.ledger.mark_verified(device_id)
-        result = provision.issue(station, record.batch, device_id, request, renews=record.serial)
+        result = issuance.issue(station, record.batch, device_id, request, renews=record.serial)
     der, nonce = cmp.certificate_response(
         msg, _responder(station), result.certificate, cert_req_id, h.implicit_confirm
     )
@@ -288,7 +288,7 @@ def _enrol(station: Station, msg: Any, h: cmp.Header, label: str) -> tuple[bytes
     return der, device_id
 
 
-def _cert_conf(station: Station, msg: Any, h: cmp.Header) -> tuple[bytes, str]:
+def _cert_conf(station: AppContext, msg: Any, h: cmp.Header) -> tuple[bytes, str]:
     sender, _ = _authenticate(station, msg, h)
     assert h.transaction_id is not None
     try:
@@ -335,7 +335,7 @@ def _cert_conf(station: Station, msg: Any, h: cmp.Header) -> tuple[bytes, str]:
     return cmp.pki_conf(msg, _responder(station)), tx.device_id
 
 
-def _handle(station: Station, body: bytes, label: str) -> tuple[bytes, str]:
+def _handle(station: AppContext, body: bytes, label: str) -> tuple[bytes, str]:
     try:
         msg = cmp.decode(body)
         h = cmp.header(msg)
@@ -368,7 +368,7 @@ def _handle(station: Station, body: bytes, label: str) -> tuple[bytes, str]:
 
 
 async def _cmp(request: Request, label: str, operation: str | None) -> Response:
-    station: Station = request.app.state.station
+    station: AppContext = request.app.state.station
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await request.body()
     if ctype != cmp.CONTENT_TYPE:
