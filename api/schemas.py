@@ -87,6 +87,13 @@ class CertificateIn(BaseModel):
         max_length=256,
         description="why a board is re-provisioned; required to bring back a revoked board",
     )
+    renews: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{1,40}$",
+        description="Field renewal: the serial (lowercase hex) of the device's live "
+        "certificate this one succeeds. Over HTTPS, with that certificate as the TLS "
+        "client certificate; a new key.",
+    )
 
 
 class CertificateOut(BaseModel):

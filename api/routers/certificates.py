@@ -6,9 +6,12 @@ import asyncio
 import functools
 from dataclasses import dataclass
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from api import issuance
 from api.auth import (
@@ -22,6 +25,7 @@ from api.auth import (
 )
 from api.context import AppContext
 from api.schemas import CertificateIn, CertificateOut, PrintableText
+from api.tls import client_certificate_pem
 from station.errors import Kind, StationError
 from station.ledger import ADHOC_BATCH
 from station.whitelist import serial_hex
@@ -40,6 +44,7 @@ class CsrRequest:
     reprovision: bool
     as_json: bool
     reason: str | None = None
+    renews: str | None = None
 
 
 class CsrQuery(BaseModel):
@@ -49,6 +54,7 @@ class CsrQuery(BaseModel):
     device_id: str | None = Field(default=None, max_length=128)
     reprovision: bool = False
     reason: PrintableText | None = Field(default=None, min_length=1, max_length=256)
+    renews: str | None = Field(default=None, pattern=r"^[0-9a-f]{1,40}$")
 
 
 async def csr_request(request: Request) -> CsrRequest:
@@ -66,7 +72,13 @@ async def csr_request(request: Request) -> CsrRequest:
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_context=False)) from None
         return CsrRequest(
-            data.batch, data.device_id, data.csr.encode(), data.reprovision, True, data.reason
+            data.batch,
+            data.device_id,
+            data.csr.encode(),
+            data.reprovision,
+            True,
+            data.reason,
+            data.renews,
         )
     if ctype in PEM_TYPES:
         if not query.batch or not query.device_id:
@@ -76,7 +88,13 @@ async def csr_request(request: Request) -> CsrRequest:
                 kind=Kind.INVALID,
             )
         return CsrRequest(
-            query.batch, query.device_id, body, query.reprovision, False, query.reason
+            query.batch,
+            query.device_id,
+            body,
+            query.reprovision,
+            False,
+            query.reason,
+            query.renews,
         )
     raise StationError(
         f"send application/json, {' or '.join(PEM_TYPES)}",
@@ -94,6 +112,38 @@ def refuse_to_boards(req: CsrRequest) -> None:
         raise Forbidden(
             f"the {ADHOC_BATCH!r} batch takes its subject from the CSR: operator or admin only",
             code="adhoc-needs-operator",
+        )
+
+
+def _check_renewal(station: AppContext, request: Request, req: CsrRequest) -> None:
+    """A renewal comes with the certificate it renews as the TLS client certificate
+    (checked against the station's CA by the TLS layer, here against the ledger).
+
+    Codes: renewal-needs-certificate, renewal-certificate-mismatch."""
+    pem = client_certificate_pem(request)
+    if pem is None:
+        raise StationError(
+            "a renewal is sent over HTTPS with the current certificate as the TLS client "
+            "certificate",
+            code="renewal-needs-certificate",
+            kind=Kind.UNAUTHENTICATED,
+        )
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    serial = serial_hex(cert.serial_number)
+    try:
+        record = station.ledger.certificate(serial)
+    except StationError:
+        record = None
+    if (
+        record is None
+        or serial != req.renews
+        or record.device_id != req.device_id
+        or record.fingerprint != cert.fingerprint(hashes.SHA256()).hex()
+    ):
+        raise StationError(
+            f"the TLS client certificate is not certificate {req.renews} of {req.device_id!r}",
+            code="renewal-certificate-mismatch",
+            kind=Kind.FORBIDDEN,
         )
 
 
@@ -146,6 +196,8 @@ async def request_certificate(request: Request) -> Response:
     req = await csr_request(request)
     if who.role == Role.BOARD:
         refuse_to_boards(req)
+    if req.renews is not None:
+        await run_in_threadpool(_check_renewal, station, request, req)
     # The event loop only parses and answers; the ledger, policy and HSM work runs in
     # the station's issue executor (see AppContext.issue_executor).
     issue = functools.partial(
@@ -156,6 +208,7 @@ async def request_certificate(request: Request) -> Response:
         req.csr,
         reprovision=req.reprovision,
         reason=req.reason,
+        renews=req.renews,
     )
     result = await asyncio.get_running_loop().run_in_executor(station.issue_executor, issue)
     status = 200 if result.reused else 201

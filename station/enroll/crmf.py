@@ -36,6 +36,8 @@ _POPO_HASH = {
     "1.2.840.113549.1.1.5": ("rsa", hashes.SHA1),
 }
 _BASIC_CONSTRAINTS = "2.5.29.19"
+_EC_PUBLIC_KEY = "1.2.840.10045.2.1"
+_DER_OID_TAG = 0x06
 
 
 def _untag(value: Any, spec: Any) -> bytes:
@@ -64,7 +66,19 @@ class CrmfRequest:
         try:
             name_der = _untag(template["subject"], rfc2459.Name())
             self._subject = _name_from_der(name_der)
-            spki = _untag(template["publicKey"], rfc2459.SubjectPublicKeyInfo())
+            spki_value = template["publicKey"]
+            alg = spki_value["algorithm"]
+            if str(alg["algorithm"]) == _EC_PUBLIC_KEY:
+                # As for a PKCS#10 (policy.check_named_curve): a named curve, never
+                # explicit parameters cryptography would map onto one.
+                params = bytes(alg["parameters"]) if alg["parameters"].isValue else b""
+                if not params or params[0] != _DER_OID_TAG:
+                    raise PolicyError(
+                        "the EC key carries explicit curve parameters; name the curve "
+                        "(P-256 or P-384)",
+                        code="explicit-curve-params",
+                    )
+            spki = _untag(spki_value, rfc2459.SubjectPublicKeyInfo())
             self._public_key = serialization.load_der_public_key(spki)
         except (ValueError, PyAsn1Error, TypeError) as exc:
             raise PolicyError(
