@@ -414,3 +414,38 @@ def test_a_crmf_intent_left_by_a_crash_is_recovered(
         cert = x509.load_pem_x509_certificate((record.pem or "").encode())
         assert cert.public_key() == request.public_key()
         assert isinstance(request, CrmfRequest)
+
+
+def test_cmp_over_https(ca_home: Path, tmp_path: Path) -> None:
+    """`openssl cmp -tls_used` against `station serve` with TLS: the same exchange."""
+    settings = settings_for(ca_home, tmp_path / "data")
+    with Ledger.from_settings(settings) as ledger:
+        ledger.create_batch(
+            "C", product="p", planned_count=5, key_mode="board-ecc", subject_template=TEMPLATE
+        )
+        token = ledger.create_token("tls-board", "board")
+    secrets_file = tmp_path / "cmp-secrets"
+    secrets_file.write_text(f"tls-board {token}\n")
+    os.chmod(secrets_file, 0o600)
+    work = tmp_path / "work"
+    work.mkdir()
+    subprocess.run(
+        ["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-out", "k.pem"],
+        check=True, capture_output=True, cwd=work,
+    )  # fmt: skip
+    with serve(settings, STATION_CMP_SECRETS=str(secrets_file)) as served:
+        assert served.ca_file is not None
+        done = subprocess.run(
+            ["openssl", "cmp", "-server", f"localhost:{served.port}", "-tls_used",
+             "-tls_trusted", str(served.ca_file), "-path", ".well-known/cmp/p/C/initialization",
+             "-trusted", str(settings.ca_cert_path), "-cmd", "ir", "-ref", "tls-board",
+             "-secret", "env:TOKEN", "-newkey", "k.pem",
+             "-subject", "/O=company/OU=team/CN=cmp-tls-1/C=US", "-certout", "c.pem"],
+            capture_output=True, text=True, cwd=work, timeout=120,
+            env={**os.environ, "TOKEN": token},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+    cert = x509.load_pem_x509_certificate((work / "c.pem").read_bytes())
+    with Ledger.from_settings(settings) as ledger:
+        assert ledger.get_device("cmp-tls-1").serial == serial_hex(cert.serial_number)
