@@ -26,10 +26,12 @@ import functools
 import logging
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -81,13 +83,13 @@ def _secret_for(station: AppContext, kid: str) -> str | None:
     return cached[1].get(kid)
 
 
-_responders: dict[int, cmp.Responder] = {}
+_responders: weakref.WeakKeyDictionary[AppContext, cmp.Responder] = weakref.WeakKeyDictionary()
 
 
 def _responder(station: AppContext) -> cmp.Responder:
     """The key in the token that signs CMP answers (station/cmp_responder.py), per worker."""
     with _lock:
-        found = _responders.get(id(station))
+        found = _responders.get(station)
     if found is not None:
         return found
     ca = station.ca
@@ -100,7 +102,7 @@ def _responder(station: AppContext) -> cmp.Responder:
         )
     responder = cmp.Responder(made.key, made.certificate, (ca.certificate, *ca.parents))
     with _lock:
-        _responders[id(station)] = responder
+        _responders[station] = responder
     return responder
 
 
@@ -205,7 +207,7 @@ def _authenticate(station: AppContext, msg: Any, h: cmp.Header) -> tuple[str, An
     ca = station.ca
     try:
         signer.verify_directly_issued_by(ca.certificate)
-    except (ValueError, TypeError, Exception) as exc:
+    except (ValueError, TypeError, InvalidSignature) as exc:
         raise cmp.CmpError(
             f"the signer certificate is not the station's: {type(exc).__name__}",
             failure="signerNotTrusted", code="cmp-signer-not-trusted",
@@ -303,7 +305,7 @@ def _cert_conf(station: AppContext, msg: Any, h: cmp.Header) -> tuple[bytes, str
             f"the transaction is {tx.state}, not waiting for a confirmation",
             failure="transactionIdInUse", code="cmp-transaction-in-use", kind=Kind.CONFLICT,
         )  # fmt: skip
-    if tx.sender_kid != sender and not tx.sender_kid.startswith("serial:"):
+    if tx.sender_kid != sender:
         raise cmp.CmpError(
             "certConf from another sender", failure="notAuthorized", code="cmp-not-authorized",
             kind=Kind.FORBIDDEN,

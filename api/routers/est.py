@@ -29,6 +29,7 @@ import binascii
 import functools
 import logging
 import threading
+import weakref
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -55,8 +56,8 @@ router = APIRouter(prefix="/.well-known/est", tags=["est"], include_in_schema=Fa
 
 _BOARD_UP = frozenset(BOARD_UP)
 _CACHE_LOCK = threading.Lock()
-# batch -> key mode; a batch's key mode never changes once it is created.
-_KEY_MODES: dict[tuple[int, str], str] = {}
+# Per app: batch -> key mode (a batch's key mode never changes once it is created).
+_KEY_MODES: weakref.WeakKeyDictionary[AppContext, dict[str, str]] = weakref.WeakKeyDictionary()
 
 
 class EstRefused(StationError):
@@ -88,13 +89,13 @@ def _batch_of(station: AppContext, label: str | None) -> str:
             "no EST label and no default batch (STATION_EST_DEFAULT_BATCH)",
             code="est-no-default-batch",
         )
-    key = (id(station), batch)
     with _CACHE_LOCK:
-        mode = _KEY_MODES.get(key)
+        modes = _KEY_MODES.setdefault(station, {})
+        mode = modes.get(batch)
     if mode is None:
         mode = station.ledger.get_batch(batch).key_mode  # unknown-batch
         with _CACHE_LOCK:
-            _KEY_MODES[key] = mode
+            modes[batch] = mode
     if mode != KeyMode.BOARD_ECC.value:
         raise EstRefused(
             f"batch {batch!r} is {mode}: its keys are made by the station and go over the "
