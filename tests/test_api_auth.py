@@ -64,6 +64,23 @@ PUBLIC_ROUTES = {
 }
 PUBLIC = ["/", "/healthz", "/metrics", "/openapi.json", "/static/app.js", "/crl"]
 
+# Standard enrollment authenticates in its own protocol, not with a bearer role:
+# EST cacerts/csrattrs are public (RFC 7030), simpleenroll takes a board token as the
+# Basic password, simplereenroll the current certificate over TLS (tests/test_est.py);
+# CMP messages carry their own protection (tests/test_cmp.py).
+ENROLLMENT_ROUTES = {
+    ("GET", "/.well-known/est/cacerts"),
+    ("GET", "/.well-known/est/{label}/cacerts"),
+    ("GET", "/.well-known/est/csrattrs"),
+    ("GET", "/.well-known/est/{label}/csrattrs"),
+    ("POST", "/.well-known/est/simpleenroll"),
+    ("POST", "/.well-known/est/{label}/simpleenroll"),
+    ("POST", "/.well-known/est/simplereenroll"),
+    ("POST", "/.well-known/est/{label}/simplereenroll"),
+    ("POST", "/.well-known/cmp/p/{label}"),
+    ("POST", "/.well-known/cmp/p/{label}/{operation}"),
+}
+
 
 def app_routes(app: FastAPI) -> set[tuple[str, str]]:
     """(method, path template) of every route the app serves; a mount counts as GET."""
@@ -92,11 +109,28 @@ def test_matrix_covers_every_route_of_the_app(bare_app: FastAPI) -> None:
     served = app_routes(bare_app)
     matrix = {(m, template) for m, template, *_ in ROUTES}
     assert len(matrix) == len(ROUTES), "a route is in the matrix twice"
-    assert served - PUBLIC_ROUTES == matrix, (
-        f"not in the matrix: {sorted(served - PUBLIC_ROUTES - matrix)}; "
+    assert served - PUBLIC_ROUTES - ENROLLMENT_ROUTES == matrix, (
+        f"not in the matrix: {sorted(served - PUBLIC_ROUTES - ENROLLMENT_ROUTES - matrix)}; "
         f"not served: {sorted(matrix - served)}"
     )
-    assert served >= PUBLIC_ROUTES
+    assert served >= PUBLIC_ROUTES | ENROLLMENT_ROUTES
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/.well-known/est/simpleenroll",
+        "/.well-known/est/B1/simpleenroll",
+        "/.well-known/est/simplereenroll",
+        "/.well-known/est/B1/simplereenroll",
+    ],
+)
+def test_est_enrolment_without_credentials_is_401(bare_app: FastAPI, path: str) -> None:
+    from fastapi.testclient import TestClient
+
+    with TestClient(bare_app) as client:
+        r = client.post(path, content=b"AAAA", headers={"Content-Type": "application/pkcs10"})
+    assert r.status_code == 401, r.text
 
 
 def test_matrix_covers_every_operation_of_the_schema(bare_app: FastAPI) -> None:

@@ -286,8 +286,7 @@ async def _simplereenroll(request: Request, label: str | None) -> Response:
     station = _station(request)
     entity = "est"
     try:
-        if label is not None:
-            await run_in_threadpool(_batch_of, station, label)
+        # Authentication first: an unknown client learns nothing about batches.
         client = await _tls_client(station, request)
         if client is None:
             raise EstRefused(
@@ -296,6 +295,8 @@ async def _simplereenroll(request: Request, label: str | None) -> Response:
                 code="est-no-client-certificate",
                 kind=Kind.UNAUTHENTICATED,
             )
+        if label is not None:
+            await run_in_threadpool(_batch_of, station, label)
         current, record = client
         entity = record.device_id
         body = await request.body()
