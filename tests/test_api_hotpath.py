@@ -238,7 +238,7 @@ def test_the_certificate_route_documents_what_dependencies_would_have(api: Api) 
     op = api.client.get("/openapi.json").json()["paths"]["/v1/certificates"]["post"]
     assert op["security"] == [{"HTTPBearer": []}]
     params = {p["name"]: p for p in op["parameters"]}
-    assert set(params) == {"batch", "device_id", "reprovision", "reason"}
+    assert set(params) == {"batch", "device_id", "reprovision", "reason", "renews"}
     assert all(p["in"] == "query" and not p["required"] for p in params.values())
     no_control = {"pattern": CONTROL_CHARACTERS_PATTERN}  # api.middleware refuses them
     assert {"maxLength": 128, "type": "string", **no_control} in params["batch"]["schema"]["anyOf"]
