@@ -449,3 +449,19 @@ def test_cmp_over_https(ca_home: Path, tmp_path: Path) -> None:
     cert = x509.load_pem_x509_certificate((work / "c.pem").read_bytes())
     with Ledger.from_settings(settings) as ledger:
         assert ledger.get_device("cmp-tls-1").serial == serial_hex(cert.serial_number)
+
+
+def test_a_secrets_file_others_may_read_is_refused(cmp_station: Cmp) -> None:
+    c = cmp_station
+    secrets_file = Path(c.settings.data_dir).parent / "cmp-secrets"
+    csr(c, "perm", "cmp-perm-1")
+    os.chmod(secrets_file, 0o644)
+    try:
+        done = c.mac("-cmd", "p10cr", "-csr", "perm.csr", "-certout", "perm.pem")
+    finally:
+        os.chmod(secrets_file, 0o600)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "PKIFailureInfo: systemUnavail" in out, out
+    assert "cmp-secrets-not-private" in out
+    done = c.mac("-cmd", "p10cr", "-csr", "perm.csr", "-certout", "perm.pem")
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -65,9 +65,18 @@ def _secret_for(station: AppContext, kid: str) -> str | None:
     if path is None:
         return None
     try:
-        mtime = os.stat(path).st_mtime
+        st = os.stat(path)
     except OSError:
         return None
+    if st.st_mode & 0o077:
+        # Secrets the station's group or others may read are not secrets: refuse, as
+        # a PIN file is refused (hsm-pin-file-not-private).
+        raise StationError(
+            f"{path} may be read by others than its owner: chmod 600 it",
+            code="cmp-secrets-not-private",
+            kind=Kind.NOT_CONFIGURED,
+        )
+    mtime = st.st_mtime
     key = str(path)
     with _lock:
         cached = _secrets.get(key)
