@@ -465,3 +465,35 @@ def test_a_secrets_file_others_may_read_is_refused(cmp_station: Cmp) -> None:
     assert "cmp-secrets-not-private" in out
     done = c.mac("-cmd", "p10cr", "-csr", "perm.csr", "-certout", "perm.pem")
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_rr_revokes_the_signers_own_certificate(cmp_station: Cmp) -> None:
+    c = cmp_station
+    for name in ("rv", "rv2"):
+        csr(c, name, f"cmp-{name}-1")
+        done = c.mac("-cmd", "p10cr", "-csr", f"{name}.csr", "-certout", f"{name}.pem")
+        assert done.returncode == 0, done.stdout + done.stderr
+    mine = x509.load_pem_x509_certificate((c.work / "rv.pem").read_bytes())
+    sign = ["-cert", "rv.pem", "-key", "rv.key"]
+    # Another board's certificate: refused, nothing revoked.
+    done = c.client("-cmd", "rr", *sign, "-oldcert", "rv2.pem", op="revocation")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "PKIFailureInfo: notAuthorized" in out, out
+    # A board token (MAC) revokes nothing.
+    done = c.mac("-cmd", "rr", "-oldcert", "rv.pem", op="revocation")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "PKIFailureInfo: notAuthorized" in out, out
+    with c.ledger() as ledger:
+        assert ledger.get_device("cmp-rv2-1").state == "verified"
+        assert ledger.get_device("cmp-rv-1").state == "verified"
+    # Its own, signed with it: revoked and off the whitelist.
+    done = c.client("-cmd", "rr", *sign, "-oldcert", "rv.pem", op="revocation")
+    assert done.returncode == 0, done.stdout + done.stderr
+    serial = serial_hex(mine.serial_number)
+    with c.ledger() as ledger:
+        assert ledger.certificate(serial).state == "revoked"
+        assert ledger.get_device("cmp-rv-1").state == "revoked"
+        assert serial not in {e.serial for e in ledger.whitelist()}
+    done = c.client("-cmd", "rr", *sign, "-oldcert", "rv.pem", op="revocation")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "PKIFailureInfo: certRevoked" in out, out

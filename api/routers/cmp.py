@@ -11,7 +11,8 @@
 * ``certConf``: the device confirms (the certificate's SHA-256 hash) and is
   ``verified``; a rejection revokes the certificate. Asked for implicit
   confirmation, the station grants it and the device is verified at once.
-* Anything else (genm, rr, ...) gets an error message, badRequest.
+* ``rr`` signed with the certificate it names: the device revokes its own.
+* Anything else (genm, ...) gets an error message, badRequest.
 
 Answers are protected by the station's CA key in the token (docs/enrollment.md
 says why), with the CA certificate first in extraCerts. Errors are CMP error
@@ -53,7 +54,7 @@ log = logging.getLogger("api.cmp")
 
 router = APIRouter(prefix="/.well-known/cmp", include_in_schema=False)
 
-OPERATIONS = {"pkcs10", "initialization", "certification", "keyupdate"}
+OPERATIONS = {"pkcs10", "initialization", "certification", "keyupdate", "revocation"}
 _BOARD_UP = {r.value for r in BOARD_UP}
 _lock = threading.Lock()
 _secrets: dict[str, tuple[float, dict[str, str]]] = {}
@@ -346,6 +347,32 @@ def _cert_conf(station: AppContext, msg: Any, h: cmp.Header) -> tuple[bytes, str
     return cmp.pki_conf(msg, _responder(station)), tx.device_id
 
 
+def _revoke(station: AppContext, msg: Any, h: cmp.Header) -> tuple[bytes, str]:
+    """rr: a device revokes its own live certificate, signing with it (a lost or
+    compromised key). A MAC (a board token) revokes nothing."""
+    sender, record = _authenticate(station, msg, h)
+    if record is None:
+        raise cmp.CmpError(
+            "a revocation is signed with the certificate it revokes", failure="notAuthorized",
+            code="cmp-rr-unsigned", kind=Kind.FORBIDDEN,
+        )  # fmt: skip
+    assert h.transaction_id is not None
+    station.ledger.cmp_transactions.begin(h.transaction_id, sender)
+    if serial_hex(cmp.revocation_serial(msg)) != record.serial:
+        raise cmp.CmpError(
+            "a device revokes only the certificate it signs with", failure="notAuthorized",
+            code="cmp-rr-other-certificate", kind=Kind.FORBIDDEN,
+        )  # fmt: skip
+    device = station.ledger.get_device(record.device_id)
+    if record.state != CertState.ISSUED.value or device.serial != record.serial:
+        raise cmp.CmpError(
+            f"certificate {record.serial} is {record.state}, not live", failure="certRevoked",
+            code="cmp-certificate-not-live", kind=Kind.CONFLICT,
+        )  # fmt: skip
+    station.ledger.revoke(record.device_id, "revoked by the device over CMP (rr)")
+    return cmp.revocation_response(msg, _responder(station)), record.device_id
+
+
 def _handle(station: AppContext, body: bytes, label: str) -> tuple[bytes, str]:
     try:
         msg = cmp.decode(body)
@@ -370,8 +397,10 @@ def _handle(station: AppContext, body: bytes, label: str) -> tuple[bytes, str]:
             return _enrol(station, msg, h, label)
         if kind == "certConf":
             return _cert_conf(station, msg, h)
+        if kind == "rr":
+            return _revoke(station, msg, h)
         raise cmp.CmpError(
-            f"{kind} is not supported here (ir, cr, kur, p10cr, certConf)",
+            f"{kind} is not supported here (ir, cr, kur, p10cr, certConf, rr)",
             failure="badRequest", code="cmp-unsupported-body",
         )  # fmt: skip
     except (StationError, HsmError) as exc:

@@ -333,6 +333,29 @@ def certificate_response(
     return _finish(h, body, responder), nonce
 
 
+def revocation_serial(msg: Any) -> int:
+    """The serial an rr asks to revoke (exactly one RevDetails with a serialNumber).
+
+    Codes: cmp-bad-request (badRequest)."""
+    details = msg["body"]["rr"]
+    if len(details) != 1 or not details[0]["certDetails"]["serialNumber"].isValue:
+        raise CmpError(
+            "exactly one RevDetails naming a serialNumber", failure="badRequest",
+            code="cmp-bad-request",
+        )  # fmt: skip
+    return int(details[0]["certDetails"]["serialNumber"])
+
+
+def revocation_response(req: Any, responder: Responder) -> bytes:
+    """An rp: the revocation was accepted."""
+    h, _ = _answer_header(req, responder, False)
+    body = rfc4210.PKIBody()
+    status = rfc4210.PKIStatusInfo()
+    status["status"] = 0
+    body["rp"]["status"].append(status)
+    return _finish(h, body, responder)
+
+
 def pki_conf(req: Any, responder: Responder) -> bytes:
     h, _ = _answer_header(req, responder, False)
     body = rfc4210.PKIBody()
