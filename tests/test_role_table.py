@@ -14,7 +14,7 @@ import pytest
 from api.app import create_app
 from tests.fixtures.hsm import settings_for
 from tests.live import live_api_for
-from tests.test_api_auth import app_routes
+from tests.test_api_auth import ENROLLMENT_ROUTES, app_routes
 from tests.test_api_helpers import ROLES, Api, assert_problem, new_csr
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -79,8 +79,30 @@ def concrete(path: str) -> str:
     return path.replace("{}", fill)
 
 
+def enrollment_table() -> set[tuple[str, str]]:
+    """(method, normalised path) of the README's table of enrollment routes (EST, CMP),
+    which authenticate in their own protocol, not with a bearer role."""
+    lines = README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| enrollment route |"))
+    out: set[tuple[str, str]] = set()
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        for item in re.findall(r"`((?:GET|POST) [^`]+)`", line.split("|")[1]):
+            method, path = item.split()
+            optional = re.findall(r"\[([^\]]*)\]", path)
+            variants = [path]
+            for opt in optional:
+                variants = [v.replace(f"[{opt}]", r) for v in variants for r in ("", opt)]
+            out |= {(method, _norm(v)) for v in variants}
+    return out
+
+
 def test_the_table_lists_every_route_the_app_serves(station_settings: Any) -> None:
     served = {(m, _norm(p)) for m, p in app_routes(create_app(station_settings))}
+    enrollment = enrollment_table()
+    assert enrollment == {(m, _norm(p)) for m, p in ENROLLMENT_ROUTES}
+    served -= enrollment
     listed = set(readme_table())
     assert served == listed, (
         f"served but not in the README: {sorted(served - listed)}; "
