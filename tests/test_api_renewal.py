@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from firmware_hooks.protocol import proof_message
 from station.ledger import Ledger
 from station.settings import Settings
 from tests.fixtures.hsm import settings_for
@@ -51,7 +52,8 @@ class Api:
             assert r.status_code == 201, r.text
             serial = r.json()["serial"]
             nonce = http.post(f"/v1/devices/{device_id}/challenge").json()["nonce"]
-            sig = key.sign(base64.b64decode(nonce), ec.ECDSA(hashes.SHA256()))
+            message = proof_message(device_id, base64.b64decode(nonce))
+            sig = key.sign(message, ec.ECDSA(hashes.SHA256()))
             r = http.post(
                 f"/v1/devices/{device_id}/proof",
                 json={"nonce": nonce, "signature": base64.b64encode(sig).decode()},
