@@ -131,3 +131,15 @@ def test_a_renewal_the_token_cannot_sign_leaves_the_old_certificate_live(
     device = ledger.get_device("d1")
     assert device.state == "verified" and device.serial == old
     assert [e.serial for e in ledger.whitelist()] == [old]
+
+
+def test_ocsp_says_good_for_a_superseded_certificate(
+    ledger: Ledger, ca: CertificateAuthority
+) -> None:
+    """Superseded is not revoked: OCSP (RFC 6960) answers good, not unknown."""
+    from station.publish.revoked import serial_status
+
+    old = verified(ledger, ca)
+    new = ledger.issue("B1", "d1", make_csr("d1")[0], ca, renews=old)
+    assert serial_status(ledger.engine, int(old, 16)).status == "good"
+    assert serial_status(ledger.engine, new.serial).status == "good"

@@ -86,9 +86,13 @@ def revocations(engine: Engine) -> Iterator[Revocation]:
             result.close()
 
 
+_GOOD = frozenset({CertState.ISSUED.value, CertState.RENEWING.value, CertState.SUPERSEDED.value})
+
+
 def serial_status(engine: Engine, serial: int) -> SerialStatus:
-    """OCSP's view of one serial: issued (live) is good, revoked is revoked; a serial
-    never issued, an abandoned intent or one not yet committed is unknown."""
+    """OCSP's view of one serial: issued (live), renewing or superseded is good,
+    revoked is revoked; a serial never issued, an abandoned intent or one not yet
+    committed is unknown."""
     if serial <= 0:
         return SerialStatus("unknown")
     # The hot statement of every OCSP answer: on the driver's cursor (station.ledger.rawsql),
@@ -102,6 +106,8 @@ def serial_status(engine: Engine, serial: int) -> SerialStatus:
         if isinstance(revoked_at, str):  # SQLite's DATETIME text, as SQLAlchemy wrote it
             revoked_at = datetime.fromisoformat(revoked_at)
         return SerialStatus("revoked", _utc(revoked_at), reason_flag(row["revoke_reason"]))
-    if row["state"] == CertState.ISSUED.value:
+    # Live, or stepping aside for / replaced by a renewal (station/ledger/succession.py):
+    # never revoked, so good as RFC 6960 means it.
+    if row["state"] in _GOOD:
         return SerialStatus("good")
     return SerialStatus("unknown")
