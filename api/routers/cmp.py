@@ -105,7 +105,7 @@ def _responder(station: AppContext) -> cmp.Responder:
     ca = station.ca
     made, new = open_responder(station.settings, ca)
     if new:
-        station.ledger.audit_event(
+        station.ledger.channel_audit.record(
             "cmp.responder",
             "cmp",
             {"serial": serial_hex(made.certificate.serial_number), "key": KEY_LABEL},
@@ -164,7 +164,7 @@ async def _refused(
     text = f"{exc.code}: {exc.message if isinstance(exc, StationError) else exc}"
     detail = {"label": label, "code": exc.code, "failure": failure}
     try:
-        await run_in_threadpool(station.ledger.audit_event, "cmp.refused", entity, detail)
+        await run_in_threadpool(station.ledger.channel_audit.record, "cmp.refused", entity, detail)
     except Exception as audit_exc:
         log.warning("CMP refusal not audited: %s", audit_exc)
     try:

@@ -123,7 +123,9 @@ async def _refused(
     else:
         detail = {"op": op, "label": label, "code": exc.code}
         try:
-            await run_in_threadpool(station.ledger.audit_event, "est.refused", entity, detail)
+            await run_in_threadpool(
+                station.ledger.channel_audit.record, "est.refused", entity, detail
+            )
         except Exception as audit_exc:  # the refusal is still answered
             log.warning("EST refusal not audited: %s", audit_exc)
     return _answer(exc)

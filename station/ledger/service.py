@@ -34,6 +34,7 @@ from station import policy
 from station.errors import ConflictError, NotFoundError, PolicyError, StationError
 from station.filemodes import private_dir
 from station.ledger import audit, batches, certificates, challenges, changes, devices, proof, tokens
+from station.ledger.channel_audit import ChannelAudit
 from station.ledger.cmp_transactions import CmpTransactions
 from station.ledger.db import make_engine, upgrade
 from station.ledger.devices import LiveDevice
@@ -96,8 +97,8 @@ class Ledger(LedgerReads):
         self.backdate_seconds = backdate_seconds
         self._writes = GroupCommitter(self.engine)
         self._issuer = Issuer(self.engine, self._writes, station_id, backdate_seconds)
-        #: CMP's transactions and nonces (api/routers/cmp.py).
-        self.cmp_transactions = CmpTransactions(self.engine, self._writes)
+        self.cmp_transactions = CmpTransactions(self.engine, self._writes)  # api/routers/cmp.py
+        self.channel_audit = ChannelAudit(self._writes, station_id)  # EST's and CMP's refusals
         self._issuer.after_sign = self._after_sign
         self._templates = self._issuer.templates
         if migrate:
@@ -261,14 +262,9 @@ class Ledger(LedgerReads):
         reason: str | None = None,
         renews: str | None = None,
     ) -> IssueResult:
-        """Issue (or hand back) the certificate of ``device_id`` in ``batch``.
-
-        The request is a PKCS#10 (PEM or DER bytes) or, from CMP, a parsed CRMF
-        request (station/request.py).
-
-        ``renews``: the serial of the device's live certificate this one succeeds
-        (field renewal, station/ledger/succession.py; codes renewal-not-current,
-        renewal-same-key, bad-state).
+        """Issue (or hand back) the certificate of ``device_id`` in ``batch``: a PKCS#10
+        (bytes) or, from CMP, a CRMF request (station/request.py). ``renews``: the serial
+        this one succeeds (station/ledger/succession.py).
 
         The same device with the same public key gets its certificate back
         (``reused=True``). Codes: malformed-csr, bad-signature, weak-key,
@@ -280,14 +276,9 @@ class Ledger(LedgerReads):
         station.ledger.revocation).
         """
         return self._issuer.issue(
-            batch,
-            device_id,
-            csr_der_or_pem,
-            ca,
-            reprovision=reprovision,
-            reason=reason,
+            batch, device_id, csr_der_or_pem, ca, reprovision=reprovision, reason=reason,
             renews=renews,
-        )
+        )  # fmt: skip
 
     def recover(
         self,
@@ -534,15 +525,6 @@ class Ledger(LedgerReads):
         except StationError as exc:  # refused before it wrote anything (bad-state)
             return exc
         return None
-
-    def audit_event(self, action: str, entity: str, detail: dict[str, Any]) -> None:
-        """Audit what a channel did or refused outside the ledger's own changes (EST, CMP):
-        bad DER, a wrong MAC or token, a replay. Nothing else is written."""
-
-        def write(conn: Connection) -> None:
-            audit.append(conn, self.station_id, action, entity[:256], detail)
-
-        self._writes.submit(write, durable=False)
 
     # --------------------------------------------------------------- API tokens
 
