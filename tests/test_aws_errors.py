@@ -112,7 +112,7 @@ def test_unreachable_endpoint(env: dict[str, str]) -> None:
     )
     done = station(env, "aws", "create-whitelist-table")
     assert "unreachable" in one_line(done, "aws-unreachable")
-    assert done.returncode == 3
+    assert done.returncode == 4  # a part the station depends on does not answer (README)
 
 
 @pytest.fixture

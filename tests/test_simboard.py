@@ -74,7 +74,11 @@ def test_the_line_is_throttled_to_the_baud_rate(
 def test_light_corruption_is_absorbed_by_retries_or_typed(
     sim_board_factory: Callable[..., SimulatedBoard],  # noqa: F811
 ) -> None:
-    board = sim_board_factory(baudrate=None, faults=Faults(corrupt=0.003, seed=1))
+    # Noise is drawn from the seed and the board's id (issue 19): a fixed id makes the
+    # run reproducible (this one damages 6 frames in 12 HELLOs).
+    board = sim_board_factory(
+        baudrate=None, faults=Faults(corrupt=0.003, seed=1), hardware_id="SIM-NOISY-1"
+    )
     outcomes: list[str] = []
     with BoardClient.open(board.port, timeouts=SHORT, retries=3) as client:
         for _ in range(12):
