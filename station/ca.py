@@ -33,6 +33,24 @@ DEV_KEY_LABEL = "station-ca-key"
 MAX_SERIAL_BITS = 159
 
 
+def key_usage(
+    *, digital_signature: bool = False, key_encipherment: bool = False, signs_certs: bool = False
+) -> x509.KeyUsage:
+    """A keyUsage with only what the station's certificates ever set:
+    digitalSignature, keyEncipherment, or keyCertSign with cRLSign (a CA)."""
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=signs_certs,
+        crl_sign=signs_certs,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     """Validity of device certificates; the rest of the profile is fixed by this module."""
@@ -175,17 +193,7 @@ class CertificateAuthority:
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=is_rsa_device,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
+                key_usage(digital_signature=True, key_encipherment=is_rsa_device),
                 critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
@@ -341,17 +349,7 @@ def _ca_extensions(builder: x509.CertificateBuilder, public: object) -> x509.Cer
     return (
         builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(signs_certs=True),
             critical=True,
         )
         .add_extension(

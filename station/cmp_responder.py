@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hsm import KeyType
-from station.ca import CertificateAuthority, new_serial
+from station.ca import CertificateAuthority, key_usage, new_serial
 from station.settings import Settings
 
 KEY_LABEL = "station-cmp-key"
@@ -59,17 +59,7 @@ def _certify(ca: CertificateAuthority, public: Any, station_id: str) -> x509.Cer
         .not_valid_after(ca.certificate.not_valid_after_utc)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(digital_signature=True),
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([CMC_RA]), critical=False)

@@ -20,6 +20,10 @@ from cryptography.x509.oid import ExtensionOID, NameOID
 from station.errors import PolicyError
 from station.request import CertRequest
 
+# A batch name (station/ledger/textrules.py says why): here so that settings,
+# which may not import the ledger, check STATION_EST_DEFAULT_BATCH by it too.
+BATCH_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+
 MAX_CSR_BYTES = 16 * 1024
 MAX_CSR_EXTENSIONS = 16
 # No extension is ever copied from a CSR; a board has no reason to send kilobytes of them

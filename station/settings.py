@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from station.errors import ConfigurationError
+from station.policy import BATCH_NAME_RE
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # DynamoDB's rule for table names.
@@ -172,6 +173,20 @@ class Settings(BaseSettings):
     def _topic_prefix(cls, value: str) -> str:
         if not value or _CONTROL.search(value) or set(value) & {"+", "#"}:
             raise ValueError("an MQTT topic prefix: printable, no wildcards (+ #)")
+        return value
+
+    @field_validator("tls_cert", "tls_key", "cmp_secrets")
+    @classmethod
+    def _existing_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
+
+    @field_validator("est_default_batch")
+    @classmethod
+    def _batch_name(cls, value: str | None) -> str | None:
+        if value is not None and BATCH_NAME_RE.fullmatch(value) is None:
+            raise ValueError("a batch name: ASCII letters, digits, '.', '_' or '-'")
         return value
 
     @field_validator("whitelist_table")

@@ -33,6 +33,11 @@ BAD_VALUES: dict[str, str] = {
     "aws_sync_interval": "0",
     "aws_policy_name": "no spaces allowed",
     "aws_topic_prefix": "things/#",
+    "tls_cert": "/nonexistent/server.pem",
+    "tls_key": "/nonexistent/server.key",
+    "tls_client_certs": "sometimes",
+    "cmp_secrets": "/nonexistent/cmp-secrets",
+    "est_default_batch": "../etc",
 }
 
 STATION = [str(Path(sys.executable).parent / "station")]

@@ -18,12 +18,9 @@ the ledger is where every channel ends, so the rules hold here whatever calls it
 
 from __future__ import annotations
 
-import re
-
 from station.errors import PolicyError
-from station.policy import has_invisible_characters
+from station.policy import BATCH_NAME_RE, has_invisible_characters
 
-BATCH_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 MAX_TEXT_CHARS = 128
 
 
