@@ -23,6 +23,8 @@ from typing import Any
 
 from firmware_hooks.host import BoardClient, BoardHello
 from firmware_hooks.protocol import Disconnected, MsgType, ProtocolError
+from station.errors import StationError
+from station.ledger import DeviceState
 from station.line.provision import (
     STEP_HELLO,
     Outcome,
@@ -297,6 +299,7 @@ class LineDriver:
         counter = client.port if isinstance(client.port, CountingPort) else None
         wait_timeout = min(client.timeouts[MsgType.HELLO], WAIT_HELLO_TIMEOUT)
         last_board: str | None = None  # the board we finished and that is still plugged in
+        finished_here: str | None = None  # the last board finished here, plugged in or not
         missed = 0
         self.status.step(path, WAITING)
         while not self._stopping(worker):
@@ -320,7 +323,8 @@ class LineDriver:
                 self._stop.wait(0.05)
                 continue
             missed = 0
-            if hello.hardware_id == last_board:
+            if hello.hardware_id == last_board or self._verified_again(hello, finished_here):
+                last_board = hello.hardware_id
                 self._stop.wait(self.poll_interval)
                 continue
             refused = refuse_hello(hello)
@@ -358,9 +362,24 @@ class LineDriver:
             log.info(
                 "%s: %s %s %s %s", path, device_id, outcome.result, outcome.code, outcome.message
             )
-            last_board = hello.hardware_id
+            last_board = finished_here = hello.hardware_id
             if outcome.code == "disconnected":
                 return  # the port went away; the rescan opens it again if it comes back
+
+    def _verified_again(self, hello: BoardHello, finished_here: str | None) -> bool:
+        """The board this port verified, heard again after silent polls.
+
+        On a noisy cable a few lost HELLO replies look like an unplugged board; the
+        same verified board answering next is that, not a new plug to record again
+        as skipped over its verified outcome. A board that failed here is retried.
+        """
+        if hello.hardware_id != finished_here:
+            return False
+        try:
+            device = self.ctx.ledger.get_device(hello.hardware_id)
+        except StationError:
+            return False
+        return device.state == DeviceState.VERIFIED.value
 
     @staticmethod
     def _hello(client: BoardClient, timeout: float) -> BoardHello | None:
