@@ -171,13 +171,16 @@ def test_serve_warns_about_plain_http_on_the_network(station_settings: Settings)
 @pytest.mark.parametrize(
     ("env", "code"),
     [
-        ({"STATION_TLS_CERT": "/nonexistent.pem"}, "tls-incomplete"),
-        ({"STATION_TLS_CERT": "/nonexistent.pem", "STATION_TLS_KEY": "/x.key"}, "tls-file-missing"),
+        # A certificate without its key ("CA" stands for a file that exists).
+        ({"STATION_TLS_CERT": "CA"}, "tls-incomplete"),
+        # A path naming no file is a bad setting for every command (issue 20's rule).
+        ({"STATION_TLS_CERT": "/nonexistent.pem", "STATION_TLS_KEY": "/x.key"}, "bad-setting"),
     ],
 )
 def test_serve_refuses_incomplete_tls(
     station_settings: Settings, env: dict[str, str], code: str
 ) -> None:
+    env = {k: str(station_settings.ca_cert_path) if v == "CA" else v for k, v in env.items()}
     done = run_cli(station_settings, "serve", "--port", "1", **env)
     assert done.returncode == 3, done.stderr
     assert f"error [{code}]" in done.stderr
