@@ -10,6 +10,7 @@ the ratio new/old.
 
     python bench/against_commit.py --base 3e81757 --bench ledger -- --count 1000 --no-pg
     python bench/against_commit.py --base 3e81757 --bench http_issuance -- --duration 5
+    python bench/against_commit.py --base 3e81757 --new c7ea7ef --bench ledger -- --no-pg
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def main() -> int:
     parser.add_argument(
         "--base", default="HEAD~1", help="the earlier commit, any git revision (default HEAD~1)"
     )
+    parser.add_argument("--new", help="compare with this git revision instead of the working tree")
     parser.add_argument("--bench", default="ledger", help="bench/NAME.py to run (default ledger)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
@@ -114,7 +116,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-against-") as tmp:
         work = Path(tmp)
         old_tree = unpack(args.base, work / "old")
-        trees = {"old": old_tree, "new": ROOT}
+        new_tree = ROOT if args.new is None else unpack(args.new, work / "new")
+        trees = {"old": old_tree, "new": new_tree}
         pythons = {name: shim_venv(tree, work / f"venv-{name}") for name, tree in trees.items()}
         results: dict[str, list[dict[str, float]]] = {"old": [], "new": []}
         for r in range(args.rounds):
@@ -129,9 +132,11 @@ def main() -> int:
         new = statistics.median(r[key] for r in results["new"])
         rows.append({"figure": key, "old": old, "new": new, "ratio": new / old if old else None})
     if args.json:
-        print(json.dumps({"base": args.base, "bench": args.bench, "figures": rows}, indent=2))
+        summary = {"base": args.base, "new": args.new, "bench": args.bench, "figures": rows}
+        print(json.dumps(summary, indent=2))
         return 0
-    print(f"bench/{args.bench}.py, {args.base} (old) against this tree (new), ")
+    new_name = "this tree" if args.new is None else args.new
+    print(f"bench/{args.bench}.py, {args.base} (old) against {new_name} (new), ")
     print(f"medians of {args.rounds} alternating rounds")
     width = max(len(r["figure"]) for r in rows) if rows else 10
     for row in rows:
