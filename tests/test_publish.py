@@ -406,6 +406,24 @@ def test_ocsp_answers_garbage_and_other_issuers_with_ocsp_errors(
         .public_bytes(serialization.Encoding.DER)
     )
     assert post(foreign).response_status == ocsp.OCSPResponseStatus.UNAUTHORIZED
+    # The same extension twice: cryptography raises DuplicateExtension (not a
+    # ValueError) reading it; that was a 500 from a public route (found in review).
+    from pyasn1.codec.der import decoder, encoder
+    from pyasn1_modules import rfc2560
+
+    once = (
+        ocsp.OCSPRequestBuilder()
+        .add_certificate(other, other, CERT_ID_HASH)
+        .add_extension(x509.OCSPNonce(b"\x01" * 16), critical=False)
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+    request, _ = decoder.decode(once, asn1Spec=rfc2560.OCSPRequest())
+    extensions = request["tbsRequest"]["requestExtensions"]
+    extensions.append(extensions[0])
+    assert post(encoder.encode(request)).response_status == (
+        ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+    )
 
 
 def test_pkilint_finds_nothing_in_the_crl(

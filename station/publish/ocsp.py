@@ -78,9 +78,10 @@ class Responder:
             serial = request.serial_number
             name_hash, key_hash = request.issuer_name_hash, request.issuer_key_hash
             extensions = list(request.extensions)
-        except (ValueError, TypeError, NotImplementedError):
+        except (ValueError, TypeError, NotImplementedError, x509.DuplicateExtension):
             # NotImplementedError: more than one certificate in one request, or an
             # unsupported hash; RFC 5019 responders answer one certificate a request.
+            # DuplicateExtension (not a ValueError): the same extension twice.
             return _error(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
         try:
             issuer = self._issuer(algorithm)
