@@ -88,9 +88,15 @@ class CrmfRequest:
         if template["extensions"].isValue:
             for ext in template["extensions"]:
                 if str(ext["extnID"]) == _BASIC_CONSTRAINTS:
-                    bc, _ = der_decoder.decode(
-                        bytes(ext["extnValue"]), asn1Spec=rfc2459.BasicConstraints()
-                    )
+                    try:
+                        bc, _ = der_decoder.decode(
+                            bytes(ext["extnValue"]), asn1Spec=rfc2459.BasicConstraints()
+                        )
+                    except PyAsn1Error:
+                        raise PolicyError(
+                            "the template's basicConstraints cannot be read",
+                            code="malformed-csr",
+                        ) from None
                     if bc["cA"]:
                         raise PolicyError(
                             "the template asks to be a CA (CA:TRUE)", code="ca-requested"
