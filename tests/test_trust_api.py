@@ -3,6 +3,7 @@ against the real server (uvicorn on 127.0.0.1), each refusal with its reason cod
 
 from __future__ import annotations
 
+import base64
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +138,22 @@ def test_failed_authentications_are_limited_per_address(strict_api: Api) -> None
     text = strict_api.get("/metrics", None).text
     assert "station_auth_failures_total 5.0" in text, text
     assert "station_auth_rate_limited_total 2.0" in text, text
+
+
+def test_est_failures_count_against_the_address_too(strict_api: Api) -> None:
+    """Found in review: EST authenticated without the client's address, so its failures
+    went to one shared bucket: a guesser locked out every EST client and was never
+    held back on the other routes."""
+    bad = {
+        "Authorization": "Basic " + base64.b64encode(b"board:not-a-token").decode(),
+        "Content-Type": "application/pkcs10",
+    }
+    for _ in range(5):
+        r = strict_api.call(
+            "POST", "/.well-known/est/simpleenroll", None, content=b"MIIB", headers=bad
+        )
+        assert r.status_code == 401, r.text
+    assert_problem(strict_api.get("/v1/batches", "operator"), 429, "too-many-auth-failures")
 
 
 # -- 8: public endpoints say a status and a code, no more -------------------------------

@@ -37,7 +37,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api import issuance
-from api.auth import BOARD_UP, authenticate, permit
+from api.auth import BOARD_UP, authenticate, client_address, permit
 from api.context import AppContext
 from api.problems import http_status
 from api.tls import client_certificate_pem
@@ -258,7 +258,7 @@ async def _simpleenroll(request: Request, label: str | None) -> Response:
     entity = "est"
     try:
         token = _basic_password(request.headers.get("authorization"))
-        permit(await authenticate(station, token), _BOARD_UP)
+        permit(await authenticate(station, token, client_address(request)), _BOARD_UP)
         batch = await run_in_threadpool(_batch_of, station, label)
         body = await request.body()
         csr_der = est.read_pkcs10(body, request.headers.get("content-type"))
