@@ -71,6 +71,23 @@ def test_renewal_supersedes_the_old_certificate_and_moves_the_whitelist(
     assert ledger.audit_verify() is None
 
 
+def test_a_board_that_fails_while_its_renewal_is_signed_is_not_whitelisted(
+    ledger: Ledger, ca: CertificateAuthority
+) -> None:
+    """Found in review: a board marked failed between the renewal's intent and its
+    commit got the new serial whitelisted while it stayed failed."""
+    old = verified(ledger, ca)
+    ledger.after_sign = lambda cert: ledger.mark_failed("d1", "test", "left the line")
+    try:
+        new = ledger.issue("B1", "d1", make_csr("d1")[0], ca, renews=old)
+    finally:
+        ledger.after_sign = None
+    assert states(ledger)[serial_hex(new.serial)] == ("issued", old)
+    assert ledger.get_device("d1").state == "failed"
+    assert list(ledger.whitelist()) == []
+    assert ledger.audit_verify() is None
+
+
 def test_renewal_refusals_issue_nothing(ledger: Ledger, ca: CertificateAuthority) -> None:
     old = verified(ledger, ca)
     csr, _ = make_csr("d1")

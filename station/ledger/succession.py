@@ -41,6 +41,7 @@ _SQL_WHITELIST_ADD = (
     "SELECT c.serial, c.device_pk, c.batch_id, :now FROM certificates c WHERE c.id = :cid"
 )
 _SQL_DEVICE_VERIFIED = "UPDATE devices SET updated_at = :now, station_id = :station WHERE id = :did"
+_SQL_DEVICE_STATE = "SELECT state FROM devices WHERE id = :did"
 
 
 def check(d: Any, device_id: str, renews: str, pk: str) -> None:
@@ -101,14 +102,25 @@ def complete(
     ts = raw.ts(now)
     raw.run(_SQL_SUPERSEDE, {"cid": old["id"]})
     raw.run(_SQL_WHITELIST_DROP, {"did": device_pk})
-    raw.run(_SQL_WHITELIST_ADD, {"cid": new_cert_id, "now": ts})
+    # The board may have failed (and left the whitelist) while the new certificate was
+    # signed: only a board still verified gets its new serial whitelisted.
+    state = raw.first(_SQL_DEVICE_STATE, {"did": device_pk})
+    still_verified = state is not None and state["state"] == DeviceState.VERIFIED.value
+    if still_verified:
+        raw.run(_SQL_WHITELIST_ADD, {"cid": new_cert_id, "now": ts})
     raw.run(_SQL_DEVICE_VERIFIED, {"did": device_pk, "now": ts, "station": station_id})
     audit.append(
         raw,
         station_id,
         "cert.supersede",
         device_id,
-        {"serial": old["serial"], "by": serial, "device_state": DeviceState.VERIFIED.value},
+        {
+            "serial": old["serial"],
+            "by": serial,
+            "device_state": DeviceState.VERIFIED.value
+            if still_verified
+            else state and state["state"],
+        },
         now=now,
     )
     return True
