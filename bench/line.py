@@ -21,7 +21,7 @@ In one run:
 
     python bench/line.py [--mode board-ecc] [--baud 115200] [--boards 5]
                          [--ports 1,8,32,64] [--per-port 4] [--corrupt 0.0]
-                         [--max-protocol 2] [--processes 2] [--json]
+                         [--max-protocol 3] [--processes 2] [--json]
 
 --corrupt P flips each byte on the line with probability P (both directions, both rigs);
 --corrupt 0,0.001,0.01 times the per-board rig at each level, boards interleaved, and
@@ -127,7 +127,7 @@ def per_board(
     baud: int,
     corrupt: float,
     prefix: str,
-    max_protocol: int = 2,
+    max_protocol: int = 3,
 ) -> dict[str, Any]:
     """One board on one port, the real agent process: where its time goes."""
     timed = TimedLedger(ledger)
@@ -276,11 +276,19 @@ def main() -> None:
         "each level's boards/min per port against the first level's",
     )
     parser.add_argument(
+        "--noise-protocols",
+        default="",
+        help="with a --corrupt list: the agents' highest protocol versions to time at each "
+        "level, interleaved (default: --max-protocol); 2,3 sets version 3's noise figures "
+        "against version 2's clean ones in one run",
+    )
+    parser.add_argument(
         "--max-protocol",
         type=int,
-        default=2,
-        choices=[1, 2],
-        help="the simulated agents' highest protocol version (1: version 1 boards)",
+        default=3,
+        choices=[1, 2, 3],
+        help="the simulated agents' highest protocol version (1: version 1 boards; "
+        "2: acknowledged frames; 3: and Reed-Solomon parity)",
     )
     parser.add_argument(
         "--processes",
@@ -301,6 +309,7 @@ def main() -> None:
     port_counts = [int(p) for p in args.ports.split(",") if p]
     levels = [float(c) for c in args.corrupt.split(",") if c]
     args.corrupt = levels[0]
+    protocols = [int(v) for v in args.noise_protocols.split(",") if v] or [args.max_protocol]
 
     with tempfile.TemporaryDirectory(prefix="bench-line-", dir=args.data_dir) as tmp:
         os.environ.pop("SOFTHSM2_CONF", None)
@@ -311,20 +320,21 @@ def main() -> None:
         ledger = Ledger.from_settings(settings)
         stamp = datetime.now().strftime("%H%M%S")
 
-        by_level: dict[float, list[dict[str, Any]]] = {c: [] for c in levels}
+        by_level: dict[tuple[int, float], list[dict[str, Any]]] = {
+            (v, c): [] for v in protocols for c in levels
+        }
         for i in range(args.boards):
-            for n, c in enumerate(levels):
-                by_level[c].append(
+            for n, (v, c) in enumerate(by_level):
+                by_level[v, c].append(
                     per_board(
-                        ledger, ca, args.mode, args.baud, c, f"B{stamp}{n}{i:02d}",
-                        args.max_protocol,
+                        ledger, ca, args.mode, args.baud, c, f"B{stamp}{n}{i:02d}", v,
                     )
                 )  # fmt: skip
-        runs = by_level[levels[0]]
+        runs = by_level[protocols[-1], levels[0]]
         keys = ("seconds", "tx", "rx", "wire_floor_s", "board_compute_s", "overhead_s",
                 "ledger_s", "overhead_to_wire", "ratio")  # fmt: skip
         mean = {k: sum(r[k] for r in runs) / len(runs) for k in keys} if runs else {}
-        noise = _noise_table(by_level) if len(levels) > 1 else []
+        noise = _noise_table(by_level) if len(by_level) > 1 else []
 
         scaling = []
         base_rate: float | None = None
@@ -363,31 +373,39 @@ def main() -> None:
     _print(args, mean, scaling, print)
     for row in noise:
         print(
-            f"corrupt {row['corrupt']}: {row['verified']}/{row['boards']} verified,"
-            f" {row['seconds_per_board'] * 1000:.0f} ms/board = {row['boards_per_min']:.0f}"
-            f" boards/min per port = {row['to_first']:.2f}x the boards/min at corrupt"
-            f" {levels[0]} ({row['time_to_first']:.2f}x its time per board);"
+            f"protocol {row['protocol']}, corrupt {row['corrupt']}: {row['verified']}/"
+            f"{row['boards']} verified, {row['seconds_per_board'] * 1000:.0f} ms/board ="
+            f" {row['boards_per_min']:.0f} boards/min per port = {row['to_clean']:.2f}x the"
+            f" boards/min at corrupt {levels[0]} ({row['time_to_clean']:.2f}x its time per"
+            f" board), {row['to_first']:.2f}x protocol {protocols[0]}'s;"
             f" {row['tx']:.0f} B out + {row['rx']:.0f} B in"
         )
 
 
-def _noise_table(by_level: dict[float, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per corruption level: boards verified, time per board, and both against the first level."""
+def _noise_table(
+    by_level: dict[tuple[int, float], list[dict[str, Any]]],
+) -> list[dict[str, Any]]:
+    """Per protocol and corruption level: boards verified, time per board, and both
+    against the protocol's first level (clean) and against the very first run."""
     rows = []
     first = None
-    for c, runs in by_level.items():
+    clean: dict[int, float] = {}
+    for (v, c), runs in by_level.items():
         seconds = sum(r["seconds"] for r in runs) / len(runs)
         if first is None:
             first = seconds
+        clean.setdefault(v, seconds)
         rows.append(
             {
+                "protocol": v,
                 "corrupt": c,
                 "boards": len(runs),
                 "verified": sum(r["result"] == "verified" for r in runs),
                 "seconds_per_board": seconds,
                 "boards_per_min": 60 / seconds,
+                "to_clean": clean[v] / seconds,
+                "time_to_clean": seconds / clean[v],
                 "to_first": first / seconds,
-                "time_to_first": seconds / first,
                 "tx": sum(r["tx"] for r in runs) / len(runs),
                 "rx": sum(r["rx"] for r in runs) / len(runs),
             }

@@ -45,6 +45,7 @@ from firmware_hooks import AGENT_VERSION
 from firmware_hooks.link import Link, SerialLike
 from firmware_hooks.protocol import (
     PROTOCOL_V2,
+    PROTOCOL_V3,
     PROTOCOL_VERSION,
     SIG_ECDSA_SHA256,
     SIG_RSA_PKCS1V15_SHA256,
@@ -160,7 +161,7 @@ class AgentConfig:
     keys: KeyBackend | None = None  # simulated boards only; None: the OpenSSL CLI
     # Protocol versions this agent speaks; version 2 is chosen in HELLO when the host
     # offers it (a rig whose own port loop speaks version 1 only passes (1,)).
-    protocol_versions: tuple[int, ...] = (PROTOCOL_VERSION, PROTOCOL_V2)
+    protocol_versions: tuple[int, ...] = (PROTOCOL_VERSION, PROTOCOL_V2, PROTOCOL_V3)
 
 
 @dataclass
@@ -573,8 +574,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-protocol",
         type=int,
-        choices=[PROTOCOL_VERSION, PROTOCOL_V2],
-        default=PROTOCOL_V2,
+        choices=[PROTOCOL_VERSION, PROTOCOL_V2, PROTOCOL_V3],
+        default=PROTOCOL_V3,
         help="highest protocol version to agree to in HELLO (1: behave as a version 1 board)",
     )
     parser.add_argument(

@@ -36,6 +36,7 @@ from typing import Any
 from firmware_hooks.link import Link, SerialLike
 from firmware_hooks.protocol import (
     PROTOCOL_V2,
+    PROTOCOL_V3,
     PROTOCOL_VERSION,
     MsgType,
     Tag,
@@ -89,7 +90,7 @@ class BoardClient:
         timeouts: Mapping[MsgType, float] | None = None,
         retries: int = DEFAULT_RETRIES,
         baudrate: int | None = None,
-        protocol_versions: tuple[int, ...] = (PROTOCOL_VERSION, PROTOCOL_V2),
+        protocol_versions: tuple[int, ...] = (PROTOCOL_VERSION, PROTOCOL_V2, PROTOCOL_V3),
     ) -> None:
         if retries < 0:
             raise ValueError("retries must be >= 0")
@@ -110,7 +111,7 @@ class BoardClient:
         timeouts: Mapping[MsgType, float] | None = None,
         retries: int = DEFAULT_RETRIES,
         wrap: Callable[[Any], Any] | None = None,
-        protocol_versions: tuple[int, ...] = (PROTOCOL_VERSION, PROTOCOL_V2),
+        protocol_versions: tuple[int, ...] = (PROTOCOL_VERSION, PROTOCOL_V2, PROTOCOL_V3),
     ) -> BoardClient:
         """Open a device path (``/dev/ttyACM0``, a pty) or a pyserial URL (``loop://``).
 

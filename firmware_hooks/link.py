@@ -216,13 +216,13 @@ class Link:
                 if self._sending:
                     # Most likely the ACK we wait for, damaged: send the frame again now.
                     self._acks.append(v2_nak())
-                elif self.peer_version >= PROTOCOL_V2 or self.version >= PROTOCOL_V2:
+                elif (version := max(self.peer_version, self.version)) >= PROTOCOL_V2:
                     # One NAK per damaged frame: a byte turned into 0x00 cuts a frame
                     # into two bad chunks, and a second NAK would cost a second resend.
                     now = time.monotonic()
                     if now >= self._nak_quiet_until:
                         self._nak_quiet_until = now + NAK_GAP
-                        self.write(encode_frame(v2_nak()))
+                        self.write(encode_frame(v2_nak(version=version)))
                 continue
             if frame is None:
                 return
@@ -247,7 +247,7 @@ class Link:
             except ProtocolError as exc:
                 self.last_error = exc
                 self.bad_frames += 1
-                self.write(encode_frame(v2_nak(frame.seq)))
+                self.write(encode_frame(v2_nak(frame.seq, frame.version)))
                 continue
             self.write(encode_frame(got.ack))
             if got.message is not None:
@@ -292,6 +292,11 @@ class Link:
                 return None
             self._pump(1.0 if deadline is None else max(deadline - time.monotonic(), 0.001))
 
+    @property
+    def corrected_frames(self) -> int:
+        """Version 3 frames that arrived damaged and were corrected by their parity."""
+        return self._decoder.frames.corrected
+
     def transmit_time(self, nbytes: int) -> float:
         """Seconds the line needs for nbytes (8N1: 10 bits a byte), 0 if the baud is unknown."""
         return nbytes * 10 / self.baudrate if self.baudrate else 0.0
@@ -329,7 +334,11 @@ class Link:
         while True:
             piece = payload[offset : offset + self.piece]
             more = offset + len(piece) < total
-            wire = encode_frame(v2_data_frame(message.type, message.seq, offset, piece, more=more))
+            wire = encode_frame(
+                v2_data_frame(
+                    message.type, message.seq, offset, piece, more=more, version=message.version
+                )
+            )
             if not more and final_tries is not None and silent >= final_tries:
                 return False
             if sent >= tries:

@@ -23,9 +23,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from firmware_hooks import fec
+
 PROTOCOL_VERSION = 1  # the version every HELLO is sent in, and the default
 PROTOCOL_V2 = 2  # acknowledged fragments at byte offsets, negotiated in HELLO
-SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION, PROTOCOL_V2})
+PROTOCOL_V3 = 3  # version 2 with Reed-Solomon parity on every frame (firmware_hooks/fec.py)
+SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION, PROTOCOL_V2, PROTOCOL_V3})
 DELIMITER = 0x00
 
 HEADER = struct.Struct(">BBHBBH")  # version, type, seq, flags, fragment, length
@@ -36,8 +39,11 @@ MAX_PAYLOAD = 1024
 MAX_FRAGMENTS = 256
 MAX_MESSAGE = MAX_PAYLOAD * MAX_FRAGMENTS  # 256 KiB
 MAX_RAW_FRAME = HEADER_SIZE + MAX_PAYLOAD + CRC_SIZE  # 1036
+# Version 3 appends Reed-Solomon parity: 4 full blocks of 247 + 8, then 48 + 2.
+MAX_PROTECTED_FRAME = fec.protected_size(MAX_RAW_FRAME)  # 1070
 # COBS adds one byte per started block of 254 bytes.
-MAX_ENCODED_FRAME = MAX_RAW_FRAME + (MAX_RAW_FRAME + 253) // 254  # 1041
+MAX_ENCODED_FRAME = MAX_PROTECTED_FRAME + (MAX_PROTECTED_FRAME + 253) // 254  # 1075
+MAX_ENCODED_V2_FRAME = MAX_RAW_FRAME + (MAX_RAW_FRAME + 253) // 254  # 1041: versions 1 and 2
 
 FLAG_MORE = 0x01
 RESPONSE_BIT = 0x80
@@ -314,17 +320,68 @@ def frame_bytes(frame: Frame) -> bytes:
 
 
 def encode_frame(frame: Frame) -> bytes:
-    """The exact bytes to write: ``00 COBS(header + payload + crc) 00``."""
-    return b"\x00" + cobs_encode(frame_bytes(frame)) + b"\x00"
+    """The exact bytes to write: ``00 COBS(header + payload + crc) 00``; in version 3
+    ``00 COBS(header + payload + crc + parity) 00``."""
+    raw = frame_bytes(frame)
+    if frame.version == PROTOCOL_V3:
+        raw = fec.protect(raw)
+    return b"\x00" + cobs_encode(raw) + b"\x00"
 
 
 def decode_frame(encoded: bytes) -> Frame:
     """Decode one frame from the bytes between two delimiters.
 
-    Checks, in order: COBS, minimum size, CRC, version, length field."""
+    Checks, in order: COBS, minimum size, CRC, version, length field. A frame that
+    fails a check after COBS is tried as a damaged version 3 frame: corrected with
+    its parity, it must then pass every check and say version 3."""
+    return decode_frame_corrected(encoded)[0]
+
+
+def decode_frame_corrected(encoded: bytes) -> tuple[Frame, bool]:
+    """``decode_frame``, and whether the frame needed its parity (version 3)."""
     if len(encoded) > MAX_ENCODED_FRAME:
         raise FrameTooLarge(f"{len(encoded)} encoded bytes > {MAX_ENCODED_FRAME}")
     raw = cobs_decode(encoded)
+    try:
+        if raw[:1] == bytes([PROTOCOL_V3]):
+            return _decode_v3(raw), False
+        return _decode_raw(raw), False
+    except UnsupportedVersion:
+        raise
+    except ProtocolError:
+        corrected = _corrected_v3(raw)
+        if corrected is None:
+            raise
+        return corrected, True
+
+
+def _decode_v3(raw: bytes) -> Frame:
+    """A version 3 frame as it came: the data before the parity, checked like any frame."""
+    if len(raw) < HEADER_SIZE + CRC_SIZE:
+        raise BadFrame(f"frame of {len(raw)} bytes is shorter than header and CRC")
+    length = HEADER.unpack_from(raw)[-1]
+    data_len = HEADER_SIZE + length + CRC_SIZE
+    if fec.protected_size(data_len) != len(raw):
+        raise BadFrame(f"version 3 frame of {len(raw)} bytes does not hold {length} payload bytes")
+    return _decode_raw(raw[:data_len])
+
+
+def _corrected_v3(raw: bytes) -> Frame | None:
+    """The frame a damaged version 3 frame was, or None if its parity cannot tell."""
+    try:
+        data = fec.recover(raw)
+    except fec.Uncorrectable:
+        return None
+    if data[:1] != bytes([PROTOCOL_V3]):
+        return None
+    try:
+        return _decode_raw(data)
+    except ProtocolError:
+        return None
+
+
+def _decode_raw(raw: bytes) -> Frame:
+    """Header + payload + CRC: the checks every version shares."""
     if len(raw) < HEADER_SIZE + CRC_SIZE:
         raise BadFrame(f"frame of {len(raw)} bytes is shorter than header and CRC")
     body, (crc,) = raw[:-CRC_SIZE], CRC.unpack(raw[-CRC_SIZE:])
@@ -353,6 +410,7 @@ class FrameDecoder:
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._skipping = False  # inside an oversized chunk: drop to the next 0x00
+        self.corrected = 0  # version 3 frames that arrived damaged and were corrected
 
     @property
     def buffered(self) -> int:
@@ -383,7 +441,9 @@ class FrameDecoder:
                 continue
             if not chunk:
                 continue
-            return decode_frame(chunk)
+            frame, corrected = decode_frame_corrected(chunk)
+            self.corrected += corrected
+            return frame
 
     def frames(self) -> Iterator[Frame | ProtocolError]:
         """Every complete frame buffered so far; bad frames come out as exception objects."""
@@ -506,8 +566,10 @@ ACK_BODY = struct.Struct(">BI")  # message type acknowledged, payload bytes held
 MAX_V2_PIECE = MAX_PAYLOAD - OFFSET.size  # 1020
 
 
-def v2_data_frame(msg_type: int, seq: int, offset: int, piece: bytes, *, more: bool) -> Frame:
-    """One version 2 data frame: ``piece`` of a message payload at ``offset``."""
+def v2_data_frame(
+    msg_type: int, seq: int, offset: int, piece: bytes, *, more: bool, version: int = PROTOCOL_V2
+) -> Frame:
+    """One version 2 (or 3) data frame: ``piece`` of a message payload at ``offset``."""
     if len(piece) > MAX_V2_PIECE:
         raise FrameTooLarge(f"a piece of {len(piece)} bytes > {MAX_V2_PIECE}")
     return Frame(
@@ -516,18 +578,19 @@ def v2_data_frame(msg_type: int, seq: int, offset: int, piece: bytes, *, more: b
         OFFSET.pack(offset) + piece,
         FLAG_MORE if more else 0,
         (offset // max(len(piece), 1)) & 0xFF if piece else 0,  # informative only
-        PROTOCOL_V2,
+        version,
     )
 
 
-def v2_ack(msg_type: int, seq: int, held: int) -> Frame:
-    """ACK: the receiver holds ``held`` bytes of message (``msg_type``, ``seq``)."""
-    return Frame(MsgType.ACK, seq, ACK_BODY.pack(msg_type, held), 0, 0, PROTOCOL_V2)
+def v2_ack(msg_type: int, seq: int, held: int, version: int = PROTOCOL_V2) -> Frame:
+    """ACK: the receiver holds ``held`` bytes of message (``msg_type``, ``seq``); sent in
+    the version of the data frame it answers."""
+    return Frame(MsgType.ACK, seq, ACK_BODY.pack(msg_type, held), 0, 0, version)
 
 
-def v2_nak(seq: int = 0) -> Frame:
+def v2_nak(seq: int = 0, version: int = PROTOCOL_V2) -> Frame:
     """NAK: a bad chunk arrived; whoever is waiting for an ACK resends at once."""
-    return Frame(MsgType.NAK, seq, b"", 0, 0, PROTOCOL_V2)
+    return Frame(MsgType.NAK, seq, b"", 0, 0, version)
 
 
 def ack_body(frame: Frame) -> tuple[int, int]:
@@ -568,27 +631,28 @@ class OffsetReassembler:
         piece = frame.payload[OFFSET.size :]
         key = (frame.type, frame.seq)
         done = self.last_done
+        version = frame.version
         if done is not None and key == done[:2]:
-            return Received(v2_ack(frame.type, frame.seq, done[2]), repeat=True)
+            return Received(v2_ack(frame.type, frame.seq, done[2], version), repeat=True)
         if key != self._key:
             if offset != 0:
-                return Received(v2_ack(frame.type, frame.seq, 0))
+                return Received(v2_ack(frame.type, frame.seq, 0, version))
             self._key, self._data = key, bytearray()
         held = len(self._data)
         end = offset + len(piece)
         if offset > held:
-            return Received(v2_ack(frame.type, frame.seq, held))
+            return Received(v2_ack(frame.type, frame.seq, held, version))
         if end > MAX_MESSAGE:
             self._key, self._data = None, bytearray()
             raise FrameTooLarge(f"message of more than {MAX_MESSAGE} bytes")
         if end > held:
             self._data += piece[held - offset :]
         if frame.more or end < len(self._data):
-            return Received(v2_ack(frame.type, frame.seq, len(self._data)))
-        message = Message(frame.type, frame.seq, bytes(self._data), PROTOCOL_V2)
+            return Received(v2_ack(frame.type, frame.seq, len(self._data), version))
+        message = Message(frame.type, frame.seq, bytes(self._data), version)
         self.last_done = (frame.type, frame.seq, len(self._data))
         self._key, self._data = None, bytearray()
-        return Received(v2_ack(frame.type, frame.seq, len(message.payload)), message)
+        return Received(v2_ack(frame.type, frame.seq, len(message.payload), version), message)
 
 
 # --------------------------------------------------------------------------- TLV payloads

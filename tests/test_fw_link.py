@@ -25,10 +25,13 @@ from firmware_hooks.protocol import (
     Timeout,
     UnexpectedReply,
     UnsupportedVersion,
+    cobs_decode,
     encode_frame,
     encode_message,
     error_payload,
     frame_bytes,
+    v2_ack,
+    v2_data_frame,
 )
 
 Script = Callable[[Message, int], bytes]
@@ -188,7 +191,7 @@ def test_a_reply_of_the_wrong_type_is_unexpected(peer_link) -> None:
 
 def test_a_reply_in_another_protocol_version_is_unsupported(peer_link) -> None:
     def script(request: Message, seen: int) -> bytes:
-        return encode_frame(Frame(MsgType.HELLO_OK, request.seq, b"", version=3))
+        return encode_frame(Frame(MsgType.HELLO_OK, request.seq, b"", version=4))
 
     _, link = peer_link(script)
     with pytest.raises(UnsupportedVersion):
@@ -225,3 +228,39 @@ def test_frame_bytes_of_a_request_are_what_the_peer_decodes(peer_link) -> None:
     link.request(MsgType.ABORT, b"\x00\x01", timeout=1.0)
     (request,) = peer.requests
     assert frame_bytes(Frame(request.type, request.seq, request.payload))[:2] == b"\x01\x07"
+
+
+def _damaged_once(wire: bytes) -> bytes:
+    """``wire`` (one frame) with one byte flipped that COBS still decodes as one
+    damaged byte: what a single corrupted byte on the cable usually does."""
+    raw = cobs_decode(wire[1:-1])
+    for at in range(len(wire) // 2, len(wire) - 1):
+        damaged = bytearray(wire)
+        damaged[at] ^= 0x5A
+        if damaged[at] == 0:
+            continue
+        try:
+            got = cobs_decode(bytes(damaged[1:-1]))
+        except ProtocolError:
+            continue
+        if len(got) == len(raw) and sum(a != b for a, b in zip(got, raw, strict=True)) == 1:
+            return bytes(damaged)
+    raise AssertionError("no byte of this frame damages exactly one byte")
+
+
+def test_version_3_repairs_a_damaged_reply_without_a_nak_or_a_resend(peer_link) -> None:
+    answer = b"\x01\x00\x05ready"
+
+    def script(request: Message, seen: int) -> bytes:
+        if request.type != MsgType.STATUS:
+            return b""  # the host's ACK of our reply
+        reply = v2_data_frame(MsgType.STATUS | 0x80, request.seq, 0, answer, more=False, version=3)
+        ack = encode_frame(v2_ack(MsgType.STATUS, request.seq, 0, 3))
+        return _damaged_once(ack) + _damaged_once(encode_frame(reply))
+
+    peer, link = peer_link(script)
+    link.version = 3
+    reply = link.request(MsgType.STATUS, timeout=2.0)
+    assert reply.payload == answer and reply.version == 3
+    assert (link.corrected_frames, link.bad_frames, link.resends) == (2, 0, 0)
+    assert [r.type for r in peer.requests].count(MsgType.STATUS) == 1

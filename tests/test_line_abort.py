@@ -98,7 +98,7 @@ def test_an_abort_meant_for_another_board_leaves_its_key_and_chain(tmp_path: Pat
     assert (tmp_path / "keys" / CHAIN_FILE).read_bytes() == chain
 
 
-@pytest.mark.parametrize("max_protocol", [1, 2])
+@pytest.mark.parametrize("max_protocol", [1, 2, 3])
 def test_a_version_1_and_a_version_2_agent_both_provision(
     station_settings: Settings, ca: CertificateAuthority, max_protocol: int
 ) -> None:

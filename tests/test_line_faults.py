@@ -77,6 +77,32 @@ def test_noisy_cable_every_board_verified_or_failed_with_a_reason(
             assert len(whitelisted) == sum(o.result == "verified" for o in outcomes.values())
 
 
+def test_version_3_repairs_a_lightly_noisy_cable_and_the_port_shows_it(
+    station_settings: Settings, ca: CertificateAuthority
+) -> None:
+    """0.3% of bytes flipped, both ways, on boards that speak version 3: every board is
+    verified, the damage is repaired by parity (counted on the port as noise), and the
+    chain each board stores is the one the ledger recorded."""
+    from station.line.status import LineStatus
+
+    ctx = _ctx(station_settings, ca, "board-ecc", "parity")
+    status = LineStatus("parity")
+    with simulate_boards(
+        3, id_prefix="PAR", baudrate=None, faults=Faults(corrupt=0.003, seed=11)
+    ) as boards:
+        ports = [b.port for b in boards]
+        driver = LineDriver(ctx, lambda p=ports: p, client_factory=_fast_client, status=status)
+        driver.run(until=lambda d: len(d.finished_devices()) >= 3, timeout=90)
+        outcomes = driver.finished_devices()
+        assert {o.result for o in outcomes.values()} == {"verified"}
+        for board in boards:
+            stored = (board.key_dir / "deviceCertAndCACert.crt").read_bytes()
+            device = ctx.ledger.get_device(board.hardware_id)
+            assert hashlib.sha256(stored).hexdigest() == device.chain_sha256
+    ports_seen = status.snapshot()["ports"]
+    assert sum(p["corrected"] for p in ports_seen) > 0
+
+
 class WrongDigestClient(BoardClient):
     """A board that stores something other than the chain it was sent."""
 

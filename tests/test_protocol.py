@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import struct
 import zlib
 from pathlib import Path
 
 import pytest
+import reedsolo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -207,10 +209,10 @@ def test_an_encoded_frame_above_the_maximum_is_frame_too_large() -> None:
 
 
 def test_another_version_with_a_good_crc_is_unsupported_version() -> None:
-    raw = frame_bytes(Frame(MsgType.HELLO, 0x4242, b"", version=3))
+    raw = frame_bytes(Frame(MsgType.HELLO, 0x4242, b"", version=4))
     with pytest.raises(UnsupportedVersion) as caught:
         decode_frame(_cobs_of(raw))
-    assert (caught.value.version, caught.value.seq, caught.value.msg_type) == (3, 0x4242, 1)
+    assert (caught.value.version, caught.value.seq, caught.value.msg_type) == (4, 0x4242, 1)
 
 
 # --------------------------------------------------------------------------- streaming decoder
@@ -498,11 +500,90 @@ GOLDEN_V2: dict[str, list[Frame]] = {
     ],
     "v2-ack": [v2_ack(MsgType.PUT_CHAIN, 0x0003, 200)],
     "v2-nak": [v2_nak()],
+    # HELLO is version 1 in every version: this one chooses version 3.
+    "v3-hello-response": split_message(
+        Message(
+            MsgType.HELLO_OK,
+            0x0001,
+            encode_tlv(
+                [
+                    (Tag.HARDWARE_ID, "ARTIK-0001"),
+                    (Tag.AGENT_VERSION, "1.0.0"),
+                    (Tag.CAPABILITY, "board-ecc"),
+                    (Tag.PROTOCOL_VERSION, 3),
+                ]
+            ),
+        )
+    ),
+}
+
+# Version 3 (section 6b): version 2 frames with Reed-Solomon parity after the CRC.
+GOLDEN_V3: dict[str, list[Frame]] = {
+    "v3-status-request": [v2_data_frame(MsgType.STATUS, 0x0002, 0, b"", more=False, version=3)],
+    "v3-put-chain-piece": [
+        # 300 bytes in one piece: 8 + 4 + 300 + 4 = 316 data bytes, two blocks
+        # (247 + 8 parity, 69 + 4 parity).
+        v2_data_frame(MsgType.PUT_CHAIN, 0x0003, 0, V2_CHAIN, more=False, version=3)
+    ],
+    "v3-ack": [v2_ack(MsgType.PUT_CHAIN, 0x0003, 300, 3)],
+    "v3-nak": [v2_nak(version=3)],
 }
 
 
 def test_every_vector_file_is_checked() -> None:
-    assert {p.stem for p in VECTORS.glob("*.hex")} == set(GOLDEN) | set(GOLDEN_V2)
+    assert {p.stem for p in VECTORS.glob("*.hex")} == set(GOLDEN) | set(GOLDEN_V2) | set(GOLDEN_V3)
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_V3))
+def test_v3_golden_vector_encodes_and_decodes(name: str) -> None:
+    stored = _golden(name)
+    assert [encode_frame(f) for f in GOLDEN_V3[name]] == stored
+    assert [decode_frame(wire[1:-1]) for wire in stored] == GOLDEN_V3[name]
+    for wire, frame in zip(stored, GOLDEN_V3[name], strict=True):
+        raw = cobs_decode(wire[1:-1])
+        assert reference_cobs_encode(raw) == wire[1:-1]
+        data = frame_bytes(frame)  # the version 2 layout, then the parity of each block
+        assert raw[: len(data)] == data
+        assert struct.unpack(">I", data[-4:])[0] == reference_crc32(data[:-4])
+        parity, at = raw[len(data) :], 0
+        for start in range(0, len(data), 247):
+            block = data[start : start + 247]
+            codec = reedsolo.RSCodec(2 * -(-len(block) // 64))  # two per started 64 bytes
+            expected = bytes(codec.encode(block)[len(block) :])
+            assert parity[at : at + len(expected)] == expected
+            at += len(expected)
+        assert at == len(parity)
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_V3))
+def test_a_v3_frame_with_damaged_bytes_in_every_block_decodes_whole(name: str) -> None:
+    rng = random.Random(name)
+    for wire, frame in zip(_golden(name), GOLDEN_V3[name], strict=True):
+        raw = bytearray(cobs_decode(wire[1:-1]))
+        # Up to the parity's capacity in each block; a damaged byte never becomes 00
+        # here (that cuts the frame in two: a NAK and a resend, section 6a).
+        data_len = len(frame_bytes(frame))
+        blocks = [(s, min(247, data_len - s)) for s in range(0, data_len, 247)]
+        for start, size in blocks:
+            for pos in rng.sample(range(start, start + size), min(size, (2 * -(-size // 64)) // 2)):
+                raw[pos] ^= rng.randrange(1, 256)
+        assert decode_frame(cobs_encode(bytes(raw))) == frame
+
+
+def test_a_v3_frame_damaged_past_its_parity_is_a_bad_frame_never_another_frame() -> None:
+    (wire,) = _golden("v3-ack")
+    raw = bytearray(cobs_decode(wire[1:-1]))  # 17 data bytes, 2 parity: one byte is fixable
+    raw[3] ^= 0x10
+    raw[9] ^= 0x22
+    with pytest.raises(ProtocolError):
+        decode_frame(cobs_encode(bytes(raw)))
+
+
+def test_a_v3_frame_whose_version_byte_is_damaged_is_corrected() -> None:
+    (wire,) = _golden("v3-status-request")
+    raw = bytearray(cobs_decode(wire[1:-1]))
+    raw[0] = 0x01  # now it claims version 1, and fails version 1's CRC check
+    assert decode_frame(cobs_encode(bytes(raw))) == GOLDEN_V3["v3-status-request"][0]
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_V2))
@@ -555,3 +636,11 @@ def test_the_worked_example_of_the_spec_is_the_hello_vector() -> None:
     for name in ("hello-request", "hello-response"):
         (wire,) = _golden(name)
         assert wire.hex(" ") in spec
+
+
+def test_a_v2_frame_with_one_damaged_byte_is_lost_version_2_has_no_parity() -> None:
+    (wire,) = _golden("v2-status-request")
+    raw = bytearray(cobs_decode(wire[1:-1]))
+    raw[5] ^= 0x10
+    with pytest.raises(BadCrc):
+        decode_frame(cobs_encode(bytes(raw)))

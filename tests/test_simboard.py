@@ -148,7 +148,9 @@ def test_version_2_resends_a_damaged_reply_frame_at_once_and_runs_nothing_twice(
     sim_board_factory: Callable[..., SimulatedBoard],  # noqa: F811
 ) -> None:
     board = sim_board_factory(baudrate=None)
-    with BoardClient.open(board.port, timeouts={MsgType.GEN_KEY_CSR: 20.0}, retries=0) as client:
+    with BoardClient.open(
+        board.port, timeouts={MsgType.GEN_KEY_CSR: 20.0}, retries=0, protocol_versions=(1, 2)
+    ) as client:
         assert client.hello().protocol_version == 2
         board.faults = Faults(garble_replies=2)
         started = time.monotonic()

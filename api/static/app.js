@@ -105,6 +105,13 @@ function renderPorts(ports, stale) {
     tile.appendChild(el("div", "step", STEP_WORDS[p.step] || p.step));
     tile.appendChild(el("div", "time", stale ? "last known state" : `for ${duration(p.on_step_s)}`));
     if (p.last_error) tile.appendChild(el("div", "problem", problemWords(p.last_error)));
+    if (p.bad_frames || p.corrected) {
+      // A noisy cable: frames lost (each cost a resend) and frames their parity repaired.
+      const words = [];
+      if (p.bad_frames) words.push(`${p.bad_frames} frames lost, ${p.resends || 0} resent`);
+      if (p.corrected) words.push(`${p.corrected} repaired`);
+      tile.appendChild(el("div", "noise", `noisy cable: ${words.join(", ")}`));
+    }
     box.appendChild(tile);
   }
 }

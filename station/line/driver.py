@@ -312,7 +312,7 @@ class LineDriver:
                 log.info("%s: port went away: %s", path, exc)
                 self.status.step(path, WAITING)
                 return  # the rescan opens it again if it is still there
-            self.status.noise(path, client.link.bad_frames, client.link.resends)
+            self._noise(path, client)
             if hello is None:
                 # Damaged frames are a board on a noisy cable, not an empty port.
                 missed += client.link.bad_frames == bad_before
@@ -351,7 +351,7 @@ class LineDriver:
                     on_issued=self.status.issued,
                 )
             seconds = time.monotonic() - started
-            self.status.noise(path, client.link.bad_frames, client.link.resends)
+            self._noise(path, client)
             tx, rx = (counter.tx - tx0, counter.rx - rx0) if counter else (0, 0)
             record = BoardRecord(path, outcome, seconds, tx, rx, started)
             with self._records_lock:
@@ -380,6 +380,10 @@ class LineDriver:
         except StationError:
             return False
         return device.state == DeviceState.VERIFIED.value
+
+    def _noise(self, path: str, client: BoardClient) -> None:
+        link = client.link
+        self.status.noise(path, link.bad_frames, link.resends, link.corrected_frames)
 
     @staticmethod
     def _hello(client: BoardClient, timeout: float) -> BoardHello | None:

@@ -51,6 +51,7 @@ class PortState:
     last_error: str | None = None
     bad_frames: int = 0  # damaged frames received on the port since it was opened
     resends: int = 0  # frames or requests sent again because of them
+    corrected: int = 0  # damaged frames repaired by their parity (protocol version 3)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +62,7 @@ class PortState:
             "last_error": self.last_error,
             "bad_frames": self.bad_frames,
             "resends": self.resends,
+            "corrected": self.corrected,
         }
 
 
@@ -161,12 +163,14 @@ class LineStatus:
             state.last_error = _bounded(message, MAX_MESSAGE_CHARS)
             self._event(port, None, PORT_ERROR, state.last_error)
 
-    def noise(self, port: str, bad_frames: int, resends: int) -> None:
-        """The port's noise so far: damaged frames seen and resends they cost."""
+    def noise(self, port: str, bad_frames: int, resends: int, corrected: int = 0) -> None:
+        """The port's noise so far: damaged frames lost, resends they cost, and damaged
+        frames their parity repaired (a noisy cable that costs no time yet)."""
         with self._lock:
             state = self.ports.setdefault(port, PortState(port))
-            if (state.bad_frames, state.resends) != (bad_frames, resends):
-                state.bad_frames, state.resends = bad_frames, resends
+            now = (bad_frames, resends, corrected)
+            if (state.bad_frames, state.resends, state.corrected) != now:
+                state.bad_frames, state.resends, state.corrected = now
                 self._dirty = True
 
     def issued(self) -> None:

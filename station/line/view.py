@@ -52,13 +52,16 @@ def render(status: LineStatus) -> RenderableType:
     for row in snap["ports"]:
         step = row["step"]
         style = _STEP_STYLE.get(step, "cyan")
-        bad = row.get("bad_frames", 0)
+        bad, fixed = row.get("bad_frames", 0), row.get("corrected", 0)
+        noise = f"{bad} bad, {row.get('resends', 0)} resent" if bad else ""
+        if fixed:
+            noise = f"{noise}, {fixed} corrected" if noise else f"{fixed} corrected"
         ports.add_row(
             _plain(row["port"]),
             _plain(row["device_id"] or "-"),
             Text(str(step), style=style),
             _age(row["since"]),
-            Text(f"{bad} bad, {row.get('resends', 0)} resent" if bad else "-", style="yellow"),
+            Text(noise or "-", style="yellow"),
             _plain(row["last_error"] or "", 200),
         )
     counts = snap["counts"]
