@@ -157,8 +157,17 @@ def _failure(exc: StationError | HsmError) -> str:
     )
 
 
+def _error_answer(station: AppContext, body: bytes, failure: str, text: str) -> bytes:
+    """The signed CMP error message (the responder's key is in the token: never on the loop)."""
+    try:
+        msg = cmp.decode(body)
+    except cmp.CmpError:
+        msg = None
+    return cmp.error_message(msg, _responder(station), failure, text)
+
+
 async def _refused(
-    station: AppContext, msg: Any, exc: StationError | HsmError, label: str | None, entity: str
+    station: AppContext, body: bytes, exc: StationError | HsmError, label: str | None, entity: str
 ) -> Response:
     failure = _failure(exc)
     text = f"{exc.code}: {exc.message if isinstance(exc, StationError) else exc}"
@@ -168,7 +177,9 @@ async def _refused(
     except Exception as audit_exc:
         log.warning("CMP refusal not audited: %s", audit_exc)
     try:
-        der = await run_in_threadpool(cmp.error_message, msg, _responder(station), failure, text)
+        # Looking the responder up (or making it, at a worker's first CMP request) and
+        # signing are PKCS#11 calls: in a worker thread, like the rest of the route.
+        der = await run_in_threadpool(_error_answer, station, body, failure, text)
     except (StationError, HsmError) as sign_exc:  # no token: no protected answer
         return Response(
             f"{sign_exc.code}: {sign_exc}\n", status_code=http_status(sign_exc),
@@ -425,11 +436,7 @@ async def _cmp(request: Request, label: str, operation: str | None) -> Response:
     try:
         der, _ = await asyncio.get_running_loop().run_in_executor(station.issue_executor, handle)
     except _Refusal as refusal:
-        try:
-            msg = cmp.decode(body)
-        except cmp.CmpError:
-            msg = None
-        return await _refused(station, msg, refusal.exc, label, "cmp")
+        return await _refused(station, body, refusal.exc, label, "cmp")
     return _answer(der)
 
 
