@@ -263,13 +263,13 @@ def _enrol(station: AppContext, msg: Any, h: cmp.Header, label: str) -> tuple[by
     sender, record = _authenticate(station, msg, h)
     assert h.transaction_id is not None
     station.ledger.cmp_transactions.begin(h.transaction_id, sender)
-    request: bytes | CertRequest
+    # Parsed once: the checks below and the issuer share it.
+    request: CertRequest
     if kind == "p10cr":
-        request, cert_req_id = cmp.p10cr_der(msg), -1
-        parsed: CertRequest = load_csr(request)
+        request, cert_req_id = load_csr(cmp.p10cr_der(msg)), -1
     else:
         crmf = cmp.crmf_request(msg)
-        request, parsed, cert_req_id = crmf, crmf, crmf.cert_req_id
+        request, cert_req_id = crmf, crmf.cert_req_id
     if record is None:
         if kind == "kur":
             raise cmp.CmpError(
@@ -277,7 +277,7 @@ def _enrol(station: AppContext, msg: Any, h: cmp.Header, label: str) -> tuple[by
                 failure="notAuthorized", code="cmp-kur-unsigned", kind=Kind.FORBIDDEN,
             )  # fmt: skip
         batch = _batch_of(station, label)
-        device_id = _device_id(parsed)
+        device_id = _device_id(request)
         result = issuance.issue(station, batch, device_id, request)
     else:
         if record.state != CertState.ISSUED.value:
@@ -286,7 +286,7 @@ def _enrol(station: AppContext, msg: Any, h: cmp.Header, label: str) -> tuple[by
                 code="cmp-certificate-not-live", kind=Kind.FORBIDDEN,
             )  # fmt: skip
         current = x509.load_pem_x509_certificate((record.pem or "").encode())
-        if parsed.subject != current.subject:
+        if request.subject != current.subject:
             raise cmp.CmpError(
                 "a renewal CSR must carry the current certificate's subject",
                 failure="badCertTemplate", code="cmp-subject-mismatch", kind=Kind.CONFLICT,

@@ -46,7 +46,6 @@ from station.enroll import est
 from station.errors import ConflictError, Kind, NotFoundError, StationError
 from station.ledger import CertificateRecord, Device
 from station.ledger.schema import CertState, DeviceState, KeyMode
-from station.policy import load_csr
 from station.whitelist import serial_hex
 
 log = logging.getLogger("api.est")
@@ -261,10 +260,10 @@ async def _simpleenroll(request: Request, label: str | None) -> Response:
         permit(await authenticate(station, token, client_address(request)), _BOARD_UP)
         batch = await run_in_threadpool(_batch_of, station, label)
         body = await request.body()
-        csr_der = est.read_pkcs10(body, request.headers.get("content-type"))
-        device_id = est.device_id_of(csr_der)
+        csr = est.read_request(body, request.headers.get("content-type"))
+        device_id = est.device_id_of(csr)
         entity = device_id
-        issue = functools.partial(issuance.issue, station, batch, device_id, csr_der)
+        issue = functools.partial(issuance.issue, station, batch, device_id, csr)
         result = await asyncio.get_running_loop().run_in_executor(station.issue_executor, issue)
     except (StationError, HsmError) as exc:
         return await _refused(station, exc, "simpleenroll", label, entity)
@@ -302,8 +301,8 @@ async def _simplereenroll(request: Request, label: str | None) -> Response:
         current, record = client
         entity = record.device_id
         body = await request.body()
-        csr_der = est.read_pkcs10(body, request.headers.get("content-type"))
-        if load_csr(csr_der).subject != current.subject:
+        csr = est.read_request(body, request.headers.get("content-type"))
+        if csr.subject != current.subject:
             # RFC 7030 4.2.2: the subject must be the current certificate's.
             raise ConflictError(
                 "a re-enrolment CSR must carry the current certificate's subject",
@@ -314,7 +313,7 @@ async def _simplereenroll(request: Request, label: str | None) -> Response:
             station,
             record.batch,
             record.device_id,
-            csr_der,
+            csr,
             renews=record.serial,
         )
         result = await asyncio.get_running_loop().run_in_executor(station.issue_executor, issue)

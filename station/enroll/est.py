@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from station.errors import Kind, StationError
 from station.policy import load_csr, parse_subject
+from station.request import CertRequest
 
 PKCS10 = "application/pkcs10"
 CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only"
@@ -128,12 +129,17 @@ def parse_csr_attributes(der: bytes) -> list[str]:
     return out
 
 
-def device_id_of(csr_der: bytes) -> str:
+def read_request(body: bytes, content_type: str | None) -> x509.CertificateSigningRequest:
+    """The CSR of a simpleenroll/simplereenroll body, parsed once: the route's checks
+    and the issuer share it. Codes: those of :func:`read_pkcs10`, malformed-csr (policy)."""
+    return load_csr(read_pkcs10(body, content_type))
+
+
+def device_id_of(csr: CertRequest) -> str:
     """The device id an EST CSR names: its subject's CN (RFC 7030 has no other field).
 
     Codes: est-no-device-id.
     """
-    csr = load_csr(csr_der)  # malformed-csr, as on every channel
     cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(cns) != 1 or not isinstance(cns[0].value, str):
         raise EstError(

@@ -145,7 +145,8 @@ class Issuer:
         reason: str | None = None,
         renews: str | None = None,
     ) -> IssueResult:
-        # Bytes are a PKCS#10 (every channel but CMP); CMP hands a parsed CRMF request.
+        # Bytes are a PKCS#10 (serial line, JSON API, CLI); EST and CMP hand the request
+        # they parsed for their own checks (PKCS#10 or CRMF), so it is parsed once.
         csr = (
             policy.load_csr(csr_der_or_pem) if isinstance(csr_der_or_pem, bytes) else csr_der_or_pem
         )

@@ -263,7 +263,7 @@ class Ledger(LedgerReads):
         renews: str | None = None,
     ) -> IssueResult:
         """Issue (or hand back) the certificate of ``device_id`` in ``batch``: a PKCS#10
-        (bytes) or, from CMP, a CRMF request (station/request.py). ``renews``: the serial
+        (bytes) or a request already parsed (EST, CMP; station/request.py). ``renews``: the serial
         this one succeeds (station/ledger/succession.py).
 
         The same device with the same public key gets its certificate back
