@@ -292,10 +292,9 @@ def _enrol(station: AppContext, msg: Any, h: cmp.Header, label: str) -> tuple[by
                 failure="badCertTemplate", code="cmp-subject-mismatch", kind=Kind.CONFLICT,
             )  # fmt: skip
         device_id = record.device_id
-        device = station.ledger.get_device(device_id)
-        if device.state in ("issued", "installed") and device.serial == record.serial:
-            # Signing with its certificate proved the board holds its key.
-            station.ledger.mark_verified(device_id)
+        # Verified on first authenticated contact (station/ledger/contact.py): the
+        # request's signature with the certificate proves the board holds its key.
+        station.ledger.contact.authenticated(device_id, record.serial, proof="cmp-signature")
         result = issuance.issue(station, record.batch, device_id, request, renews=record.serial)
     der, nonce = cmp.certificate_response(
         msg, _responder(station), result.certificate, cert_req_id, h.implicit_confirm

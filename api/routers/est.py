@@ -44,8 +44,8 @@ from api.tls import client_certificate_pem
 from hsm.errors import HsmError
 from station.enroll import est
 from station.errors import ConflictError, Kind, NotFoundError, StationError
-from station.ledger import CertificateRecord, Device
-from station.ledger.schema import CertState, DeviceState, KeyMode
+from station.ledger import CertificateRecord
+from station.ledger.schema import CertState, KeyMode
 from station.whitelist import serial_hex
 
 log = logging.getLogger("api.est")
@@ -158,12 +158,10 @@ def _client_record(station: AppContext, pem: str) -> tuple[x509.Certificate, Cer
             f"the client certificate is {record.state}, not live",
             code="est-certificate-not-live",
         )
-    device: Device = station.ledger.get_device(record.device_id)
-    if device.serial == record.serial and device.state in (
-        DeviceState.ISSUED.value,
-        DeviceState.INSTALLED.value,
-    ):
-        station.ledger.mark_verified(record.device_id)
+    # Verified on first authenticated contact (station/ledger/contact.py).
+    station.ledger.contact.authenticated(
+        record.device_id, record.serial, proof="est-tls-client-certificate"
+    )
     return cert, record
 
 

@@ -53,6 +53,10 @@ _REFUSALS: Mapping[tuple[DeviceState, Event], tuple[str, str]] = {
     ),
 }
 
+# The states a proof of possession takes to verified (issued, installed): where a
+# board waits for one. Verified boards stay as they are; any other state is refused.
+AWAITING_PROOF = frozenset(s for s, t in TRANSITIONS[Event.VERIFY].items() if t is not s)
+
 # Events that need the board's live, issued certificate (checked by the caller,
 # which knows the certificate; the table knows only states).
 NEEDS_CERTIFICATE = frozenset({Event.INSTALL, Event.VERIFY})

@@ -33,9 +33,10 @@ from sqlalchemy import Connection, Engine
 from station import policy
 from station.errors import ConflictError, NotFoundError, PolicyError, StationError
 from station.filemodes import private_dir
-from station.ledger import audit, batches, certificates, challenges, changes, devices, proof, tokens
+from station.ledger import audit, batches, challenges, changes, contact, devices, proof, tokens
 from station.ledger.channel_audit import ChannelAudit
 from station.ledger.cmp_transactions import CmpTransactions
+from station.ledger.contact import Contact
 from station.ledger.db import make_engine, upgrade
 from station.ledger.devices import LiveDevice
 from station.ledger.groupcommit import GroupCommitter
@@ -99,6 +100,8 @@ class Ledger(LedgerReads):
         self._issuer = Issuer(self.engine, self._writes, station_id, backdate_seconds)
         self.cmp_transactions = CmpTransactions(self.engine, self._writes)  # api/routers/cmp.py
         self.channel_audit = ChannelAudit(self._writes, station_id)  # EST's and CMP's refusals
+        # Verified on first authenticated contact (EST, CMP): station/ledger/contact.py.
+        self.contact = Contact(self.engine, self._writes, station_id)
         self._issuer.after_sign = self._after_sign
         self._templates = self._issuer.templates
         if migrate:
@@ -405,13 +408,7 @@ class Ledger(LedgerReads):
         return self._step(write, device_id, durable=True)
 
     def _verify(self, conn: Connection, d: LiveDevice, device_id: str, now: datetime) -> None:
-        if d.state is DeviceState.VERIFIED:
-            return
-        target = changes.apply(
-            conn, d, device_id, Event.VERIFY, now, self.station_id, serial=d.serial
-        )
-        assert target is DeviceState.VERIFIED and d.serial is not None
-        certificates.whitelist_add(Raw(conn), d.serial, d.id, d.batch_id, now)
+        contact.verify(conn, d, device_id, now, self.station_id)
 
     def mark_failed(self, device_id: str, code: str, message: str) -> Device:
         """Record why a board failed (attempts + 1); a later issue() may retry it.
