@@ -78,6 +78,9 @@ def cmp_station(ca_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         ledger.create_batch(
             "R", product="p", planned_count=5, key_mode="see-rsa", subject_template=TEMPLATE
         )
+        ledger.create_batch(
+            "C2", product="p", planned_count=10, key_mode="board-ecc", subject_template=TEMPLATE
+        )
         token = ledger.create_token("cmp-board", "board")
         qa = ledger.create_token("cmp-qa", "qa")
     secrets_file = root / "cmp-secrets"
@@ -497,3 +500,81 @@ def test_rr_revokes_the_signers_own_certificate(cmp_station: Cmp) -> None:
     done = c.client("-cmd", "rr", *sign, "-oldcert", "rv.pem", op="revocation")
     out = done.stdout + done.stderr
     assert done.returncode != 0 and "PKIFailureInfo: certRevoked" in out, out
+
+
+def test_a_renewal_under_another_batchs_label_is_refused(cmp_station: Cmp) -> None:
+    """A board of batch C2 renews (kur, signed p10cr) and revokes under C2 only; under
+    C's label: notAuthorized (renewal-other-batch), audited, nothing issued."""
+    c = cmp_station
+    genkey(c, "lb")
+    done = c.mac(
+        "-cmd", "ir", "-newkey", "lb.key", "-subject", "/O=company/OU=team/CN=cmp-label-1/C=US",
+        "-certout", "lb.pem", label="C2", op="initialization",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    genkey(c, "lb2")
+    csr(c, "lb3", "cmp-label-1")
+    sign = ["-cert", "lb.pem", "-key", "lb.key"]
+    attempts = [
+        ("keyupdate", ["-cmd", "kur", *sign, "-newkey", "lb2.key", "-certout", "x.pem"]),
+        ("pkcs10", ["-cmd", "p10cr", *sign, "-csr", "lb3.csr", "-certout", "x.pem"]),
+        ("revocation", ["-cmd", "rr", *sign, "-oldcert", "lb.pem"]),
+    ]
+    for label in ("C", "NOPE"):
+        for op, args in attempts:
+            certs_before = count(c, certificates)
+            refused_before = count(c, audit_log, audit_log.c.action == "cmp.refused")
+            done = c.client(*args, label=label, op=op)
+            out = done.stdout + done.stderr
+            assert done.returncode != 0, (label, op, out)
+            assert "PKIFailureInfo: notAuthorized" in out and "renewal-other-batch" in out, out
+            assert not (c.work / "x.pem").exists()
+            assert count(c, certificates) == certs_before
+            assert count(c, audit_log, audit_log.c.action == "cmp.refused") == refused_before + 1
+    first = x509.load_pem_x509_certificate((c.work / "lb.pem").read_bytes())
+    with c.ledger() as ledger:
+        device = ledger.get_device("cmp-label-1")
+        assert device.serial == serial_hex(first.serial_number) and device.state == "verified"
+    # Under its own batch's label: renewed.
+    done = c.client(
+        "-cmd", "kur", *sign, "-newkey", "lb2.key", "-certout", "lb2.pem",
+        label="C2", op="keyupdate",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    renewed = x509.load_pem_x509_certificate((c.work / "lb2.pem").read_bytes())
+    with c.ledger() as ledger:
+        assert ledger.certificate(serial_hex(renewed.serial_number)).batch == "C2"
+
+
+def test_a_see_rsa_board_does_not_renew_over_cmp(cmp_station: Cmp) -> None:
+    """Its keys are the station's, pushed over the serial line: its own batch's label
+    does not make CMP take it (cmp-key-mode, notAuthorized)."""
+    from station.ca import open_ca
+    from tests.csrs import device_name, make_csr, rsa_key
+
+    c = cmp_station
+    key = rsa_key()
+    request, _ = make_csr(device_name("cmp-see-1"), key)
+    with c.ledger() as ledger:
+        issued = ledger.issue(
+            "R", "cmp-see-1", request.public_bytes(serialization.Encoding.DER),
+            open_ca(c.settings),
+        )  # fmt: skip
+    (c.work / "see.pem").write_bytes(issued.certificate.public_bytes(serialization.Encoding.PEM))
+    (c.work / "see.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    csr(c, "see2", "cmp-see-1")
+    done = c.client(
+        "-cmd", "p10cr", "-cert", "see.pem", "-key", "see.key", "-csr", "see2.csr",
+        "-certout", "see2.pem", label="R",
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "PKIFailureInfo: notAuthorized" in out, out
+    assert "cmp-key-mode" in out
+    with c.ledger() as ledger:
+        assert len(ledger.certificates("cmp-see-1")) == 1

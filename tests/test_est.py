@@ -74,6 +74,9 @@ def est(ca_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Est
         ledger.create_batch(
             "R", product="p", planned_count=5, key_mode="see-rsa", subject_template=TEMPLATE
         )
+        ledger.create_batch(
+            "E2", product="p", planned_count=10, key_mode="board-ecc", subject_template=TEMPLATE
+        )
         token = ledger.create_token("est-board", "board")
         ledger.create_token("est-qa", "qa")
     work = root / "work"
@@ -354,3 +357,91 @@ def test_reenrol_refusals(est: Est) -> None:
     with est.ledger() as ledger:
         assert ledger.certificate(serial_hex(cert.serial_number)).state == "issued"
         assert len(ledger.certificates("est-r-1")) == 1
+
+
+# -------------------------------------------------------------- the label of a renewal
+
+
+def test_a_renewal_under_another_batchs_label_is_refused(est: Est) -> None:
+    """A board of batch E2 renews under E2 or without a label (its own batch), never
+    under E's label: 403 renewal-other-batch, audited, nothing issued."""
+    openssl_csr(est, "lb", "est-label-1")
+    done = est.curl(
+        "-u", f"x:{est.token}", "-H", "Content-Type: application/pkcs10",
+        "--data-binary", "@lb.b64", est.base + "/E2/simpleenroll",
+    )  # fmt: skip
+    [cert] = certs_of(est, done.stdout)
+    (est.work / "lb.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    openssl_csr(est, "lb2", "est-label-1")
+    tls = ["--cert", "lb.pem", "--key", "lb.key", "-H", "Content-Type: application/pkcs10"]
+    refused_before = count(est, audit_log, audit_log.c.action == "est.refused")
+    certs_before = count(est, certificates)
+    got, text = est.status(*tls, "--data-binary", "@lb2.b64", est.base + "/E/simplereenroll")
+    assert got == 403 and text.startswith("renewal-other-batch: "), text
+    assert count(est, certificates) == certs_before
+    assert count(est, audit_log, audit_log.c.action == "est.refused") == refused_before + 1
+    # A label that names no batch is another batch too: the same answer, not a 404.
+    got, text = est.status(*tls, "--data-binary", "@lb2.b64", est.base + "/NOPE/simplereenroll")
+    assert got == 403 and text.startswith("renewal-other-batch: "), text
+    with est.ledger() as ledger:
+        assert ledger.get_device("est-label-1").serial == serial_hex(cert.serial_number)
+
+    # Without a label (strongSwan's pki --est cannot send one): the board's own batch,
+    # whatever STATION_EST_DEFAULT_BATCH says (E here).
+    assert est.served.ca_file is not None
+    (est.work / "lb3.key").write_bytes(
+        pki(est, "--gen", "--type", "ecdsa", "--size", "256", "--outform", "pem").stdout
+    )
+    req = pki(est, "--req", "--in", "lb3.key", "--type", "priv",
+              "--dn", "O=company, OU=team, CN=est-label-1, C=US")  # fmt: skip
+    (est.work / "lb3.req").write_bytes(req.stdout)
+    trust = ["--cacert", str(est.served.ca_file), "--cacert", str(est.settings.ca_cert_path)]
+    renew = pki(
+        est, "--est", "--url", est.served.url, *trust, "--in", "lb3.req",
+        "--cert", "lb.pem", "--key", "lb.key", "--outform", "pem",
+    )  # fmt: skip
+    assert renew.returncode == 0, renew.stderr.decode()
+    renewed = x509.load_pem_x509_certificate(renew.stdout)
+    (est.work / "lb3.pem").write_bytes(renew.stdout)
+    with est.ledger() as ledger:
+        record = ledger.certificate(serial_hex(renewed.serial_number))
+        assert record.batch == "E2" and record.device_id == "est-label-1"
+        assert ledger.certificate(serial_hex(cert.serial_number)).state == "superseded"
+    # And under its own label, with curl.
+    openssl_csr(est, "lb4", "est-label-1")
+    got, text = est.status(
+        "--cert", "lb3.pem", "--key", "lb3.key", "-H", "Content-Type: application/pkcs10",
+        "--data-binary", "@lb4.b64", est.base + "/E2/simplereenroll",
+    )  # fmt: skip
+    assert got == 200, text
+
+
+def test_an_unlabelled_renewal_keeps_the_key_mode_rule(est: Est, tmp_path: Path) -> None:
+    """A see-rsa board's keys are the station's (serial line): no EST renewal, with
+    or without a label."""
+    from station.ca import open_ca
+    from tests.csrs import rsa_key
+
+    key = rsa_key()
+    csr, _ = make_csr(device_name("est-see-1"), key)
+    with est.ledger() as ledger:
+        issued = ledger.issue("R", "est-see-1", csr_der_of(csr), open_ca(est.settings))
+    (est.work / "see.pem").write_bytes(issued.certificate.public_bytes(serialization.Encoding.PEM))
+    (est.work / "see.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (est.work / "see2.b64").write_bytes(_csr_b64("est-see-1"))
+    tls = ["--cert", "see.pem", "--key", "see.key", "-H", "Content-Type: application/pkcs10"]
+    for path in ("/simplereenroll", "/R/simplereenroll"):
+        got, text = est.status(*tls, "--data-binary", "@see2.b64", est.base + path)
+        assert got == 403 and text.startswith("est-key-mode: "), (path, text)
+    with est.ledger() as ledger:
+        assert len(ledger.certificates("est-see-1")) == 1
+
+
+def csr_der_of(csr: x509.CertificateSigningRequest) -> bytes:
+    return csr.public_bytes(serialization.Encoding.DER)

@@ -44,6 +44,7 @@ from api.problems import http_status
 from hsm.errors import HsmError
 from station.cmp_responder import KEY_LABEL, open_responder
 from station.enroll import cmp
+from station.enroll.batch_label import renewal_batch
 from station.errors import Kind, NotFoundError, StationError
 from station.ledger.schema import CertState, KeyMode
 from station.policy import common_name, load_csr
@@ -285,6 +286,8 @@ def _enrol(station: AppContext, msg: Any, h: cmp.Header, label: str) -> tuple[by
                 f"the signer certificate is {record.state}", failure="certRevoked",
                 code="cmp-certificate-not-live", kind=Kind.FORBIDDEN,
             )  # fmt: skip
+        # A board renews in its own batch, which must take CMP (batch_label.py).
+        _batch_of(station, renewal_batch(label, record.batch, record.device_id))
         current = x509.load_pem_x509_certificate((record.pem or "").encode())
         if request.subject != current.subject:
             raise cmp.CmpError(
@@ -357,15 +360,16 @@ def _cert_conf(station: AppContext, msg: Any, h: cmp.Header) -> tuple[bytes, str
     return cmp.pki_conf(msg, _responder(station)), tx.device_id
 
 
-def _revoke(station: AppContext, msg: Any, h: cmp.Header) -> tuple[bytes, str]:
+def _revoke(station: AppContext, msg: Any, h: cmp.Header, label: str) -> tuple[bytes, str]:
     """rr: a device revokes its own live certificate, signing with it (a lost or
-    compromised key). A MAC (a board token) revokes nothing."""
+    compromised key), under its own batch's label. A MAC (a board token) revokes nothing."""
     sender, record = _authenticate(station, msg, h)
     if record is None:
         raise cmp.CmpError(
             "a revocation is signed with the certificate it revokes", failure="notAuthorized",
             code="cmp-rr-unsigned", kind=Kind.FORBIDDEN,
         )  # fmt: skip
+    renewal_batch(label, record.batch, record.device_id)
     assert h.transaction_id is not None
     station.ledger.cmp_transactions.begin(h.transaction_id, sender)
     if serial_hex(cmp.revocation_serial(msg)) != record.serial:
@@ -408,7 +412,7 @@ def _handle(station: AppContext, body: bytes, label: str) -> tuple[bytes, str]:
         if kind == "certConf":
             return _cert_conf(station, msg, h)
         if kind == "rr":
-            return _revoke(station, msg, h)
+            return _revoke(station, msg, h, label)
         raise cmp.CmpError(
             f"{kind} is not supported here (ir, cr, kur, p10cr, certConf, rr)",
             failure="badRequest", code="cmp-unsupported-body",

@@ -43,6 +43,7 @@ from api.problems import http_status
 from api.tls import client_certificate_pem
 from hsm.errors import HsmError
 from station.enroll import est
+from station.enroll.batch_label import renewal_batch
 from station.errors import ConflictError, Kind, NotFoundError, StationError
 from station.ledger import CertificateRecord
 from station.ledger.schema import CertState, KeyMode
@@ -294,10 +295,11 @@ async def _simplereenroll(request: Request, label: str | None) -> Response:
                 code="est-no-client-certificate",
                 kind=Kind.UNAUTHENTICATED,
             )
-        if label is not None:
-            await run_in_threadpool(_batch_of, station, label)
         current, record = client
         entity = record.device_id
+        # The device's own batch (an unlabelled path included), and one that takes EST.
+        batch = renewal_batch(label, record.batch, record.device_id)
+        await run_in_threadpool(_batch_of, station, batch)
         body = await request.body()
         csr = est.read_request(body, request.headers.get("content-type"))
         if csr.subject != current.subject:
@@ -309,7 +311,7 @@ async def _simplereenroll(request: Request, label: str | None) -> Response:
         issue = functools.partial(
             issuance.issue,
             station,
-            record.batch,
+            batch,
             record.device_id,
             csr,
             renews=record.serial,
