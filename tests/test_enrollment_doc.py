@@ -101,3 +101,21 @@ def test_cmp_doc_commands_work(station_settings: Settings, tmp_path: Path) -> No
     with Ledger.from_settings(station_settings) as ledger:
         assert ledger.certificate(serial_hex(gw.serial_number)).state == "superseded"
         assert ledger.get_device("gw-0042").serial == serial_hex(gw2.serial_number)
+
+
+def test_serverkeygen_doc_commands_work(station_settings: Settings, tmp_path: Path) -> None:
+    with Ledger.from_settings(station_settings) as ledger:
+        ledger.create_batch(
+            "SEE-2026-12", product="p", planned_count=10, key_mode="see-rsa",
+            subject_template=TEMPLATE,
+        )  # fmt: skip
+        token = ledger.create_token("est-line-1", "board")
+    work = tmp_path / "board"
+    work.mkdir()
+    with serve(station_settings) as served:
+        run_block(blocks_after("### serverkeygen"), served.url, station_settings, work, token)
+    cert = x509.load_pem_x509_certificate((work / "board.pem").read_bytes())
+    with Ledger.from_settings(station_settings) as ledger:
+        device = ledger.get_device("0123beef")
+        assert device.serial == serial_hex(cert.serial_number)
+        assert device.state == "verified"

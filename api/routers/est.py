@@ -1,4 +1,5 @@
-"""EST (RFC 7030) under /.well-known/est/[{batch}/]: cacerts, csrattrs, simple(re)enroll.
+"""EST (RFC 7030) under /.well-known/est/[{batch}/]: cacerts, csrattrs, simple(re)enroll,
+serverkeygen.
 
 The label is a batch name; requests without one go to ``STATION_EST_DEFAULT_BATCH``.
 Every certificate comes from the station's one issuance path (api/issuance.py,
@@ -13,12 +14,15 @@ then ``Ledger.issue``): CSR policy, intent, HSM signature, ledger, audit.
   which is what the serial line's proof of possession proves.
 * ``simplereenroll``: the device's current certificate as the TLS client
   certificate; a new key is required; the old certificate is superseded, the
-  whitelist follows the new serial (station/ledger/succession.py).
+  whitelist follows the new serial (station/ledger/succession.py). Under the
+  device's own batch's label or none (station/enroll/batch_label.py).
+* ``serverkeygen``: as simpleenroll, for boards that cannot make keys, in batches
+  whose keys the station makes (station/enroll/serverkeygen.py); HTTPS only.
 
 Errors are RFC 7030's: a 4xx/5xx status and a one-line ``text/plain`` body
 ``code: message``; each refusal is audited (``est.refused``) and nothing is issued.
-Batches whose key mode is ``see-rsa`` are refused (``est-key-mode``): their keys are
-made by the station and pushed over the serial line.
+simple(re)enroll take ``board-ecc`` batches, serverkeygen ``see-rsa`` ones (whose keys
+the station makes); the other combination is refused (``est-key-mode``).
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from api.context import AppContext
 from api.problems import http_status
 from api.tls import client_certificate_pem
 from hsm.errors import HsmError
-from station.enroll import est
+from station import policy
+from station.enroll import est, serverkeygen
 from station.enroll.batch_label import renewal_batch
 from station.errors import ConflictError, Kind, NotFoundError, StationError
 from station.ledger import CertificateRecord
@@ -81,8 +86,13 @@ def _basic_password(authorization: str | None) -> str | None:
     return password if sep and password else None
 
 
-def _batch_of(station: AppContext, label: str | None) -> str:
-    """The batch a label names (or the default), checked to exist and to take EST."""
+_ENROL = frozenset({KeyMode.BOARD_ECC.value})  # the board makes its key: (re)enrol
+_ANY_MODE = frozenset(m.value for m in KeyMode)  # cacerts, csrattrs: no key involved
+
+
+def _batch_of(station: AppContext, label: str | None, takes: frozenset[str] = _ENROL) -> str:
+    """The batch a label names (or the default), checked to exist and to take the
+    operation (``takes``: the key modes it serves)."""
     batch = label if label is not None else station.settings.est_default_batch
     if not batch:
         raise NotFoundError(
@@ -96,12 +106,12 @@ def _batch_of(station: AppContext, label: str | None) -> str:
         mode = station.ledger.get_batch(batch).key_mode  # unknown-batch
         with _CACHE_LOCK:
             modes[batch] = mode
-    if mode != KeyMode.BOARD_ECC.value:
-        raise EstRefused(
-            f"batch {batch!r} is {mode}: its keys are made by the station and go over the "
-            "serial line, not EST",
-            code="est-key-mode",
-        )
+    if mode not in takes:
+        if mode in serverkeygen.STATION_MADE:
+            says = "its keys are made by the station: serverkeygen (or the serial line)"
+        else:
+            says = "its boards make their own keys: simpleenroll, not serverkeygen"
+        raise EstRefused(f"batch {batch!r} is {mode}: {says}", code="est-key-mode")
     return batch
 
 
@@ -186,7 +196,7 @@ def _station(request: Request) -> AppContext:
 async def _cacerts(request: Request, label: str | None) -> Response:
     station = _station(request)
     try:
-        await run_in_threadpool(_batch_of, station, label)
+        await run_in_threadpool(_batch_of, station, label, _ANY_MODE)
         await _tls_client(station, request)
         ca = await run_in_threadpool(lambda: station.ca)
         chain = [ca.certificate, *ca.parents]
@@ -215,7 +225,7 @@ async def cacerts(request: Request, label: str) -> Response:
 async def _csrattrs(request: Request, label: str | None) -> Response:
     station = _station(request)
     try:
-        batch = await run_in_threadpool(_batch_of, station, label)
+        batch = await run_in_threadpool(_batch_of, station, label, _ANY_MODE)
         await _tls_client(station, request)
         b = await run_in_threadpool(station.ledger.get_batch, batch)
     except (StationError, HsmError) as exc:
@@ -332,3 +342,73 @@ async def simplereenroll_default(request: Request) -> Response:
 )
 async def simplereenroll(request: Request, label: str) -> Response:
     return await _simplereenroll(request, label)
+
+
+# ---------------------------------------------------------------- serverkeygen
+
+
+def _made_and_issued(
+    station: AppContext, batch: str, device_id: str, subject: x509.Name
+) -> tuple[bytes, str, str]:
+    """Make the board's key, issue its certificate, build the answer; wipe the
+    station's copies (station/enroll/serverkeygen.py says which)."""
+    made = serverkeygen.make_key(subject)
+    body = bytearray()
+    try:
+        result = issuance.issue(station, batch, device_id, made.csr)
+        serial = serial_hex(result.serial)
+        station.ledger.channel_audit.record(
+            "est.serverkeygen",
+            device_id,
+            {
+                "serial": serial,
+                "public_key_sha256": policy.public_key_sha256(made.csr),
+                "key": f"rsa-{serverkeygen.RSA_BITS}, made in software, handed out, wiped",
+            },
+        )
+        body, content_type = est.serverkeygen_body(made.pkcs8, result.certificate)
+        return bytes(body), content_type, serial
+    finally:
+        serverkeygen.wipe(made.pkcs8, body)
+
+
+async def _serverkeygen(request: Request, label: str | None) -> Response:
+    station = _station(request)
+    entity = "est"
+    try:
+        if request.url.scheme != "https":
+            # RFC 7030 4.4: the key travels unencrypted inside TLS; never in the clear.
+            raise EstRefused(
+                "serverkeygen answers a private key: only over the station's HTTPS",
+                code="est-serverkeygen-needs-tls",
+            )
+        token = _basic_password(request.headers.get("authorization"))
+        permit(await authenticate(station, token, client_address(request)), _BOARD_UP)
+        batch = await run_in_threadpool(_batch_of, station, label, serverkeygen.STATION_MADE)
+        body = await request.body()
+        # RFC 7030 4.4.1: the CSR is a template; its key and signature are ignored
+        # (parsed, never checked: a board that cannot make keys signs it with any).
+        template = est.read_request(body, request.headers.get("content-type"))
+        device_id = est.device_id_of(template)
+        entity = device_id
+        make = functools.partial(_made_and_issued, station, batch, device_id, template.subject)
+        answer, content_type, serial = await asyncio.get_running_loop().run_in_executor(
+            station.issue_executor, make
+        )
+    except (StationError, HsmError) as exc:
+        return await _refused(station, exc, "serverkeygen", label, entity)
+    return Response(
+        answer,
+        media_type=content_type,
+        headers={"X-Certificate-Serial": serial, "Cache-Control": "no-store"},
+    )
+
+
+@router.post("/serverkeygen", summary="EST serverkeygen (default batch)")
+async def serverkeygen_default(request: Request) -> Response:
+    return await _serverkeygen(request, None)
+
+
+@router.post("/{label}/serverkeygen", summary="EST serverkeygen: the station makes the key")
+async def serverkeygen_labelled(request: Request, label: str) -> Response:
+    return await _serverkeygen(request, label)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import secrets
 
 from asn1crypto import core
 from cryptography import x509
@@ -148,3 +149,37 @@ def device_id_of(csr: CertRequest) -> str:
             kind=Kind.INVALID,
         )
     return cns[0].value
+
+
+# --- serverkeygen (RFC 7030 section 4.4.2) -------------------------------------
+
+PKCS8 = "application/pkcs8"
+
+
+def _b64_into(out: bytearray, der: bytes | bytearray) -> None:
+    """Base64 of ``der`` appended to ``out`` in 64-character lines, no immutable copy of
+    the whole (``base64.b64encode`` of a key would leave one the station cannot wipe)."""
+    for at in range(0, len(der), 48):
+        line = base64.b64encode(der[at : at + 48])
+        out += line
+        out += b"\r\n"
+
+
+def serverkeygen_body(key_pkcs8: bytearray, cert: x509.Certificate) -> tuple[bytearray, str]:
+    """(body, content type) of a serverkeygen answer: ``multipart/mixed``, the private
+    key first (``application/pkcs8``, base64 PrivateKeyInfo), then the certificate as
+    simpleenroll answers it (``application/pkcs7-mime; smime-type=certs-only``, base64).
+
+    The body is a bytearray: the caller wipes it once it is handed to the server.
+    """
+    boundary = "est-" + secrets.token_hex(16)
+    out = bytearray()
+    out += f"--{boundary}\r\nContent-Type: {PKCS8}\r\n".encode()
+    out += b"Content-Transfer-Encoding: base64\r\n\r\n"
+    _b64_into(out, key_pkcs8)
+    out += f"--{boundary}\r\nContent-Type: {CERTS_ONLY}\r\n".encode()
+    out += b"Content-Transfer-Encoding: base64\r\n\r\n"
+    # MIME lines here (unlike certs_only's one line for strongSwan's simpleenroll).
+    _b64_into(out, pkcs7.serialize_certificates([cert], serialization.Encoding.DER))
+    out += f"--{boundary}--\r\n".encode()
+    return out, f'multipart/mixed; boundary="{boundary}"'

@@ -1,0 +1,69 @@
+"""Server-side key generation (EST serverkeygen, RFC 7030 section 4.4): a key for a
+board that cannot make one.
+
+Only for batches whose keys the station makes (``see-rsa``: RSA-2048, the key the
+serial line pushes into an ARTIK Secure Element); a ``board-ecc`` board makes its
+own key and uses simpleenroll. The key is made in software, not in the token: the
+board needs the private key, and a token key is non-extractable by design. The
+station builds and signs a CSR with it for the board's subject, so the certificate
+comes out of the one issuance path like any other (policy, intent, HSM signature,
+ledger, audit; a fresh key can never be a duplicate, and a board that already has
+a live certificate is refused ``already-provisioned``).
+
+Wiping, as the serial line does for ARTIK keys (station/line/provision.py): the
+PKCS#8 DER and the answer built from it are bytearrays, zeroed by :func:`wipe`
+whatever happens. What is not wiped (Python cannot overwrite immutable bytes,
+only drop them): the bytes ``private_bytes`` returns, the body bytes the HTTP
+server is handed and the copies TLS makes of them. They are freed, not cleared.
+The key object is dropped (OpenSSL clears its private numbers when it frees them).
+The key never touches the station's disk, the ledger or the logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from station.ledger.schema import KeyMode
+
+#: Key modes whose keys the station makes: serverkeygen serves these batches only.
+STATION_MADE = frozenset({KeyMode.SEE_RSA.value})
+RSA_BITS = 2048
+
+
+@dataclass
+class MadeKey:
+    pkcs8: bytearray  # the private key, DER PrivateKeyInfo: wipe() it
+    csr: x509.CertificateSigningRequest  # signed with it, for the issuer
+
+
+def make_key(subject: x509.Name) -> MadeKey:
+    """A fresh RSA-2048 key and a CSR for ``subject`` signed with it."""
+    key: rsa.RSAPrivateKey | None = rsa.generate_private_key(
+        public_exponent=65537, key_size=RSA_BITS
+    )
+    assert key is not None
+    der = bytearray(
+        key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    try:
+        builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
+        csr = builder.sign(key, hashes.SHA256())
+    except Exception:
+        wipe(der)
+        raise
+    finally:
+        key = None
+    return MadeKey(der, csr)
+
+
+def wipe(*buffers: bytearray) -> None:
+    for buffer in buffers:
+        buffer[:] = bytes(len(buffer))
