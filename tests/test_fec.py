@@ -89,3 +89,23 @@ def test_reedsolo_corrects_what_we_protect_and_we_correct_what_it_protects() -> 
             word[pos] ^= 0x5A
     assert bytes(codec.decode(bytes(ours))[0]) == data
     assert fec.correct_block(bytes(theirs), nsym) == data
+
+
+@settings(max_examples=500)
+@given(st.binary(min_size=0, max_size=1100))
+def test_any_bytes_are_recovered_or_uncorrectable_nothing_else(junk: bytes) -> None:
+    try:
+        data = fec.recover(junk)
+    except fec.Uncorrectable:
+        return
+    # What it returns is a codeword within each block's capacity of what came.
+    fixed = fec.protect(data)
+    assert len(fixed) == len(junk)
+    at_parity = len(data)
+    for start in range(0, len(data), fec.BLOCK_DATA):
+        size = len(data[start : start + fec.BLOCK_DATA])
+        nsym = fec.parity_size(size)
+        spans = [(start, start + size), (at_parity, at_parity + nsym)]
+        changed = sum(fixed[i] != junk[i] for a, b in spans for i in range(a, b))
+        assert changed <= nsym // 2
+        at_parity += nsym

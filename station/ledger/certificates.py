@@ -25,11 +25,14 @@ from station.whitelist import DelistedCertificate, WhitelistEntry, serial_hex
 _NOT_FAILED = f"'{CertState.FAILED.value}'"
 
 # Which board (and serial) already holds a public key: every board needs its own.
+# Both columns come from the same certificate row: the first (by id) that holds the key.
 KEY_HOLDER_COLUMNS = (
     "(SELECT hd.device_id FROM certificates hc JOIN devices hd ON hd.id = hc.device_pk "  # noqa: S608 - fixed text
-    f"WHERE hc.public_key_sha256 = :pk AND hc.state != {_NOT_FAILED} LIMIT 1) AS holder_device, "
+    f"WHERE hc.public_key_sha256 = :pk AND hc.state != {_NOT_FAILED} "
+    "ORDER BY hc.id LIMIT 1) AS holder_device, "
     "(SELECT hc.serial FROM certificates hc "
-    f"WHERE hc.public_key_sha256 = :pk AND hc.state != {_NOT_FAILED} LIMIT 1) AS holder_serial"
+    f"WHERE hc.public_key_sha256 = :pk AND hc.state != {_NOT_FAILED} "
+    "ORDER BY hc.id LIMIT 1) AS holder_serial"
 )
 _SQL_INSERT_INTENT = (
     "INSERT INTO certificates (serial, device_pk, batch_id, station_id, state, csr_der, "  # noqa: S608 - fixed text
