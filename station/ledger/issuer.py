@@ -144,6 +144,7 @@ class Issuer:
         reprovision: bool = False,
         reason: str | None = None,
         renews: str | None = None,
+        confirm_later: bool = False,
     ) -> IssueResult:
         # Bytes are a PKCS#10 (serial line, JSON API, CLI); EST and CMP hand the request
         # they parsed for their own checks (PKCS#10 or CRMF), so it is parsed once.
@@ -202,7 +203,7 @@ class Issuer:
         if self.after_sign is not None:
             self.after_sign(cert)
         signed = SignedCertificate.of(p.cert_id, p.device_pk, device_id, cert)
-        fingerprint = self._commit(signed)
+        fingerprint = self._commit(signed, confirm=not confirm_later)
         return IssueResult(
             certificate=cert,
             chain_pem=signed.pem.encode() + ca.chain_pem,
@@ -263,6 +264,14 @@ class Issuer:
             if revoked and not comeback:
                 raise device_revoked(device_id)
             if renews is not None:
+                if d is not None and d.cert_state is CertState.ISSUED:
+                    # An earlier renewal of this certificate that was never confirmed.
+                    stale = succession.pending(raw, d.id)
+                    if stale is not None and stale.waiting and stale.old_serial == renews.lower():
+                        succession.abandon_pending(
+                            conn, self.station_id, d.id, device_id, "renewal-restarted", now
+                        )
+                        d = devices.live(raw, device_id)
                 succession.check(d, device_id, renews, pk)
                 assert d is not None and d.cert_id is not None
                 succession.begin(raw, d.cert_id)
@@ -359,10 +368,12 @@ class Issuer:
             batch=batch,
         )
 
-    def _commit(self, signed: SignedCertificate) -> str:
+    def _commit(self, signed: SignedCertificate, *, confirm: bool = True) -> str:
         """Make the signed certificate durable; returns its fingerprint.
 
-        Concurrent callers share one durable commit (see groupcommit.py).
+        A renewal is confirmed here unless ``confirm`` is False (its confirmation
+        comes later: station.ledger.succession). Concurrent callers share one
+        durable commit (see groupcommit.py).
         """
 
         def write(conn: Connection) -> str:
@@ -373,10 +384,13 @@ class Issuer:
                     f"intent {signed.serial} was resolved elsewhere; certificate discarded",
                     code="intent-resolved",
                 )
-            renewed = succession.complete(
-                raw, self.station_id, signed.device_pk, signed.device_id, signed.cert_id,
-                signed.serial, now,
-            )  # fmt: skip
+            if confirm:
+                renewed = succession.complete(
+                    raw, self.station_id, signed.device_pk, signed.device_id, signed.cert_id,
+                    signed.serial, now,
+                )  # fmt: skip
+            else:
+                renewed = succession.pending(raw, signed.device_pk) is not None
             if not renewed:
                 devices.set_state(raw, signed.device_pk, DeviceState.ISSUED, now, self.station_id)
             audit.append(
@@ -389,6 +403,7 @@ class Issuer:
                     "fingerprint": signed.fingerprint,
                     "not_after": signed.not_after.isoformat(),
                     "device_state": (DeviceState.VERIFIED if renewed else DeviceState.ISSUED).value,
+                    **({} if confirm or not renewed else {"confirmation": "pending"}),
                 },
                 now=now,
             )

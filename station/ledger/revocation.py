@@ -11,7 +11,15 @@ leaves it revoked: a failed board may retry, a revoked one may not.
 
 from __future__ import annotations
 
-from station.errors import ConflictError
+from datetime import datetime
+
+from sqlalchemy import Connection
+
+from station.errors import ConflictError, NotFoundError
+from station.ledger import changes, succession
+from station.ledger.devices import LiveDevice
+from station.ledger.lifecycle import Event
+from station.ledger.rawsql import Raw
 
 
 def device_revoked(device_id: str) -> ConflictError:
@@ -20,3 +28,28 @@ def device_revoked(device_id: str) -> ConflictError:
         "reason brings it back",
         code="device-revoked",
     )
+
+
+def revoke_device(
+    conn: Connection, d: LiveDevice, device_id: str, reason: str, now: datetime, station_id: str
+) -> None:
+    """Revoke the board's live certificate and make it ``revoked``.
+
+    A board with a renewal under way (station.ledger.succession) has its live
+    certificate ``renewing``, not ``issued``: that one is revoked, and the pending
+    successor with it (an intent is never signed, a certificate waiting for its
+    confirmation is revoked too), so nothing of the board stays whitelisted or
+    can be confirmed later. Codes: no-certificate.
+    """
+    p = succession.pending(Raw(conn), d.id)
+    if p is not None:
+        succession.abandon_pending(conn, station_id, d.id, device_id, "device-revoked", now,
+                                   reason=reason)  # fmt: skip
+        cert_id, serial = p.old_id, p.old_serial
+    elif d.has_issued_certificate:
+        assert d.cert_id is not None and d.serial is not None
+        cert_id, serial = d.cert_id, d.serial
+    else:
+        raise NotFoundError(f"device {device_id!r} has no live certificate", code="no-certificate")
+    changes.revoke_certificate(conn, cert_id, device_id, serial, reason, now, station_id)
+    changes.apply(conn, d, device_id, Event.REVOKE, now, station_id)

@@ -50,7 +50,8 @@ from station.ledger.records import (
     IssueResult,
     RecoveryReport,
 )
-from station.ledger.revocation import device_revoked
+from station.ledger.renewals import Renewals
+from station.ledger.revocation import device_revoked, revoke_device
 from station.ledger.schema import BatchState, DeviceState, KeyMode
 from station.ledger.textrules import check_batch_name, check_text, clean_text
 from station.ledger.tokens import TOKEN_ROLES, Role
@@ -102,6 +103,7 @@ class Ledger(LedgerReads):
         self.channel_audit = ChannelAudit(self._writes, station_id)  # EST's and CMP's refusals
         # Verified on first authenticated contact (EST, CMP): station/ledger/contact.py.
         self.contact = Contact(self.engine, self._writes, station_id)
+        self.renewals = Renewals(self.engine, self._writes, station_id)  # confirmed later
         self._issuer.after_sign = self._after_sign
         self._templates = self._issuer.templates
         if migrate:
@@ -264,10 +266,12 @@ class Ledger(LedgerReads):
         reprovision: bool = False,
         reason: str | None = None,
         renews: str | None = None,
+        confirm_later: bool = False,
     ) -> IssueResult:
         """Issue (or hand back) the certificate of ``device_id`` in ``batch``: a PKCS#10
         (bytes) or a request already parsed (EST, CMP; station/request.py). ``renews``: the serial
-        this one succeeds (station/ledger/succession.py).
+        this one succeeds (station/ledger/succession.py), confirmed at its commit or, with
+        ``confirm_later``, by ``renewals`` (the serial line's proof, CMP's certConf).
 
         The same device with the same public key gets its certificate back
         (``reused=True``). Codes: malformed-csr, bad-signature, weak-key,
@@ -280,7 +284,7 @@ class Ledger(LedgerReads):
         """
         return self._issuer.issue(
             batch, device_id, csr_der_or_pem, ca, reprovision=reprovision, reason=reason,
-            renews=renews,
+            renews=renews, confirm_later=confirm_later,
         )  # fmt: skip
 
     def recover(
@@ -427,6 +431,7 @@ class Ledger(LedgerReads):
     def revoke(self, device_id: str, reason: str) -> Device:
         """Revoke the board's live certificate (ledger and whitelist); the board is ``revoked``.
 
+        A renewal under way is revoked with it (station.ledger.revocation).
         Codes: unknown-device, no-certificate.
         """
         if not reason:
@@ -436,15 +441,7 @@ class Ledger(LedgerReads):
 
         def write(conn: Connection) -> None:
             d = self._live(conn, device_id)
-            if not d.has_issued_certificate:
-                raise NotFoundError(
-                    f"device {device_id!r} has no live certificate", code="no-certificate"
-                )
-            assert d.cert_id is not None and d.serial is not None
-            changes.revoke_certificate(
-                conn, d.cert_id, device_id, d.serial, reason, now, self.station_id
-            )
-            changes.apply(conn, d, device_id, Event.REVOKE, now, self.station_id)
+            revoke_device(conn, d, device_id, reason, now, self.station_id)
 
         return self._step(write, device_id, durable=True)
 

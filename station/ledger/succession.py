@@ -8,13 +8,28 @@ audit and duplicate-key refusal (a renewal needs a new key). What differs:
   current one and the device verified; it moves to ``renewing``: still on the
   whitelist (the board keeps working with it), no longer the device's live
   certificate (the new intent is);
-* when the new certificate commits, it is confirmed at once (EST, which has no
-  confirmation message, and CMP's implicit confirmation): in the same
-  transaction the old one becomes ``superseded`` (not revoked: it was never
-  compromised), the whitelist moves to the new serial and the device stays
-  ``verified``. A whitelist sync then stops the old one in AWS IoT (inactive);
+* when the new certificate commits, it is confirmed at once (EST, whose
+  confirmation is its next request, and CMP's implicit confirmation, the JSON
+  API): in the same transaction the old one becomes ``superseded`` (not
+  revoked: it was never compromised), the whitelist moves to the new serial
+  and the device stays ``verified``. A whitelist sync then stops the old one in
+  AWS IoT (inactive);
+* or its confirmation waits (``confirm_later``: the serial line, whose
+  confirmation is the board's proof with the new key over the new chain, and
+  CMP with an explicit certConf): the new certificate is ``issued`` but not
+  whitelisted, the old one stays ``renewing`` and whitelisted, until
+  :func:`complete` (the proof, the certConf) or :func:`abandon_pending` (a
+  failed session, a rejecting certConf). An abandoned renewal's certificate left
+  the station, so it is **revoked** (reason ``renewal abandoned``), never
+  whitelisted: CRL and OCSP say so to every relying party, and its key stays
+  spent. The old certificate is live again and the device stays ``verified``:
+  a working field device is not failed by a renewal that did not finish;
 * if signing fails, the intent is abandoned and the old certificate goes back
   to ``issued``: the device is not failed by a renewal the station could not sign.
+
+A renewal of the old certificate while an earlier one still waits for its
+confirmation abandons the earlier one first (a session a crash or a lost
+certConf left behind); one still being signed is ``issuance-in-progress``.
 
 A closed batch still renews its boards: closing stops new boards, not the field.
 The new certificate row names its predecessor in ``renews``.
@@ -22,11 +37,14 @@ The new certificate row names its predecessor in ``renews``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Connection
+
 from station.errors import ConflictError, NotFoundError
-from station.ledger import audit
+from station.ledger import audit, certificates
 from station.ledger.rawsql import Raw
 from station.ledger.schema import CertState, DeviceState
 
@@ -42,6 +60,44 @@ _SQL_WHITELIST_ADD = (
 )
 _SQL_DEVICE_VERIFIED = "UPDATE devices SET updated_at = :now, station_id = :station WHERE id = :did"
 _SQL_DEVICE_STATE = "SELECT state FROM devices WHERE id = :did"
+# The renewing certificate of a device and its successor, if one is signed or signing.
+_SQL_PENDING = (
+    "SELECT o.id AS old_id, o.serial AS old_serial, n.id AS new_id, n.serial AS new_serial, "
+    "n.state AS new_state FROM certificates o LEFT OUTER JOIN certificates n "
+    "ON n.device_pk = o.device_pk AND n.renews = o.serial AND n.state IN ('intent', 'issued') "
+    "WHERE o.device_pk = :did AND o.state = 'renewing'"
+)
+_SQL_CHAIN = "UPDATE devices SET chain_sha256 = :chain WHERE id = :did"
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A renewal under way: the old certificate (``renewing``) and its successor."""
+
+    old_id: int
+    old_serial: str
+    new_id: int | None
+    new_serial: str | None
+    new_state: CertState | None  # intent (being signed) or issued (waiting for confirmation)
+
+    @property
+    def waiting(self) -> bool:
+        """Signed and committed, waiting for its confirmation."""
+        return self.new_state is CertState.ISSUED
+
+
+def pending(raw: Raw, device_pk: int) -> Pending | None:
+    row = raw.first(_SQL_PENDING, {"did": device_pk})
+    if row is None:
+        return None
+    state = row["new_state"]
+    return Pending(
+        row["old_id"],
+        row["old_serial"],
+        row["new_id"],
+        row["new_serial"],
+        None if state is None else CertState(state),
+    )
 
 
 def check(d: Any, device_id: str, renews: str, pk: str) -> None:
@@ -124,6 +180,53 @@ def complete(
         now=now,
     )
     return True
+
+
+def record_chain(raw: Raw, device_pk: int, chain_sha256: str) -> None:
+    """The digest of the chain the board stored with its new certificate."""
+    raw.run(_SQL_CHAIN, {"did": device_pk, "chain": chain_sha256.lower()})
+
+
+def abandon_pending(
+    conn: Connection,
+    station_id: str,
+    device_pk: int,
+    device_id: str,
+    code: str,
+    now: datetime,
+    *,
+    reason: str | None = None,
+) -> Pending | None:
+    """Make the device's pending successor unusable and its old certificate live again.
+
+    A successor still an intent is never signed (``failed``); one already issued
+    is revoked with ``reason`` (default: ``renewal abandoned (CODE)``). Returns
+    what was pending, or None when nothing was.
+    """
+    raw = Raw(conn)
+    p = pending(raw, device_pk)
+    if p is None:
+        return None
+    if p.new_id is not None and p.new_serial is not None:
+        if p.new_state is CertState.INTENT:
+            certificates.mark_abandoned(conn, p.new_id, code)
+            audit.append(
+                raw, station_id, "cert.failed", device_id,
+                {"serial": p.new_serial, "code": code}, now=now,
+            )  # fmt: skip
+        else:
+            why = reason or f"renewal abandoned ({code})"
+            certificates.mark_revoked(conn, p.new_id, p.new_serial, why, now)
+            audit.append(
+                raw, station_id, "cert.revoke", device_id,
+                {"serial": p.new_serial, "reason": why}, now=now,
+            )  # fmt: skip
+    raw.run(_SQL_RESTORE, {"cid": p.old_id})
+    audit.append(
+        raw, station_id, "cert.renewal-abandoned", device_id,
+        {"serial": p.old_serial, "by": p.new_serial, "code": code}, now=now,
+    )  # fmt: skip
+    return p
 
 
 def undo(raw: Raw, station_id: str, device_pk: int, device_id: str, now: datetime) -> bool:
