@@ -20,13 +20,21 @@ def issue(
     reprovision: bool = False,
     reason: str | None = None,
     renews: str | None = None,
+    confirm_later: bool = False,
 ) -> IssueResult:
     m = station.metrics
     start = time.perf_counter()
     try:
         ca = station.issuing_ca()
         result = station.ledger.issue(
-            batch, device_id, csr, ca, reprovision=reprovision, reason=reason, renews=renews
+            batch,
+            device_id,
+            csr,
+            ca,
+            reprovision=reprovision,
+            reason=reason,
+            renews=renews,
+            confirm_later=confirm_later,
         )
     except (StationError, HsmError) as raised:
         # The ledger abandoned the intent as sign-failed; the token's own reason

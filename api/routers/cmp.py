@@ -9,8 +9,10 @@
   ir/cr/kur carry CRMF (station/enroll/crmf.py), p10cr a PKCS#10; both go to the
   one issuance path.
 * ``certConf``: the device confirms (the certificate's SHA-256 hash) and is
-  ``verified``; a rejection revokes the certificate. Asked for implicit
-  confirmation, the station grants it and the device is verified at once.
+  ``verified``; a rejection revokes the certificate. A renewal's certConf
+  supersedes the old certificate (a rejection revokes the new one and the old
+  stays live: station.ledger.renewals). Asked for implicit confirmation, the
+  station grants it and the device is verified (a renewal superseded) at once.
 * ``rr`` signed with the certificate it names: the device revokes its own.
 * Anything else (genm, ...) gets an error message, badRequest.
 
@@ -281,7 +283,8 @@ def _enrol(station: AppContext, msg: Any, h: cmp.Header, label: str) -> tuple[by
         device_id = _device_id(request)
         result = issuance.issue(station, batch, device_id, request)
     else:
-        if record.state != CertState.ISSUED.value:
+        # Renewing: an earlier renewal it never confirmed (the ledger abandons that one).
+        if record.state not in (CertState.ISSUED.value, CertState.RENEWING.value):
             raise cmp.CmpError(
                 f"the signer certificate is {record.state}", failure="certRevoked",
                 code="cmp-certificate-not-live", kind=Kind.FORBIDDEN,
@@ -298,7 +301,11 @@ def _enrol(station: AppContext, msg: Any, h: cmp.Header, label: str) -> tuple[by
         # Verified on first authenticated contact (station/ledger/contact.py): the
         # request's signature with the certificate proves the board holds its key.
         station.ledger.contact.authenticated(device_id, record.serial, proof="cmp-signature")
-        result = issuance.issue(station, record.batch, device_id, request, renews=record.serial)
+        # CMP's confirmation is the certConf: the old certificate is superseded then.
+        result = issuance.issue(
+            station, record.batch, device_id, request, renews=record.serial,
+            confirm_later=not h.implicit_confirm,
+        )  # fmt: skip
     der, nonce = cmp.certificate_response(
         msg, _responder(station), result.certificate, cert_req_id, h.implicit_confirm
     )
@@ -353,9 +360,11 @@ def _cert_conf(station: AppContext, msg: Any, h: cmp.Header) -> tuple[bytes, str
             "the transaction was confirmed meanwhile", failure="transactionIdInUse",
             code="cmp-transaction-in-use", kind=Kind.CONFLICT,
         )  # fmt: skip
+    renewals = station.ledger.renewals
     if rejected:
-        station.ledger.revoke(tx.device_id, "rejected by the device in CMP certConf")
-    else:
+        if not renewals.abandon(tx.device_id, "cmp-cert-rejected", serial=tx.serial):
+            station.ledger.revoke(tx.device_id, "rejected by the device in CMP certConf")
+    elif not renewals.confirm(tx.device_id, tx.serial):
         station.ledger.mark_verified(tx.device_id)
     return cmp.pki_conf(msg, _responder(station)), tx.device_id
 
