@@ -15,4 +15,4 @@ pyserial, so the folder can be copied onto a board as is:
 The wire protocol is specified in ``docs/serial-protocol.md``.
 """
 
-AGENT_VERSION = "1.0.0"
+AGENT_VERSION = "1.1.0"  # 1.1.0: field renewal (capability "renew")

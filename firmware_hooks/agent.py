@@ -13,6 +13,10 @@ Run on the board (standard library, pyserial and the OpenSSL CLI only)::
   Element, and the file is overwritten with zeros and deleted whatever happens
   (an agent killed meanwhile does it for ``.se-key-*`` files when it starts again).
 - the chain is stored as ``deviceCertAndCACert.crt`` in the key directory.
+- field renewal (capability ``renew``): RENEW_KEY_CSR makes a new key beside the
+  live one (``<name>.key.renew``), PUT_CHAIN and PROVE of the renewal session use
+  ``deviceCertAndCACert.crt.renew`` and that key, RENEW_COMMIT puts both in place
+  of the live ones (the old key overwritten), ABORT wipes only the renewal's files.
 - proof of possession: ``openssl dgst -sha256 -sign KEYFILE`` for board-ecc;
   for see-rsa the ``--se-sign`` command template, by default the ``artiksee``
   OpenSSL engine with key ``rsa2048://NAME``. Off the board, point it at the
@@ -68,6 +72,7 @@ from firmware_hooks.protocol import (
 log = logging.getLogger("firmware_hooks.agent")
 
 CHAIN_FILE = "deviceCertAndCACert.crt"
+RENEW_SUFFIX = ".renew"  # a renewal's key and chain until RENEW_COMMIT
 STATE_FILE = "agent-state.json"
 DEFAULT_KEY_NAME = "deviceCert"
 SE_KEY_NAME_MAX = 20
@@ -162,6 +167,8 @@ class AgentConfig:
     # Protocol versions this agent speaks; version 2 is chosen in HELLO when the host
     # offers it (a rig whose own port loop speaks version 1 only passes (1,)).
     protocol_versions: tuple[int, ...] = (PROTOCOL_VERSION, PROTOCOL_V2, PROTOCOL_V3)
+    # Field renewal (RENEW_KEY_CSR, RENEW_COMMIT); False behaves as agent 1.0.0 did.
+    renewal: bool = True
 
 
 @dataclass
@@ -173,11 +180,16 @@ class Session:
     key_new: bool = False  # board-ecc key generated in this session
     chain_sha256: str = ""
     chain_new: bool = False  # chain stored in this session
+    # A renewal session: a new key (and chain) beside the live ones until RENEW_COMMIT.
+    renewing: bool = False
+    renewal_chain_sha256: str = ""
 
     @property
     def state(self) -> str:
         if self.key_mode == "none":
             return "idle"
+        if self.renewing:
+            return "renewing"
         return "chain-stored" if self.chain_sha256 else "key-ready"
 
 
@@ -196,6 +208,7 @@ class Agent:
         config.key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._shred_leftovers()
         self.session = self._load_session()
+        self._finish_commit()
         self._replay = _Replay()
 
     def _shred_leftovers(self) -> None:
@@ -269,6 +282,9 @@ class Agent:
             MsgType.STATUS: self._status,
             MsgType.ABORT: self._abort,
         }
+        if self.config.renewal:
+            handlers[MsgType.RENEW_KEY_CSR] = self._renew_key_csr
+            handlers[MsgType.RENEW_COMMIT] = self._renew_commit
         handler = handlers.get(request.type)  # type: ignore[call-overload]
         try:
             if handler is None:
@@ -298,6 +314,8 @@ class Agent:
 
     def capabilities(self) -> list[str]:
         caps = ["board-ecc", "put-chain", "prove", "replay"]
+        if self.config.renewal:
+            caps.append("renew")
         if shutil.which(self.config.see_test[0], path=self._path()):
             caps.append("see-rsa")
         return caps
@@ -314,7 +332,8 @@ class Agent:
             reply.append((Tag.PROTOCOL_VERSION, max(common)))
         return reply
 
-    def _gen_key_csr(self, fields: Fields) -> list[tuple[int, FieldValue]]:
+    @staticmethod
+    def _subject(fields: Fields) -> str:
         subject = fields.get_str(Tag.SUBJECT)
         if (
             not subject.startswith("/")
@@ -322,9 +341,21 @@ class Agent:
             or any(c in subject for c in "\0\n\r")
         ):
             raise Refusal(ErrorCode.INVALID_ARGUMENT, f"bad subject {subject!r}")
+        return subject
+
+    def _gen_key_csr(self, fields: Fields) -> list[tuple[int, FieldValue]]:
+        subject = self._subject(fields)
         name = fields.get_str(Tag.KEY_NAME, DEFAULT_KEY_NAME)
         self._check_name(name)
-        key_path = self.config.key_dir / f"{name}.key"
+        self._drop_renewal()
+        csr = self._make_key_csr(self.config.key_dir / f"{name}.key", subject)
+        self.session = Session(key_mode="board-ecc", key_name=name, key_new=True)
+        self._save_session()
+        log.info("generated P-256 key %s.key and a CSR for %s", name, subject)
+        return [(Tag.CSR, csr), (Tag.KEY_NAME, name)]
+
+    def _make_key_csr(self, key_path: Path, subject: str) -> bytes:
+        """A new P-256 key at ``key_path`` (0600, replacing any atomically) and its CSR."""
         fd, tmp = tempfile.mkstemp(dir=self.config.key_dir, prefix=KEY_TMP_PREFIX, suffix=".tmp")
         os.close(fd)  # mkstemp made it 0600; openssl writes into it and keeps the mode
         try:
@@ -341,10 +372,7 @@ class Agent:
             os.replace(tmp, key_path)
         finally:
             shred(tmp)  # a key that did not make it into place (renamed: nothing to do)
-        self.session = Session(key_mode="board-ecc", key_name=name, key_new=True)
-        self._save_session()
-        log.info("generated P-256 key %s and a CSR for %s", key_path, subject)
-        return [(Tag.CSR, csr), (Tag.KEY_NAME, name)]
+        return csr
 
     def _put_secure_key(self, fields: Fields) -> list[tuple[int, FieldValue]]:
         name = fields.get_str(Tag.KEY_NAME)
@@ -357,6 +385,7 @@ class Agent:
                 f"takes at most {SE_KEY_NAME_MAX}",
             )
         self._check_name(name)
+        self._drop_renewal()
         fd, tmp = tempfile.mkstemp(dir=self.config.key_dir, prefix=SE_KEY_PREFIX, suffix=".der")
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -393,7 +422,8 @@ class Agent:
             raise Refusal(ErrorCode.BAD_STATE, "no key installed: generate or load a key first")
         if b"-----BEGIN CERTIFICATE-----" not in chain:
             raise Refusal(ErrorCode.INVALID_ARGUMENT, "chain holds no PEM certificate")
-        path = self.config.key_dir / CHAIN_FILE
+        renewing = self.session.renewing
+        path = self.config.key_dir / (CHAIN_FILE + (RENEW_SUFFIX if renewing else ""))
         try:
             fd, tmp = tempfile.mkstemp(dir=self.config.key_dir, prefix=".chain-")
             with os.fdopen(fd, "wb") as handle:
@@ -405,8 +435,11 @@ class Agent:
             digest = hashlib.sha256(path.read_bytes()).digest()
         except OSError as exc:
             raise Refusal(ErrorCode.STORAGE_FAILED, f"cannot store the chain: {exc}") from exc
-        self.session.chain_sha256 = digest.hex()
-        self.session.chain_new = True
+        if renewing:
+            self.session.renewal_chain_sha256 = digest.hex()
+        else:
+            self.session.chain_sha256 = digest.hex()
+            self.session.chain_new = True
         self._save_session()
         return [(Tag.DIGEST, digest)]
 
@@ -426,7 +459,7 @@ class Agent:
             )
         session = self.session
         if session.key_mode == "board-ecc":
-            key_file = str(self.config.key_dir / f"{session.key_name}.key")
+            key_file = str(self._key_path(renewal=session.renewing))
             if self.config.keys is not None:
                 signature = self._with_backend(
                     ErrorCode.SIGN_FAILED, self.config.keys.sign, Path(key_file), nonce
@@ -459,6 +492,7 @@ class Agent:
             "key_mode": self.session.key_mode,
             "key_name": self.session.key_name,
             "chain_sha256": self.session.chain_sha256,
+            "renewal_chain_sha256": self.session.renewal_chain_sha256,
             "hardware_id": self.config.hardware_id,
             "agent_version": AGENT_VERSION,
             "protocol_version": str(PROTOCOL_VERSION),
@@ -469,8 +503,13 @@ class Agent:
         """End the session and wipe what it made: the board-ecc key it generated and
         the chain it stored (the station aborts only a session that failed, so no
         certificate of that key is whitelisted). Secure Element keys stay: see_test
-        has no way to delete one; the next PUT_SECURE_KEY of the name replaces it."""
+        has no way to delete one; the next PUT_SECURE_KEY of the name replaces it.
+        A renewal session wipes only the renewal's key and chain: the live ones stay."""
         session = self.session
+        if session.renewing:
+            self._drop_renewal()
+            log.info("renewal aborted; the live key and chain stay")
+            return []
         if session.key_mode == "board-ecc" and session.key_new:
             shred(self.config.key_dir / f"{session.key_name}.key")
         if session.chain_new:
@@ -479,6 +518,95 @@ class Agent:
         self._save_session()
         log.info("session aborted")
         return []
+
+    # ------------------------------------------------------------------ renewal
+
+    def _key_path(self, *, renewal: bool = False) -> Path:
+        return self.config.key_dir / (
+            f"{self.session.key_name}.key" + (RENEW_SUFFIX if renewal else "")
+        )
+
+    def _renew_key_csr(self, fields: Fields) -> list[tuple[int, FieldValue]]:
+        """Start a renewal session: a new P-256 key beside the live one, and its CSR.
+        Only a board holding a board-ecc key and a chain renews (a Secure Element key
+        cannot be made beside another of the same name by this agent)."""
+        subject = self._subject(fields)
+        session = self.session
+        if session.key_mode != "board-ecc" or not session.chain_sha256:
+            raise Refusal(
+                ErrorCode.BAD_STATE,
+                f"nothing to renew: the board is {session.state} with key mode "
+                f"{session.key_mode} (renewal needs a board-ecc key and a stored chain)",
+            )
+        self._drop_renewal()
+        csr = self._make_key_csr(self._key_path(renewal=True), subject)
+        # The live key and chain belong to no session any more: no ABORT wipes them.
+        session.key_new = session.chain_new = False
+        session.renewing, session.renewal_chain_sha256 = True, ""
+        self._save_session()
+        log.info("renewal: generated a new P-256 key beside %s.key", session.key_name)
+        return [(Tag.CSR, csr), (Tag.KEY_NAME, session.key_name)]
+
+    def _renew_commit(self, fields: Fields) -> list[tuple[int, FieldValue]]:
+        """The station confirmed the renewal: its key and chain replace the live ones
+        (the old key overwritten with zeros). Answers the digest of the live chain."""
+        session = self.session
+        if not session.renewing or not session.renewal_chain_sha256:
+            raise Refusal(
+                ErrorCode.BAD_STATE, f"no renewal with a stored chain to commit ({session.state})"
+            )
+        live, new = self._key_path(), self._key_path(renewal=True)
+        try:
+            old = open(live, "r+b", buffering=0)  # noqa: SIM115 - zeroed after the swap
+        except FileNotFoundError:
+            old = None
+        try:
+            os.replace(new, live)
+            if old is not None:  # the replaced key's blocks, overwritten
+                size = os.fstat(old.fileno()).st_size
+                old.write(bytes(size))
+                os.fsync(old.fileno())
+        except OSError as exc:
+            raise Refusal(ErrorCode.STORAGE_FAILED, f"cannot commit the renewal: {exc}") from exc
+        finally:
+            if old is not None:
+                old.close()
+        self._finish_commit()
+        chain = self.config.key_dir / CHAIN_FILE
+        log.info("renewal committed")
+        return [(Tag.DIGEST, hashlib.sha256(chain.read_bytes()).digest())]
+
+    def _finish_commit(self) -> None:
+        """Second half of RENEW_COMMIT (also at start, after a commit a power cut
+        interrupted): once the new key is in place, the new chain follows it."""
+        session = self.session
+        if not session.renewing:
+            self._drop_renewal()  # files a renewal left when its session ended
+            return
+        if self._key_path(renewal=True).exists():
+            return
+        pending = self.config.key_dir / (CHAIN_FILE + RENEW_SUFFIX)
+        if pending.exists():
+            os.replace(pending, self.config.key_dir / CHAIN_FILE)
+        self.session = Session(
+            key_mode=session.key_mode,
+            key_name=session.key_name,
+            chain_sha256=session.renewal_chain_sha256 or session.chain_sha256,
+        )
+        self._save_session()
+
+    def _drop_renewal(self) -> None:
+        """Wipe a renewal session's key and chain; the live ones stay."""
+        session = self.session
+        if session.renewing:
+            # The session first: a power cut before the files go must not look like a
+            # commit half done (_finish_commit) at the next start.
+            session.renewing, session.renewal_chain_sha256 = False, ""
+            self._save_session()
+        if session.key_mode == "none":
+            return
+        shred(self._key_path(renewal=True))
+        (self.config.key_dir / (CHAIN_FILE + RENEW_SUFFIX)).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ helpers
 
@@ -534,6 +662,8 @@ class Agent:
                 key_new=bool(data["key_new"]),
                 chain_sha256=str(data["chain_sha256"]),
                 chain_new=bool(data.get("chain_new", False)),
+                renewing=bool(data.get("renewing", False)),
+                renewal_chain_sha256=str(data.get("renewal_chain_sha256", "")),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return Session()
@@ -546,6 +676,8 @@ class Agent:
             "key_new": s.key_new,
             "chain_sha256": s.chain_sha256,
             "chain_new": s.chain_new,
+            "renewing": s.renewing,
+            "renewal_chain_sha256": s.renewal_chain_sha256,
         }
         path = self.config.key_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
@@ -579,6 +711,11 @@ def _parser() -> argparse.ArgumentParser:
         help="highest protocol version to agree to in HELLO (1: behave as a version 1 board)",
     )
     parser.add_argument(
+        "--no-renew",
+        action="store_true",
+        help="no field renewal (answer as agent 1.0.0 did: no 'renew' capability)",
+    )
+    parser.add_argument(
         "--exit-on-disconnect",
         action="store_true",
         help="exit when the port goes away instead of reopening it",
@@ -606,6 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         se_sign=tuple(shlex.split(args.se_sign)),
         openssl=args.openssl,
         protocol_versions=tuple(range(PROTOCOL_VERSION, args.max_protocol + 1)),
+        renewal=not args.no_renew,
     )
     agent = Agent(config)
     while True:

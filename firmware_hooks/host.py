@@ -59,6 +59,8 @@ DEFAULT_TIMEOUTS: Mapping[MsgType, float] = types.MappingProxyType(
         MsgType.PUT_SECURE_KEY: 20.0,
         MsgType.PUT_CHAIN: 5.0,
         MsgType.PROVE: 10.0,
+        MsgType.RENEW_KEY_CSR: 20.0,
+        MsgType.RENEW_COMMIT: 5.0,
     }
 )
 DEFAULT_RETRIES = 2
@@ -215,14 +217,26 @@ class BoardClient:
         return self._call(MsgType.PROVE, [(Tag.NONCE, message)]).get_bytes(Tag.SIGNATURE)
 
     def status(self) -> dict[str, str]:
-        """The board's provisioning state: ``state`` (idle, key-ready, chain-stored),
-        ``key_mode``, ``key_name``, ``chain_sha256`` (hex), ``hardware_id``, ``agent_version``."""
+        """The board's provisioning state: ``state`` (idle, key-ready, chain-stored,
+        renewing), ``key_mode``, ``key_name``, ``chain_sha256`` (hex), ``renewal_chain_sha256``
+        (hex, a renewal's chain), ``hardware_id``, ``agent_version``."""
         fields = self._call(MsgType.STATUS, [])
         result: dict[str, str] = {}
         for item in fields.get_all_str(Tag.STATUS_ITEM):
             key, _, value = item.partition("=")
             result[key] = value
         return result
+
+    def renew_key_csr(self, subject: str) -> bytes:
+        """Field renewal (capability ``renew``): the board makes a new P-256 key beside
+        its live one and returns a CSR (DER) for ``subject``. Its PUT_CHAIN and PROVE
+        then work on the renewal until :meth:`renew_commit` (or ABORT, which drops it)."""
+        return self._call(MsgType.RENEW_KEY_CSR, [(Tag.SUBJECT, subject)]).get_bytes(Tag.CSR)
+
+    def renew_commit(self) -> bytes:
+        """The renewal's key and chain replace the live ones; returns the SHA-256 of
+        the chain the board now holds."""
+        return self._call(MsgType.RENEW_COMMIT, []).get_bytes(Tag.DIGEST)
 
     def abort(self) -> None:
         """Drop the provisioning session in progress on the board (see the spec)."""

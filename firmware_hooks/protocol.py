@@ -167,6 +167,10 @@ class MsgType(IntEnum):
     PROVE = 0x05
     STATUS = 0x06
     ABORT = 0x07
+    # Field renewal of a provisioned board (capability "renew"): a new key and CSR
+    # beside the live ones, then PUT_CHAIN and PROVE of the renewal, then the commit.
+    RENEW_KEY_CSR = 0x08
+    RENEW_COMMIT = 0x09
 
     HELLO_OK = 0x81
     GEN_KEY_CSR_OK = 0x82
@@ -175,6 +179,8 @@ class MsgType(IntEnum):
     PROVE_OK = 0x85
     STATUS_OK = 0x86
     ABORT_OK = 0x87
+    RENEW_KEY_CSR_OK = 0x88
+    RENEW_COMMIT_OK = 0x89
 
     # Version 2 link control: never answered, never part of a message.
     ACK = 0x70

@@ -115,7 +115,7 @@ def test_hello_names_the_board_and_its_abilities(
 ) -> None:
     hello = board_client.hello()
     assert hello.hardware_id == sim_board.hardware_id
-    assert hello.agent_version == "1.0.0"
+    assert hello.agent_version == "1.1.0"
     assert {"board-ecc", "see-rsa"} <= hello.capabilities
 
 

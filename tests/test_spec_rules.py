@@ -30,7 +30,8 @@ def _checklist() -> set[str]:
 
 def _host_codes() -> set[str]:
     """Reason codes the line's own code can record for a board."""
-    source = (ROOT / "station" / "line" / "provision.py").read_text()
+    line = ROOT / "station" / "line"
+    source = (line / "provision.py").read_text() + (line / "renew.py").read_text()
     codes = set(re.findall(r'code="([a-z0-9-]+)"', source))
     codes |= set(re.findall(r'"(?:failed|skipped)", "([a-z0-9-]+)"', source))
     codes |= set(re.findall(r'_record_failure\(ledger, device_id, "([a-z0-9-]+)"', source))
@@ -49,6 +50,7 @@ def _host_codes() -> set[str]:
 def test_every_reason_code_of_the_host_is_in_the_specs_checklist() -> None:
     codes = _host_codes()
     assert {"board-changed", "chain-mismatch", "unsupported-mode", "bad-proof"} <= codes
+    assert {"renewal-unsupported", "renewal-chain-unknown", "renewal-not-committed"} <= codes
     missing = codes - _checklist()
     assert not missing, f"docs/serial-protocol.md section 11 lacks {sorted(missing)}"
 

@@ -108,6 +108,15 @@ def run_cmd(
             "session and ledger connection); 1 runs every port in this process.",
         ),
     ] = 1,
+    renew: Annotated[
+        bool,
+        typer.Option(
+            "--renew",
+            help="Field renewal: give every verified board plugged in a new key and "
+            "certificate (its own batch's profile); the old stay live until the board "
+            "proves the new ones. Without it verified boards are skipped.",
+        ),
+    ] = False,
     labels: Annotated[
         Path | None,
         typer.Option(
@@ -129,14 +138,15 @@ def run_cmd(
     s = settings()
     with Ledger.from_settings(s) as ledger:
         record = ledger.get_batch(batch)
-        if record.state != BatchState.OPEN.value:
+        # A closed batch still renews its boards (closing stops new boards, not the field).
+        if record.state != BatchState.OPEN.value and not renew:
             raise ConflictError(f"batch {batch!r} is closed", code="batch-closed")
         ca = open_ca(s)
         # Intents a killed run of this station left would refuse their boards
         # (issuance-in-progress) until recovered; the lock is held while the line runs.
         recovered, lock = recover_at_startup(ledger, ca, s.data_dir)
         _print_recovery(recovered)
-        ctx = ProvisionContext(ledger, ca, record)
+        ctx = ProvisionContext(ledger, ca, record, renew=renew)
         status = LineStatus(batch, s.data_dir / STATUS_FILE)
         with contextlib.ExitStack() as stack:
             stack.callback(lock.close)
@@ -162,6 +172,7 @@ def run_cmd(
                     processes=processes,
                     status=status,
                     client_factory=functools.partial(open_port_client, baudrate=baud),
+                    renew=renew,
                 )
             else:
                 printer = _VerdictPrinter(json_lines)
@@ -214,6 +225,7 @@ class _VerdictPrinter:
                 "message": o.message,
                 "serial": o.serial,
                 "seconds": round(r.seconds, 3),
+                **({"renews": o.renews} if o.renews else {}),
             }
             self._out(json.dumps(fields))
             return

@@ -167,6 +167,7 @@ class _WorkerSpec:
     batch: str
     client_factory: ClientFactory  # picklable: a module-level function or a partial of one
     measure_ledger: bool
+    renew: bool = False  # station line run --renew
 
 
 def _worker_main(conn: Connection, spec: _WorkerSpec) -> None:
@@ -199,7 +200,7 @@ def _worker_main(conn: Connection, spec: _WorkerSpec) -> None:
         assigned: list[str] = []
         status = ForwardingStatus(spec.batch, send)
         driver = LineDriver(
-            ProvisionContext(timed or ledger, ca, batch),  # type: ignore[arg-type]
+            ProvisionContext(timed or ledger, ca, batch, renew=spec.renew),  # type: ignore[arg-type]
             lambda: list(assigned),
             status=status,
             client_factory=spec.client_factory,
@@ -276,6 +277,7 @@ class ProcessLine:
         client_factory: ClientFactory = open_port_client,
         rescan_interval: float = RESCAN_INTERVAL,
         measure_ledger: bool = False,
+        renew: bool = False,
     ) -> None:
         if processes < 1:
             raise ValueError("processes must be >= 1")
@@ -287,6 +289,7 @@ class ProcessLine:
         self.client_factory = client_factory
         self.rescan_interval = rescan_interval
         self.measure_ledger = measure_ledger
+        self.renew = renew
         self.records: list[BoardRecord] = []
         self.worker_stats: list[WorkerStats] = []
         self._workers: list[_Worker] = []
@@ -311,7 +314,9 @@ class ProcessLine:
         if self._workers:
             return
         context = multiprocessing.get_context("spawn")
-        spec = _WorkerSpec(self.settings, self.batch, self.client_factory, self.measure_ledger)
+        spec = _WorkerSpec(
+            self.settings, self.batch, self.client_factory, self.measure_ledger, self.renew
+        )
         try:
             for index in range(self.processes):
                 parent_conn, child_conn = context.Pipe()

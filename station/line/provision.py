@@ -104,6 +104,8 @@ class ProvisionContext:
     ca: CertificateAuthority
     batch: Batch
     claims: DeviceClaims = field(default_factory=DeviceClaims, compare=False)
+    # Renew verified boards instead of skipping them (station.line.renew).
+    renew: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class Outcome:
     message: str = ""
     serial: str | None = None  # lowercase hex, as the whitelist spells it
     reused: bool = False  # the ledger handed back the certificate the board already had
+    renews: str | None = None  # the serial a field renewal superseded
 
 
 def failure_code(exc: BaseException) -> str:
@@ -138,6 +141,8 @@ _DOING: dict[int, str] = {
     MsgType.PROVE: "the proof of possession",
     MsgType.STATUS: "the status question",
     MsgType.ABORT: "abort",
+    MsgType.RENEW_KEY_CSR: "making its renewal key",
+    MsgType.RENEW_COMMIT: "committing its renewal",
 }
 
 
@@ -296,6 +301,10 @@ def _provision_claimed(
         log.warning("%s: %s", device_id, message)
         return Outcome(device_id, "failed", "device-revoked", message)
     if existing is not None and existing.state == DeviceState.VERIFIED.value:
+        if ctx.renew:
+            from station.line.renew import renew_board  # it builds on this module
+
+            return renew_board(client, hello, ctx, existing, report)
         where = "" if existing.batch == batch.name else f" in batch {existing.batch}"
         message = f"already verified{where} with serial {existing.serial}; not re-provisioned"
         log.info("%s: %s", device_id, message)
