@@ -492,11 +492,12 @@ class Agent:
             "key_mode": self.session.key_mode,
             "key_name": self.session.key_name,
             "chain_sha256": self.session.chain_sha256,
-            "renewal_chain_sha256": self.session.renewal_chain_sha256,
             "hardware_id": self.config.hardware_id,
             "agent_version": AGENT_VERSION,
             "protocol_version": str(PROTOCOL_VERSION),
         }
+        if self.session.renewing:  # only then: every board's STATUS stays as short
+            items["renewal_chain_sha256"] = self.session.renewal_chain_sha256
         return [(Tag.STATUS_ITEM, f"{k}={v}") for k, v in items.items()]
 
     def _abort(self, fields: Fields) -> list[tuple[int, FieldValue]]:

@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
 
-from firmware_hooks.agent import CHAIN_FILE, RENEW_SUFFIX, STATE_FILE, Agent
+from firmware_hooks.agent import CHAIN_FILE, RENEW_SUFFIX, STATE_FILE, Agent, AgentConfig
 from firmware_hooks.host import BoardClient
-from firmware_hooks.protocol import MsgType
+from firmware_hooks.protocol import ErrorCode, Message, MsgType, Tag, board_error, encode_tlv
 from firmware_hooks.simboard import SimulatedBoard
 from station.ca import CertificateAuthority
 from station.ledger import Ledger
@@ -281,3 +281,46 @@ def test_the_whitelist_sync_follows_the_renewed_serial(flow: Flow) -> None:  # n
     assert flow.status(old) == "INACTIVE"  # superseded, not revoked
     flow.connect(new)
     assert flow.status(new) == "ACTIVE"
+
+
+# --------------------------------------------------------------------------- the agent alone
+
+
+def _ask(agent: Agent, msg_type: MsgType, fields: list[tuple[int, bytes | str | int]]) -> Message:
+    return agent.handle(Message(msg_type, 1, encode_tlv(fields)))
+
+
+STUB = b"-----BEGIN CERTIFICATE-----\n%s\n-----END CERTIFICATE-----\n"
+
+
+def test_the_agent_renews_only_a_board_with_a_key_and_a_chain(tmp_path: Path) -> None:
+    agent = Agent(AgentConfig(key_dir=tmp_path, hardware_id="B-1", keys=CryptographyKeys()))
+    subject = [(Tag.SUBJECT, "/O=company/CN=B-1")]
+    refused = _ask(agent, MsgType.RENEW_KEY_CSR, subject)
+    assert board_error(refused.payload).error_code == ErrorCode.BAD_STATE
+    old = AgentConfig(key_dir=tmp_path / "old", hardware_id="B-2", renewal=False)
+    unknown = _ask(Agent(old), MsgType.RENEW_KEY_CSR, subject)
+    assert board_error(unknown.payload).error_code == ErrorCode.UNKNOWN_COMMAND
+    assert "renew" not in Agent(old).capabilities()
+
+
+def test_a_commit_cut_by_a_power_loss_is_finished_when_the_agent_starts(tmp_path: Path) -> None:
+    config = AgentConfig(key_dir=tmp_path, hardware_id="B-1", keys=CryptographyKeys())
+    agent = Agent(config)
+    subject = [(Tag.SUBJECT, "/O=company/CN=B-1")]
+    _ask(agent, MsgType.GEN_KEY_CSR, subject)
+    _ask(agent, MsgType.PUT_CHAIN, [(Tag.CHAIN, STUB % b"old")])
+    assert _ask(agent, MsgType.RENEW_KEY_CSR, subject).type == MsgType.RENEW_KEY_CSR_OK
+    _ask(agent, MsgType.PUT_CHAIN, [(Tag.CHAIN, STUB % b"new")])
+    assert (tmp_path / CHAIN_FILE).read_bytes() == STUB % b"old"  # beside, not in place
+    new_key = (tmp_path / ("deviceCert.key" + RENEW_SUFFIX)).read_bytes()
+    # RENEW_COMMIT got as far as the key when the power went.
+    (tmp_path / ("deviceCert.key" + RENEW_SUFFIX)).replace(tmp_path / "deviceCert.key")
+    restarted = Agent(config)
+    assert restarted.session.state == "chain-stored"
+    assert (tmp_path / CHAIN_FILE).read_bytes() == STUB % b"new"
+    assert (tmp_path / "deviceCert.key").read_bytes() == new_key
+    assert restarted.session.chain_sha256 == hashlib.sha256(STUB % b"new").hexdigest()
+    # A plain ABORT now leaves the committed key and chain: they belong to no session.
+    _ask(restarted, MsgType.ABORT, [])
+    assert (tmp_path / "deviceCert.key").read_bytes() == new_key

@@ -466,6 +466,20 @@ GOLDEN = {
     "put-chain-chunked": Message(
         MsgType.PUT_CHAIN, 0xFFFE, encode_tlv([(Tag.CHAIN, bytes(range(256)) * 5)])
     ),
+    # Field renewal (section 6c of the spec).
+    "renew-key-csr-request": Message(
+        MsgType.RENEW_KEY_CSR,
+        0x0010,
+        encode_tlv(
+            [
+                (Tag.EXPECTED_ID, "ARTIK-0001"),
+                (Tag.SUBJECT, "/O=company/OU=team/CN=ARTIK-0001/C=US"),
+            ]
+        ),
+    ),
+    "renew-commit-response": Message(
+        MsgType.RENEW_COMMIT_OK, 0x0014, encode_tlv([(Tag.DIGEST, bytes(range(32)))])
+    ),
 }
 
 

@@ -91,11 +91,11 @@ def test_a_proof_with_the_old_key_confirms_nothing(
     assert old is not None
     new, _ = renew_later(ledger, ca, old)
     nonce = ledger.renewals.challenge("d1")
-    with pytest.raises(StationError, match="^bad-proof: "):
+    with pytest.raises(StationError, match=r"^bad-proof: "):
         ledger.renewals.prove("d1", nonce, sign(old_key, nonce))
     assert states(ledger) == {old: "renewing", new: "issued"}
     assert [e.serial for e in ledger.whitelist()] == [old]
-    with pytest.raises(StationError, match="^no-challenge: "):  # spent
+    with pytest.raises(StationError, match=r"^no-challenge: "):  # spent
         ledger.renewals.prove("d1", nonce, sign(old_key, nonce))
 
 
@@ -111,7 +111,7 @@ def test_an_abandoned_renewal_is_revoked_and_the_old_certificate_is_live(
     assert device.state == "verified" and device.serial == old and device.failure_code is None
     assert ledger.certificate(new).revoke_reason == "renewal abandoned (board-changed)"
     assert ledger.renewals.abandon("d1", "board-changed") is False
-    with pytest.raises(StationError, match="^no-renewal: "):
+    with pytest.raises(StationError, match=r"^no-renewal: "):
         ledger.renewals.challenge("d1")
     assert ledger.audit_verify() is None
 
