@@ -136,3 +136,30 @@ def test_a_certconf_confirms_only_its_own_certificate(
     assert states(ledger) == {old: "superseded", new: "issued"}
     assert [e.serial for e in ledger.whitelist()] == [new]
     assert ledger.renewals.confirm("d1", new) is False
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_renewal_a_crash_left_is_recovered_unconfirmed(
+    ledger: Ledger, ca: CertificateAuthority
+) -> None:
+    """The board never got the recovered certificate: superseding its old one at the
+    recovery would take the certificate it uses off the whitelist (and out of AWS IoT)."""
+    old = verified(ledger, ca)
+
+    def crash(cert: object) -> None:
+        raise Crash
+
+    ledger.after_sign = crash
+    with pytest.raises(Crash):
+        ledger.issue("B1", "d1", make_csr("d1")[0], ca, renews=old)
+    ledger.after_sign = None
+    (recovered,) = ledger.recover(ca).resigned
+    assert states(ledger) == {old: "renewing", recovered: "issued"}
+    assert [e.serial for e in ledger.whitelist()] == [old]
+    # The board renews again from its old certificate: the recovered one is revoked.
+    fresh, _ = renew_later(ledger, ca, old)
+    assert states(ledger) == {old: "renewing", recovered: "revoked", fresh: "issued"}
+    assert ledger.audit_verify() is None

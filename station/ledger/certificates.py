@@ -162,6 +162,7 @@ class Intent:
     subject_template: str
     crl_url: str | None = None
     ocsp_url: str | None = None
+    renews: str | None = None  # a field renewal's predecessor
 
 
 def open_intents(
@@ -177,6 +178,7 @@ def open_intents(
             certificates.c.sign_time,
             certificates.c.days,
             certificates.c.backdate_seconds,
+            certificates.c.renews,
             devices.c.device_id,
             batches.c.subject_template,
             batches.c.crl_url,
@@ -212,6 +214,7 @@ def open_intents(
                 subject_template=m["subject_template"],
                 crl_url=m["crl_url"],
                 ocsp_url=m["ocsp_url"],
+                renews=m["renews"],
             )
         )
     return out

@@ -480,7 +480,10 @@ class Issuer:
                 failed.append((it.serial, code))
                 continue
             try:
-                self._commit(SignedCertificate.of(it.id, it.device_pk, it.device_id, cert))
+                # A renewal's board never got this certificate: only its confirmation
+                # (station.ledger.renewals) may supersede the one the board still uses.
+                signed = SignedCertificate.of(it.id, it.device_pk, it.device_id, cert)
+                self._commit(signed, confirm=it.renews is None)
             except ConflictError:
                 continue  # resolved meanwhile by another recovery
             resigned.append(it.serial)

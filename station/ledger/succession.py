@@ -27,6 +27,8 @@ audit and duplicate-key refusal (a renewal needs a new key). What differs:
 * if signing fails, the intent is abandoned and the old certificate goes back
   to ``issued``: the device is not failed by a renewal the station could not sign.
 
+A renewal intent a crash left is recovered unconfirmed (its board never got the
+certificate, so superseding the one it uses would take that off the whitelist).
 A renewal of the old certificate while an earlier one still waits for its
 confirmation abandons the earlier one first (a session a crash or a lost
 certConf left behind); one still being signed is ``issuance-in-progress``.
