@@ -324,3 +324,41 @@ def test_a_commit_cut_by_a_power_loss_is_finished_when_the_agent_starts(tmp_path
     # A plain ABORT now leaves the committed key and chain: they belong to no session.
     _ask(restarted, MsgType.ABORT, [])
     assert (tmp_path / "deviceCert.key").read_bytes() == new_key
+
+
+# --------------------------------------------------------------------------- the operator's command
+
+
+def test_station_line_run_renew(station_env: Settings) -> None:
+    """`station line run --renew` (a closed batch still renews its boards)."""
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from station.cli import line_cmds
+
+    app = typer.Typer(pretty_exceptions_enable=False)
+    line_cmds.register(app)
+    with Ledger.from_settings(station_env) as ledger:
+        ledger.create_batch(
+            "L1", product="p", planned_count=4, key_mode="board-ecc", subject_template=TEMPLATE
+        )
+
+    def run(board: SimulatedBoard, *extra: str) -> dict[str, object]:
+        args = ["line", "run", "--batch", "L1", "--port", board.port, "--json-lines"]
+        result = CliRunner().invoke(app, [*args, "--count", "1", "--timeout", "60", *extra])
+        assert result.exit_code == 0, result.stdout + result.stderr
+        (verdict,) = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+        return verdict
+
+    with SimulatedBoard(baudrate=None) as board:
+        first = run(board)
+        with Ledger.from_settings(station_env) as ledger:
+            ledger.close_batch("L1")
+        renewed = run(board, "--renew")
+    assert first["result"] == "verified"
+    assert renewed["result"] == "verified" and renewed["renews"] == first["serial"]
+    with Ledger.from_settings(station_env) as ledger:
+        assert [e.serial for e in ledger.whitelist()] == [renewed["serial"]]
+    assert "--renew" in CliRunner().invoke(app, ["line", "run", "--help"]).stdout
