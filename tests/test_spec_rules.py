@@ -93,3 +93,43 @@ def test_the_specs_byte_counts_are_measured(
     to_board, back = _spec_bytes(version)
     assert sent == pytest.approx(to_board, rel=0.05)
     assert received == pytest.approx(back, rel=0.05)
+
+
+def _renewal_spec_bytes(version: int) -> tuple[int, int]:
+    match = re.search(
+        rf"a renewal in version {version}: about ([\d,]+) bytes to the board and ([\d,]+) back",
+        " ".join(SPEC.split()),  # the sentence may wrap anywhere
+    )
+    assert match, f"section 10 states no renewal byte counts for version {version}"
+    return int(match[1].replace(",", "")), int(match[2].replace(",", ""))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_specs_renewal_byte_counts_are_measured(
+    station_settings: Settings, ca: CertificateAuthority, version: int
+) -> None:
+    ledger = Ledger.from_settings(station_settings)
+    batch = ledger.create_batch(
+        f"renew-bytes-v{version}",
+        product="p",
+        planned_count=1,
+        key_mode="board-ecc",
+        subject_template=TEMPLATE,
+    )
+    with SimulatedBoard(
+        baudrate=None, hardware_id="ARTIK-0001", agent_args=["--max-protocol", str(version)]
+    ) as board:
+        client = open_port_client(board.port)
+        try:
+            assert provision_board(client, client.hello(), ProvisionContext(ledger, ca, batch))
+            tx0, rx0 = client.port.tx, client.port.rx  # type: ignore[attr-defined]
+            renewing = ProvisionContext(ledger, ca, batch, renew=True)
+            outcome = provision_board(client, client.hello(), renewing)
+            sent = client.port.tx - tx0  # type: ignore[attr-defined]
+            received = client.port.rx - rx0  # type: ignore[attr-defined]
+        finally:
+            client.close()
+    assert outcome.result == "verified" and outcome.renews is not None
+    to_board, back = _renewal_spec_bytes(version)
+    assert sent == pytest.approx(to_board, rel=0.05)
+    assert received == pytest.approx(back, rel=0.05)
