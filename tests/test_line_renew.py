@@ -329,8 +329,10 @@ def test_a_commit_cut_by_a_power_loss_is_finished_when_the_agent_starts(tmp_path
 # --------------------------------------------------------------------------- the operator's command
 
 
-def test_station_line_run_renew(station_env: Settings) -> None:
-    """`station line run --renew` (a closed batch still renews its boards)."""
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_station_line_run_renew(station_env: Settings, processes: str) -> None:
+    """`station line run --renew` (a closed batch still renews its boards), in one
+    process and with the ports shared out among worker processes."""
     import json
 
     import typer
@@ -345,20 +347,24 @@ def test_station_line_run_renew(station_env: Settings) -> None:
             "L1", product="p", planned_count=4, key_mode="board-ecc", subject_template=TEMPLATE
         )
 
-    def run(board: SimulatedBoard, *extra: str) -> dict[str, object]:
+    def run(board: SimulatedBoard, *extra: str) -> list[dict[str, object]]:
         args = ["line", "run", "--batch", "L1", "--port", board.port, "--json-lines"]
         result = CliRunner().invoke(app, [*args, "--count", "1", "--timeout", "60", *extra])
         assert result.exit_code == 0, result.stdout + result.stderr
-        (verdict,) = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
-        return verdict
+        return [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
 
     with SimulatedBoard(baudrate=None) as board:
-        first = run(board)
+        (first,) = run(board)
         with Ledger.from_settings(station_env) as ledger:
             ledger.close_batch("L1")
-        renewed = run(board, "--renew")
+        verdicts = run(board, "--renew", "--processes", processes)
     assert first["result"] == "verified"
-    assert renewed["result"] == "verified" and renewed["renews"] == first["serial"]
     with Ledger.from_settings(station_env) as ledger:
-        assert [e.serial for e in ledger.whitelist()] == [renewed["serial"]]
+        (new,) = [e.serial for e in ledger.whitelist()]
+        assert ledger.certificate(str(first["serial"])).state == "superseded"
+        assert ledger.certificate(new).state == "issued"
+    if processes == "1":  # worker processes print no verdicts (the table at the end)
+        (renewed,) = verdicts
+        assert renewed["result"] == "verified" and renewed["renews"] == first["serial"]
+        assert renewed["serial"] == new
     assert "--renew" in CliRunner().invoke(app, ["line", "run", "--help"]).stdout
