@@ -3,7 +3,7 @@
 Run on the board (standard library, pyserial and the OpenSSL CLI only)::
 
     python3 -m firmware_hooks.agent --port /dev/ttyGS0 [--key-dir DIR] [--hardware-id ID]
-        [--baud 115200] [--see-test CMD] [--se-sign TEMPLATE]
+        [--baud 115200] [--see-test CMD] [--se-sign TEMPLATE] [--max-protocol 2] [--no-renew]
 
 - board-ecc: ``openssl ecparam -genkey -name prime256v1`` makes the key (mode
   0600 in the key directory, it never leaves the board) and
