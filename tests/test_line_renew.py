@@ -76,7 +76,7 @@ def _audit(ledger: Ledger, device_id: str) -> list[str]:
         return list(rows.scalars())
 
 
-@pytest.mark.parametrize("max_protocol", [1, 2])
+@pytest.mark.parametrize("max_protocol", [1, 2, 3])
 def test_a_verified_board_renews_over_the_line(
     station_settings: Settings, ca: CertificateAuthority, max_protocol: int
 ) -> None:

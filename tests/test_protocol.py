@@ -466,7 +466,7 @@ GOLDEN = {
     "put-chain-chunked": Message(
         MsgType.PUT_CHAIN, 0xFFFE, encode_tlv([(Tag.CHAIN, bytes(range(256)) * 5)])
     ),
-    # Field renewal (section 6c of the spec).
+    # Field renewal (section 6d of the spec).
     "renew-key-csr-request": Message(
         MsgType.RENEW_KEY_CSR,
         0x0010,

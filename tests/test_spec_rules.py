@@ -104,7 +104,7 @@ def _renewal_spec_bytes(version: int) -> tuple[int, int]:
     return int(match[1].replace(",", "")), int(match[2].replace(",", ""))
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_the_specs_renewal_byte_counts_are_measured(
     station_settings: Settings, ca: CertificateAuthority, version: int
 ) -> None:
