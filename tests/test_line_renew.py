@@ -14,7 +14,15 @@ from sqlalchemy import select
 
 from firmware_hooks.agent import CHAIN_FILE, RENEW_SUFFIX, STATE_FILE, Agent, AgentConfig
 from firmware_hooks.host import BoardClient
-from firmware_hooks.protocol import ErrorCode, Message, MsgType, Tag, board_error, encode_tlv
+from firmware_hooks.protocol import (
+    ErrorCode,
+    Message,
+    MsgType,
+    Tag,
+    board_error,
+    encode_message,
+    encode_tlv,
+)
 from firmware_hooks.simboard import SimulatedBoard
 from station.ca import CertificateAuthority
 from station.ledger import Ledger
@@ -368,3 +376,67 @@ def test_station_line_run_renew(station_env: Settings, processes: str) -> None:
         assert renewed["result"] == "verified" and renewed["renews"] == first["serial"]
         assert renewed["serial"] == new
     assert "--renew" in CliRunner().invoke(app, ["line", "run", "--help"]).stdout
+
+
+# --------------------------------------------------------------------------- the line driver
+
+
+class Pluggable(SwapPort):
+    """A SwapPort whose board can be unplugged (``board = None``: nothing answers)."""
+
+    def write(self, data: bytes, /) -> int:
+        self.dec.feed(data)
+        while (m := self.dec.next_message()) is not None:
+            if self.hook is not None:
+                self.hook(m)
+            if self.board is not None:
+                self.buf += encode_message(self.board.handle(m))
+        return len(data)
+
+
+def test_a_renewal_that_failed_is_tried_again_when_the_board_is_plugged_in_again(
+    station_settings: Settings, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """The line driver takes a board heard again after silent polls for the same
+    verified board (a noisy cable); one whose renewal failed on this port is a new plug
+    and is renewed again (here: its commit never reached it, renewal-not-committed)."""
+    import threading
+
+    from station.line import LineDriver
+
+    ledger = Ledger.from_settings(station_settings)
+    ctx = _ctx(ledger, ca, "renew-replug")
+    a = _agent(tmp_path, "BOARD-A")
+    port = Pluggable(a)
+    fast = {MsgType.RENEW_COMMIT: 0.3, MsgType.HELLO: 0.3}
+    client = BoardClient(port, protocol_versions=(1,), timeouts=fast, retries=0)
+    assert provision_board(client, client.hello(), ctx).result == "verified"
+
+    def unplug_at_commit(m: Message) -> None:
+        if m.type == MsgType.RENEW_COMMIT:
+            port.board = None  # the operator pulls the cable as the commit goes out
+
+    port.hook = unplug_at_commit
+
+    def replug_later(record: object) -> None:
+        def replug() -> None:
+            port.hook = None
+            port.board = a
+
+        threading.Timer(2.5, replug).start()
+
+    driver = LineDriver(
+        _renewing(ctx),
+        lambda: ["pluggable"],
+        client_factory=lambda path: client,
+        poll_interval=0.1,
+        on_record=replug_later,
+    )
+    driver.run(until=lambda d: len(d.records) >= 2, timeout=30)
+    outcomes = [(r.outcome.result, r.outcome.code) for r in driver.records]
+    assert outcomes == [("failed", "renewal-not-committed"), ("verified", "")], [
+        r.outcome for r in driver.records
+    ]
+    chain = (a.config.key_dir / CHAIN_FILE).read_bytes()
+    (serial,) = _whitelisted(ledger, "BOARD-A")
+    assert format(x509.load_pem_x509_certificate(chain).serial_number, "x") == serial

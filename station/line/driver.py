@@ -362,7 +362,10 @@ class LineDriver:
             log.info(
                 "%s: %s %s %s %s", path, device_id, outcome.result, outcome.code, outcome.message
             )
-            last_board = finished_here = hello.hardware_id
+            last_board = hello.hardware_id
+            # A board whose run failed here (a renewal leaves it verified) is retried
+            # when it is plugged in again, not taken for the same verified board.
+            finished_here = None if outcome.result == "failed" else hello.hardware_id
             if outcome.code == "disconnected":
                 return  # the port went away; the rescan opens it again if it comes back
 
