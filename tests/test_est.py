@@ -191,6 +191,53 @@ def test_enrol_verify_and_renew_with_curl(est: Est) -> None:
     assert code == 403 and body.startswith("est-certificate-not-live:"), body
 
 
+def test_a_board_whose_renewal_never_reached_it_renews_again_with_its_old_certificate(
+    est: Est,
+) -> None:
+    """A renewal intent a crash left is recovered unconfirmed: the board never got the
+    new certificate and still holds the old one (``renewing``, whitelisted). Its next
+    simplereenroll with that certificate renews again; the stranded one is revoked."""
+    from station.ca import open_ca
+
+    openssl_csr(est, "s1", "est-stranded-1")
+    done = est.curl(
+        "-u", f"x:{est.token}", "-H", "Content-Type: application/pkcs10",
+        "--data-binary", "@s1.b64", est.base + "/E/simpleenroll",
+    )  # fmt: skip
+    [cert] = certs_of(est, done.stdout)
+    (est.work / "s1.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    old = serial_hex(cert.serial_number)
+    assert est.curl("--cert", "s1.pem", "--key", "s1.key", est.base + "/E/cacerts").returncode == 0
+    # The stranded renewal: issued, never confirmed, never delivered.
+    other = ec.generate_private_key(ec.SECP256R1())
+    stranded_csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(cert.subject)
+        .sign(other, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    with est.ledger() as ledger:
+        stranded = ledger.issue(
+            "E", "est-stranded-1", stranded_csr, open_ca(est.settings), renews=old,
+            confirm_later=True,
+        ).serial  # fmt: skip
+        assert ledger.certificate(old).state == "renewing"
+
+    openssl_csr(est, "s1b", "est-stranded-1")
+    done = est.curl(
+        "--cert", "s1.pem", "--key", "s1.key", "-H", "Content-Type: application/pkcs10",
+        "--data-binary", "@s1b.b64", est.base + "/E/simplereenroll",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    [renewed] = certs_of(est, done.stdout)
+    new = serial_hex(renewed.serial_number)
+    with est.ledger() as ledger:
+        assert ledger.certificate(old).state == "superseded"
+        assert ledger.certificate(stranded).state == "revoked"
+        assert ledger.certificate(new).state == "issued"
+        assert {e.serial for e in ledger.whitelist()} & {old, stranded, new} == {new}
+
+
 # ----------------------------------------------------------------- strongSwan pki --est
 
 

@@ -145,10 +145,15 @@ def _unavailable(exc: StationError | HsmError) -> bool:
     return str(getattr(exc, "kind", "")) in (Kind.UNAVAILABLE, Kind.NOT_CONFIGURED)
 
 
-def _client_record(station: AppContext, pem: str) -> tuple[x509.Certificate, CertificateRecord]:
+def _client_record(
+    station: AppContext, pem: str, *, renewing: bool = False
+) -> tuple[x509.Certificate, CertificateRecord]:
     """The ledger's record of a TLS client certificate (the TLS layer checked its chain).
 
-    A board's first request with its new certificate makes it verified.
+    A board's first request with its new certificate makes it verified. ``renewing``
+    (simplereenroll) also takes a certificate whose renewal was never confirmed: the
+    board never got the new one (a renewal intent a crash left, recovered unconfirmed)
+    and still works with this one, so it may renew again from it.
     Codes: est-unknown-certificate, est-certificate-not-live.
     """
     cert = x509.load_pem_x509_certificate(pem.encode())
@@ -164,7 +169,8 @@ def _client_record(station: AppContext, pem: str) -> tuple[x509.Certificate, Cer
         raise EstRefused(
             "the client certificate differs from the ledger's", code="est-unknown-certificate"
         )
-    if record.state != CertState.ISSUED.value:
+    live = {CertState.ISSUED.value} | ({CertState.RENEWING.value} if renewing else set())
+    if record.state not in live:
         raise EstRefused(
             f"the client certificate is {record.state}, not live",
             code="est-certificate-not-live",
@@ -177,12 +183,14 @@ def _client_record(station: AppContext, pem: str) -> tuple[x509.Certificate, Cer
 
 
 async def _tls_client(
-    station: AppContext, request: Request
+    station: AppContext, request: Request, *, renewing: bool = False
 ) -> tuple[x509.Certificate, CertificateRecord] | None:
     pem = client_certificate_pem(request)
     if pem is None:
         return None
-    return await run_in_threadpool(_client_record, station, pem)
+    return await run_in_threadpool(
+        functools.partial(_client_record, station, pem, renewing=renewing)
+    )
 
 
 def _station(request: Request) -> AppContext:
@@ -297,7 +305,7 @@ async def _simplereenroll(request: Request, label: str | None) -> Response:
     entity = "est"
     try:
         # Authentication first: an unknown client learns nothing about batches.
-        client = await _tls_client(station, request)
+        client = await _tls_client(station, request, renewing=True)
         if client is None:
             raise EstRefused(
                 "re-enrolment is authenticated by the device's current certificate as the "
