@@ -355,11 +355,18 @@ def _record_failure(ledger: Ledger, device_id: str, code: str, message: str) -> 
         log.exception("%s: could not record failure %s", device_id, code)
 
 
-def check_same_board(client: BoardClient, device_id: str, chain_sha256: str | None = None) -> None:
+def check_same_board(
+    client: BoardClient,
+    device_id: str,
+    chain_sha256: str | None = None,
+    *,
+    chain_item: str = "chain_sha256",
+) -> None:
     """The board on the port is still ``device_id`` (STATUS; never HELLO, which a
     simulated line takes as "next board"), and holds the chain of hex SHA-256
-    ``chain_sha256`` when given. Raises ``board-changed`` otherwise: the board was
-    swapped on the port since its HELLO."""
+    ``chain_sha256`` when given (STATUS item ``chain_item``: ``renewal_chain_sha256``
+    during a renewal). Raises ``board-changed`` otherwise: the board was swapped on
+    the port since its HELLO."""
     status = client.status()
     reported = status.get("hardware_id", "")
     if reported != device_id:
@@ -368,7 +375,7 @@ def check_same_board(client: BoardClient, device_id: str, chain_sha256: str | No
             f"not {device_id}: boards swapped mid-flow",
             code="board-changed",
         )
-    if chain_sha256 is not None and status.get("chain_sha256", "").lower() != chain_sha256:
+    if chain_sha256 is not None and status.get(chain_item, "").lower() != chain_sha256:
         raise StationError(
             f"the board {device_id} no longer holds the chain it stored: boards swapped mid-flow",
             code="board-changed",

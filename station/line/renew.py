@@ -48,6 +48,7 @@ from station.line.provision import (
     ProvisionContext,
     abort_session,
     board_label,
+    check_same_board,
     failure_code,
     operator_message,
 )
@@ -137,7 +138,7 @@ def _renew(
         # 4. the new chain, beside the live one; the proof with the new key.
         report(STEP_CHAIN)
         expected = hashlib.sha256(issued.chain_pem).digest()
-        _same_board(client, device_id, None)
+        check_same_board(client, device_id)
         digest = client.put_chain(issued.chain_pem)
         if digest != expected:
             raise StationError(
@@ -147,31 +148,13 @@ def _renew(
         nonce = ledger.renewals.challenge(device_id)
         report(STEP_PROVE)
         signature = client.prove(device_id, nonce)
-        _same_board(client, device_id, digest.hex())
+        check_same_board(client, device_id, digest.hex(), chain_item="renewal_chain_sha256")
         # 5. the proof: old superseded, whitelist on the new serial.
         ledger.renewals.prove(device_id, nonce, signature, chain_sha256=digest.hex())
     except Exception as exc:
         return _abandon(client, ctx, device_id, new_serial, live_serial, exc)
     # 6. the board puts the new key and chain in place.
     return _commit(client, device_id, new_serial, live_serial, digest.hex())
-
-
-def _same_board(client: BoardClient, device_id: str, renewal_chain: str | None) -> None:
-    status = client.status()
-    reported = status.get("hardware_id", "")
-    if reported != device_id:
-        raise StationError(
-            f"the board on the port now reports hardware id {board_label(reported)}, "
-            f"not {device_id}: boards swapped mid-renewal",
-            code="board-changed",
-        )
-    if renewal_chain is not None and status.get("renewal_chain_sha256", "").lower() != (
-        renewal_chain
-    ):
-        raise StationError(
-            f"the board {device_id} no longer holds the renewal's chain: boards swapped",
-            code="board-changed",
-        )
 
 
 def _abandon(
