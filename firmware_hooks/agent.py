@@ -232,7 +232,7 @@ class Agent:
 
     def serve(self, port: SerialLike, stop: threading.Event | None = None) -> None:
         """Answer requests until ``stop`` is set; raises Disconnected when the port goes away."""
-        link = Link(port)
+        link = Link(port, versions=self.config.protocol_versions)
         while stop is None or not stop.is_set():
             try:
                 request = link.receive(0.2)

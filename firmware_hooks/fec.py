@@ -6,7 +6,7 @@ element 2, first consecutive root 2^0 (fcr = 0). A block of m data bytes carries
 ``parity_size(m)`` parity bytes (two for every started 64 data bytes, so at most 8
 for the largest block of 247: the block corrects up to 4 damaged bytes).
 
-A version 3 frame (docs/serial-protocol.md, section 6b) is the version 2 frame
+A version 3 frame (docs/serial-protocol.md, section 6c) is the version 2 frame
 bytes D (header, payload, CRC) cut into blocks of at most 247 bytes, followed by
 the parity of each block in turn: ``D || P(block 1) || P(block 2) ...``. The data
 stays where a version 2 receiver looks for it; parity is only read when the CRC

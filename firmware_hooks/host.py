@@ -163,6 +163,7 @@ class BoardClient:
         offer: list[tuple[int, bytes | str | int]] = [
             (Tag.PROTOCOL_VERSIONS, v) for v in self.protocol_versions if v != PROTOCOL_VERSION
         ]
+        self.link.start_session()
         reply = self.link.request(
             MsgType.HELLO,
             encode_tlv(offer),

@@ -13,7 +13,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 from firmware_hooks.protocol import (
@@ -22,6 +22,7 @@ from firmware_hooks.protocol import (
     PROTOCOL_V2,
     PROTOCOL_VERSION,
     RESPONSE_BIT,
+    SUPPORTED_VERSIONS,
     BadCrc,
     Disconnected,
     Frame,
@@ -64,7 +65,7 @@ WRITE_TIMEOUT = 5.0
 # Version 2: how long past a frame's line time a sender waits for its ACK before it
 # sends the frame again (the far end's turnaround: reading, decoding, answering).
 ACK_SLACK = 0.05
-ACK_WIRE = 20  # bytes of an ACK frame on the wire, delimiters included
+ACK_WIRE = 22  # bytes of an ACK frame on the wire, delimiters included (version 2: 20)
 V2_FRAME_TRIES = 16  # sends of one frame before the message is given up
 # Sends of a request's last frame before the host just waits for the reply (which
 # acknowledges it too: the board may be busy running the command, not reading).
@@ -133,8 +134,12 @@ class Link:
         baudrate: int | None = None,
         poll_interval: float = POLL_INTERVAL,
         write_timeout: float = WRITE_TIMEOUT,
+        versions: Collection[int] = SUPPORTED_VERSIONS,
     ) -> None:
         self.port = port
+        # The versions this side speaks: a good frame in another is UnsupportedVersion
+        # (a board that speaks 1 and 2 refuses a version 3 frame as section 3 says).
+        self.versions = frozenset(versions)
         self.baudrate = baudrate if baudrate is not None else getattr(port, "baudrate", None)
         port.timeout = poll_interval
         if hasattr(port, "write_timeout"):
@@ -226,6 +231,8 @@ class Link:
                 continue
             if frame is None:
                 return
+            if frame.version not in self.versions:
+                raise UnsupportedVersion(frame.version, frame.seq, frame.type)
             if frame.version >= PROTOCOL_V2 and frame.type in CONTROL_TYPES:
                 self._acks.append(frame)
                 continue
@@ -296,6 +303,12 @@ class Link:
     def corrected_frames(self) -> int:
         """Version 3 frames that arrived damaged and were corrected by their parity."""
         return self._decoder.frames.corrected
+
+    def start_session(self) -> None:
+        """A new HELLO: back to version 1 until the board chooses, so that a damaged
+        reply from the next board (maybe a version 1 one) gets no NAK of the last
+        board's version. The piece size and loss estimate stay: they are the cable's."""
+        self.version = self.peer_version = PROTOCOL_VERSION
 
     def transmit_time(self, nbytes: int) -> float:
         """Seconds the line needs for nbytes (8N1: 10 bits a byte), 0 if the baud is unknown."""

@@ -377,6 +377,22 @@ def test_a_request_in_another_protocol_version_gets_unsupported_version(
     assert b"version 9" in reply.payload
 
 
+def test_a_board_that_agreed_to_version_2_refuses_a_version_3_request(
+    sim_board_factory: Callable[..., SimulatedBoard],  # noqa: F811
+) -> None:
+    """Section 3: a good frame of a version the board does not speak is answered
+    UNSUPPORTED_VERSION, so a host that sends version 3 to a version 2 board is told."""
+    board = sim_board_factory(baudrate=None, agent_args=["--max-protocol", "2"])
+    with BoardClient.open(board.port) as client:
+        assert client.hello().protocol_version == 2
+        client.link.version = 3  # a host that ignores the board's choice
+        with pytest.raises(BoardError) as refused:
+            client.status()
+        assert refused.value.error_code == ErrorCode.UNSUPPORTED_VERSION
+        client.link.version = 2
+        assert client.status()["hardware_id"] == board.hardware_id
+
+
 def test_a_repeated_request_is_answered_from_the_replay_cache(
     sim_board: SimulatedBoard,  # noqa: F811
     board_client: BoardClient,  # noqa: F811

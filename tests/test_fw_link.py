@@ -22,12 +22,14 @@ from firmware_hooks.protocol import (
     MessageDecoder,
     MsgType,
     ProtocolError,
+    Tag,
     Timeout,
     UnexpectedReply,
     UnsupportedVersion,
     cobs_decode,
     encode_frame,
     encode_message,
+    encode_tlv,
     error_payload,
     frame_bytes,
     v2_ack,
@@ -264,3 +266,25 @@ def test_version_3_repairs_a_damaged_reply_without_a_nak_or_a_resend(peer_link) 
     assert reply.payload == answer and reply.version == 3
     assert (link.corrected_frames, link.bad_frames, link.resends) == (2, 0, 0)
     assert [r.type for r in peer.requests].count(MsgType.STATUS) == 1
+
+
+def test_a_new_hello_after_a_version_3_board_sends_no_version_3_nak(peer_link) -> None:
+    """The port's client outlives the board: after a version 3 board, a damaged
+    HELLO_OK from the next board (maybe a version 1 one, which has no NAK) must not be
+    answered with a version 3 NAK."""
+    from firmware_hooks.host import BoardClient
+
+    hello_ok = encode_tlv([(Tag.HARDWARE_ID, "BOARD2"), (Tag.AGENT_VERSION, "1.0.0")])
+
+    def script(request: Message, seen: int) -> bytes:
+        if request.type != MsgType.HELLO:
+            return b""
+        good = encode_message(Message(MsgType.HELLO_OK, request.seq, hello_ok))
+        return _damaged_once(good) if seen == 1 else good
+
+    peer, link = peer_link(script)
+    client = BoardClient(link.port, retries=2, timeouts={MsgType.HELLO: 0.5})
+    client.link.version = client.link.peer_version = 3  # the last board spoke version 3
+    assert client.hello().hardware_id == "BOARD2"
+    assert [r.version for r in peer.requests] == [1] * len(peer.requests)
+    assert MsgType.NAK not in [r.type for r in peer.requests]

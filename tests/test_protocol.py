@@ -531,7 +531,7 @@ GOLDEN_V2: dict[str, list[Frame]] = {
     ),
 }
 
-# Version 3 (section 6b): version 2 frames with Reed-Solomon parity after the CRC.
+# Version 3 (section 6c): version 2 frames with Reed-Solomon parity after the CRC.
 GOLDEN_V3: dict[str, list[Frame]] = {
     "v3-status-request": [v2_data_frame(MsgType.STATUS, 0x0002, 0, b"", more=False, version=3)],
     "v3-put-chain-piece": [
