@@ -66,7 +66,8 @@ PUBLIC = ["/", "/healthz", "/metrics", "/openapi.json", "/static/app.js", "/crl"
 
 # Standard enrollment authenticates in its own protocol, not with a bearer role:
 # EST cacerts/csrattrs are public (RFC 7030), simpleenroll takes a board token as the
-# Basic password, simplereenroll the current certificate over TLS (tests/test_est.py);
+# Basic password (serverkeygen too), simplereenroll the current certificate over TLS
+# (tests/test_est.py, tests/test_est_serverkeygen.py);
 # CMP messages carry their own protection (tests/test_cmp.py).
 ENROLLMENT_ROUTES = {
     ("GET", "/.well-known/est/cacerts"),
@@ -77,6 +78,8 @@ ENROLLMENT_ROUTES = {
     ("POST", "/.well-known/est/{label}/simpleenroll"),
     ("POST", "/.well-known/est/simplereenroll"),
     ("POST", "/.well-known/est/{label}/simplereenroll"),
+    ("POST", "/.well-known/est/serverkeygen"),
+    ("POST", "/.well-known/est/{label}/serverkeygen"),
     ("POST", "/.well-known/cmp/p/{label}"),
     ("POST", "/.well-known/cmp/p/{label}/{operation}"),
 }
