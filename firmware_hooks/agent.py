@@ -177,12 +177,18 @@ class Session:
 
     key_mode: str = "none"  # none | board-ecc | see-rsa
     key_name: str = ""
-    key_new: bool = False  # board-ecc key generated in this session
+    # Made since the last HELLO, so ABORT wipes it: the key (a board-ecc key is
+    # shredded; a Secure Element key cannot be) and the chain. HELLO clears both: what
+    # an earlier session made (perhaps verified) is then no ABORT's to wipe.
+    key_new: bool = False
     chain_sha256: str = ""
-    chain_new: bool = False  # chain stored in this session
+    chain_new: bool = False
     # A renewal session: a new key (and chain) beside the live ones until RENEW_COMMIT.
     renewing: bool = False
     renewal_chain_sha256: str = ""
+    # The renewal was started since the last HELLO, so ABORT drops it. One of an earlier
+    # session stays: the station may have confirmed it, and only RENEW_COMMIT is left.
+    renewal_new: bool = False
 
     @property
     def state(self) -> str:
@@ -321,6 +327,12 @@ class Agent:
         return caps
 
     def _hello(self, fields: Fields) -> list[tuple[int, FieldValue]]:
+        session = self.session
+        if session.key_new or session.chain_new or session.renewal_new:
+            # A HELLO starts a new session: the key, the chain and a renewal stay, and
+            # ABORT keeps them.
+            session.key_new = session.chain_new = session.renewal_new = False
+            self._save_session()
         reply: list[tuple[int, FieldValue]] = [
             (Tag.HARDWARE_ID, self.config.hardware_id),
             (Tag.AGENT_VERSION, AGENT_VERSION),
@@ -411,7 +423,7 @@ class Agent:
             # The only copy of the key outside the Secure Element: always overwritten
             # and removed (an agent that dies here has it removed at its next start).
             shred(tmp)
-        self.session = Session(key_mode="see-rsa", key_name=name)
+        self.session = Session(key_mode="see-rsa", key_name=name, key_new=True)
         self._save_session()
         log.info("loaded key %s into the Secure Element", name)
         return [(Tag.KEY_NAME, name)]
@@ -501,15 +513,19 @@ class Agent:
         return [(Tag.STATUS_ITEM, f"{k}={v}") for k, v in items.items()]
 
     def _abort(self, fields: Fields) -> list[tuple[int, FieldValue]]:
-        """End the session and wipe what it made: the board-ecc key it generated and
-        the chain it stored (the station aborts only a session that failed, so no
-        certificate of that key is whitelisted). Secure Element keys stay: see_test
-        has no way to delete one; the next PUT_SECURE_KEY of the name replaces it.
-        A renewal session wipes only the renewal's key and chain: the live ones stay."""
+        """End the session and wipe what it made since the last HELLO: the board-ecc
+        key it generated and the chain it stored (the station aborts only a session
+        that failed, so no certificate of that key is whitelisted). Secure Element
+        keys stay: see_test has no way to delete one; the next PUT_SECURE_KEY of the
+        name replaces it. A renewal session wipes only the renewal's key and chain:
+        the live ones stay. Nothing made since the last HELLO: nothing changes."""
         session = self.session
-        if session.renewing:
+        if session.renewing and session.renewal_new:
             self._drop_renewal()
             log.info("renewal aborted; the live key and chain stay")
+            return []
+        if session.renewing or not (session.key_new or session.chain_new):
+            log.info("abort: nothing made since the last hello, nothing changed")
             return []
         if session.key_mode == "board-ecc" and session.key_new:
             shred(self.config.key_dir / f"{session.key_name}.key")
@@ -544,6 +560,7 @@ class Agent:
         # The live key and chain belong to no session any more: no ABORT wipes them.
         session.key_new = session.chain_new = False
         session.renewing, session.renewal_chain_sha256 = True, ""
+        session.renewal_new = True
         self._save_session()
         log.info("renewal: generated a new P-256 key beside %s.key", session.key_name)
         return [(Tag.CSR, csr), (Tag.KEY_NAME, session.key_name)]
@@ -603,6 +620,7 @@ class Agent:
             # The session first: a power cut before the files go must not look like a
             # commit half done (_finish_commit) at the next start.
             session.renewing, session.renewal_chain_sha256 = False, ""
+            session.renewal_new = False
             self._save_session()
         if session.key_mode == "none":
             return
@@ -665,6 +683,7 @@ class Agent:
                 chain_new=bool(data.get("chain_new", False)),
                 renewing=bool(data.get("renewing", False)),
                 renewal_chain_sha256=str(data.get("renewal_chain_sha256", "")),
+                renewal_new=bool(data.get("renewal_new", False)),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return Session()
@@ -679,6 +698,7 @@ class Agent:
             "chain_new": s.chain_new,
             "renewing": s.renewing,
             "renewal_chain_sha256": s.renewal_chain_sha256,
+            "renewal_new": s.renewal_new,
         }
         path = self.config.key_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")

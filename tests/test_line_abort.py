@@ -3,6 +3,7 @@ board it is meant for; a version 1 board and a version 2 board both provision.""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from firmware_hooks.agent import CHAIN_FILE, Agent, AgentConfig
 from firmware_hooks.host import BoardClient
-from firmware_hooks.protocol import ErrorCode, Message, MsgType, Tag, board_error, encode_tlv
+from firmware_hooks.protocol import (
+    ErrorCode,
+    Fields,
+    Message,
+    MsgType,
+    OffsetReassembler,
+    Tag,
+    board_error,
+    decode_frame,
+    encode_tlv,
+)
 from firmware_hooks.simboard import SimulatedBoard
 from station.ca import CertificateAuthority
 from station.ledger import Ledger
@@ -22,6 +33,7 @@ from station.line.simkeys import CryptographyKeys
 from station.settings import Settings
 
 TEMPLATE = "/O=company/OU=team/CN={device_id}/C=US"
+VECTORS = Path(__file__).parent / "vectors" / "serial"
 
 
 def _ctx(settings: Settings, ca: CertificateAuthority, name: str) -> ProvisionContext:
@@ -122,3 +134,115 @@ def test_a_version_1_host_is_served_by_a_version_2_agent() -> None:
     ):
         assert client.hello().protocol_version == 1
         assert client.status()["hardware_id"] == board.hardware_id
+
+
+def _earlier_session(client: BoardClient) -> bytes:
+    """A session of an earlier run left on the board: its key and its chain (as a
+    board verified elsewhere, or by another station, keeps them)."""
+    client.hello()
+    client.generate_key_csr("/O=company/OU=team/CN=earlier/C=US")
+    chain = b"-----BEGIN CERTIFICATE-----\nearlier\n-----END CERTIFICATE-----\n"
+    client.put_chain(chain)
+    return chain
+
+
+def test_a_board_refused_before_its_key_is_made_is_not_aborted(
+    station_settings: Settings, ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This session made nothing on the board, so it has nothing to abort: an ABORT
+    would wipe what an earlier session made (for a board verified elsewhere, its
+    live key and chain)."""
+    ctx = _ctx(station_settings, ca, "abort-untouched")
+    with SimulatedBoard(mode="thread", baudrate=None, keys=CryptographyKeys()) as board:
+        client = open_port_client(board.port)
+        aborts: list[str] = []
+        real_abort = client.abort
+        monkeypatch.setattr(client, "abort", lambda: aborts.append("abort") or real_abort())
+        try:
+            chain = _earlier_session(client)
+            hello = client.hello()
+            # A board that offers only see-rsa, for a board-ecc batch.
+            see_only = replace(hello, capabilities=frozenset({"see-rsa", "put-chain", "prove"}))
+            outcome = provision_board(client, see_only, ctx)
+            assert (outcome.result, outcome.code) == ("failed", "unsupported-mode")
+            assert aborts == []
+            assert (board.key_dir / "deviceCert.key").exists()
+            assert (board.key_dir / CHAIN_FILE).read_bytes() == chain
+            assert client.status()["state"] == "chain-stored"
+        finally:
+            client.close()
+
+
+def test_a_board_whose_key_command_fails_is_aborted_and_keeps_an_earlier_session(
+    station_settings: Settings, ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key command was sent, so the session is aborted (the board may have made a
+    key before it failed); what the board made before this session's HELLO stays."""
+    ctx = _ctx(station_settings, ca, "abort-keygen")
+    with SimulatedBoard(mode="thread", baudrate=None, keys=FailingKeys()) as board:
+        client = open_port_client(board.port)
+        aborts: list[str] = []
+        real_abort = client.abort
+        monkeypatch.setattr(client, "abort", lambda: aborts.append("abort") or real_abort())
+        try:
+            board.keys.fail = False
+            chain = _earlier_session(client)
+            board.keys.fail = True
+            outcome = provision_board(client, client.hello(), ctx)
+            assert (outcome.result, outcome.code) == ("failed", "board-error")
+            assert aborts == ["abort"]
+            assert (board.key_dir / "deviceCert.key").exists()
+            assert (board.key_dir / CHAIN_FILE).read_bytes() == chain
+            assert client.status()["state"] == "chain-stored"
+        finally:
+            client.close()
+
+
+class FailingKeys(CryptographyKeys):
+    """A board whose key generation fails when ``fail`` is set."""
+
+    fail = False
+
+    def generate_key_csr(self, key_path: Path, subject: str) -> bytes:
+        if self.fail:
+            raise RuntimeError("key generation failed")
+        return super().generate_key_csr(key_path, subject)
+
+
+def test_abort_wipes_only_what_was_made_since_the_last_hello(tmp_path: Path) -> None:
+    agent = Agent(
+        AgentConfig(key_dir=tmp_path / "keys", hardware_id="BOARD-B", keys=CryptographyKeys())
+    )
+    _request(agent, MsgType.GEN_KEY_CSR, [(Tag.SUBJECT, "/O=company/CN=BOARD-B")])
+    chain = b"-----BEGIN CERTIFICATE-----\nstub\n-----END CERTIFICATE-----\n"
+    _request(agent, MsgType.PUT_CHAIN, [(Tag.CHAIN, chain)])
+    assert _request(agent, MsgType.HELLO, []).type == MsgType.HELLO_OK
+    assert _request(agent, MsgType.ABORT, [(Tag.EXPECTED_ID, "BOARD-B")]).type == MsgType.ABORT_OK
+    assert (tmp_path / "keys" / "deviceCert.key").exists()
+    assert (tmp_path / "keys" / CHAIN_FILE).read_bytes() == chain
+    assert agent.session.state == "chain-stored"
+    # A restarted agent (the session is on disk) agrees.
+    again = Agent(AgentConfig(key_dir=tmp_path / "keys", hardware_id="BOARD-B"))
+    assert again.session.state == "chain-stored"
+    _request(again, MsgType.ABORT, [])
+    assert (tmp_path / "keys" / "deviceCert.key").exists()
+
+
+def _vector_message(name: str) -> Message:
+    wire = (VECTORS / f"{name}.hex").read_text().splitlines()
+    (frame,) = [bytes.fromhex(line) for line in wire if line.strip() and not line.startswith("#")]
+    got = OffsetReassembler().add(decode_frame(frame[1:-1]))
+    assert got.message is not None
+    return got.message
+
+
+def test_the_abort_vector_is_served_by_its_board_and_refused_by_another(tmp_path: Path) -> None:
+    abort = _vector_message("v2-abort-request")
+    assert Fields.decode(abort.payload).get_str(Tag.EXPECTED_ID) == "ARTIK-0001"
+    for hardware_id, expected in (("ARTIK-0001", MsgType.ABORT_OK), ("ARTIK-0002", None)):
+        agent = Agent(AgentConfig(key_dir=tmp_path / hardware_id, hardware_id=hardware_id))
+        reply = agent.handle(abort)
+        if expected is None:
+            assert board_error(reply.payload).error_code == ErrorCode.WRONG_BOARD
+        else:
+            assert reply.type == expected

@@ -505,6 +505,12 @@ GOLDEN_V2: dict[str, list[Frame]] = {
         )
     ),
     "v2-status-request": [v2_data_frame(MsgType.STATUS, 0x0002, 0, b"", more=False)],
+    # Every request after HELLO names the board it is meant for; ABORT too.
+    "v2-abort-request": [
+        v2_data_frame(
+            MsgType.ABORT, 0x0005, 0, encode_tlv([(Tag.EXPECTED_ID, "ARTIK-0001")]), more=False
+        )
+    ],
     "v2-put-chain-pieces": [
         v2_data_frame(MsgType.PUT_CHAIN, 0x0003, offset, piece, more=offset + 100 < 300)
         for offset in (0, 100, 200)

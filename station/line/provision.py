@@ -13,6 +13,12 @@ another run's (``NOT_OURS``) is reported on the port, never recorded on the
 device. The board is asked who it is (STATUS) right before its chain is
 written and right before it is verified; another board there ends the run
 ``board-changed``, with no chain written to it and nothing whitelisted.
+
+A run that fails after it asked the board for its key (GEN_KEY_CSR or
+PUT_SECURE_KEY) ends with ABORT, and the board wipes what this session made;
+a run that fails before (a refused id, a board offering another key mode, the
+ledger not enrolling it) sends none: it made nothing on the board, and an ABORT
+would reach what an earlier session made (see ``abort_session``).
 """
 
 from __future__ import annotations
@@ -317,8 +323,11 @@ def _provision_claimed(
         # the ledger keeps its record of the board untouched.
         return Outcome(device_id, "failed", exc.code, exc.message)
 
+    session = BoardSession()
     try:
-        return _steps(client, hello, ctx, device_id, existing is not None, report, on_issued)
+        return _steps(
+            client, hello, ctx, device_id, existing is not None, session, report, on_issued
+        )
     except Exception as exc:  # every failure is recorded with its reason
         code = failure_code(exc)
         message = operator_message(exc)[:2000]
@@ -331,16 +340,35 @@ def _provision_claimed(
             log.warning("%s: refused, not recorded on the device: %s %s", device_id, code, message)
         else:
             _record_failure(ledger, device_id, code, message)
-        abort_session(client, device_id, code)
+        abort_session(client, device_id, code, session)
         return Outcome(device_id, "failed", code, message)
 
 
-def abort_session(client: BoardClient, device_id: str, code: str) -> None:
-    """Tell the board its session failed (ABORT): it wipes the key and the chain the
+@dataclass
+class BoardSession:
+    """What this run has asked of the board on its port."""
+
+    # GEN_KEY_CSR, PUT_SECURE_KEY or RENEW_KEY_CSR was sent (answered or not): from
+    # then on the board may hold a key, and later a chain, that this session made.
+    key_requested: bool = False
+
+
+def abort_session(client: BoardClient, device_id: str, code: str, session: BoardSession) -> None:
+    """Tell the board its session failed (ABORT): it wipes the key and the chain this
     session made, so no board leaves the line holding a key or a chain whose
-    certificate is not whitelisted. Best effort: a board gone from the port cannot
-    be told; a board swapped in refuses the ABORT (it names ``device_id``)."""
-    if code in ("disconnected", "board-changed"):
+    certificate is not whitelisted.
+
+    Only once the key was asked for: before that this session made nothing on the
+    board, and the board's key and chain (if any) are an earlier session's, perhaps
+    a verified one (the board keeps them across its HELLO; its ABORT wipes only what
+    came after). That holds whatever the code, NOT_OURS included: after the key
+    command, the key on the board is this session's (it replaced any earlier one).
+    Not sent to a board gone from the port (``disconnected``: it cannot be told) nor
+    to another board (``board-changed``: not this session's board). The ABORT
+    carries ``EXPECTED_ID`` like every command after HELLO (``BoardClient``), so a
+    board swapped in meanwhile refuses it (WRONG_BOARD) and keeps what it holds.
+    Best effort: a failed ABORT is logged."""
+    if not session.key_requested or code in ("disconnected", "board-changed"):
         return
     try:
         client.abort()
@@ -388,6 +416,7 @@ def _steps(
     ctx: ProvisionContext,
     device_id: str,
     known: bool,
+    session: BoardSession,
     report: Callable[[str], None],
     on_issued: Callable[[], None],
 ) -> Outcome:
@@ -407,6 +436,7 @@ def _steps(
     # 3. key
     report(STEP_KEY)
     subject = policy.subject_from_template(batch.subject_template, device_id)
+    session.key_requested = True
     if mode is KeyMode.BOARD_ECC:
         csr_der = client.generate_key_csr(policy.format_subject(subject))
     else:
@@ -434,7 +464,7 @@ def _steps(
     if digest != expected:
         message = f"board stored sha256 {digest.hex()}, the station sent {expected.hex()}"
         _record_failure(ledger, device_id, "chain-mismatch", message)
-        abort_session(client, device_id, "chain-mismatch")
+        abort_session(client, device_id, "chain-mismatch", session)
         return Outcome(device_id, "failed", "chain-mismatch", message, serial)
     nonce = challenge.result()
 

@@ -44,6 +44,7 @@ from station.line.provision import (
     STEP_ISSUE,
     STEP_KEY,
     STEP_PROVE,
+    BoardSession,
     Outcome,
     ProvisionContext,
     abort_session,
@@ -177,7 +178,8 @@ def _abandon(
             ctx.ledger.renewals.abandon(device_id, code, serial=new_serial)
         except StationError:
             log.exception("%s: could not abandon renewal %s", device_id, new_serial)
-    abort_session(client, device_id, code)  # the board wipes only the renewal's key and chain
+    # RENEW_KEY_CSR was sent: the board wipes only the renewal's key and chain.
+    abort_session(client, device_id, code, BoardSession(key_requested=True))
     message = f"renewal failed, certificate {live_serial} stays live: {message}"
     return Outcome(device_id, "failed", code, message[:2000], live_serial)
 
