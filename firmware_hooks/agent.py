@@ -216,6 +216,7 @@ class Agent:
         self.session = self._load_session()
         self._finish_commit()
         self._replay = _Replay()
+        self._request_version = PROTOCOL_VERSION  # of the request being handled
 
     def _shred_leftovers(self) -> None:
         """Key material an earlier agent left behind when it died mid-request (power
@@ -292,6 +293,7 @@ class Agent:
             handlers[MsgType.RENEW_KEY_CSR] = self._renew_key_csr
             handlers[MsgType.RENEW_COMMIT] = self._renew_commit
         handler = handlers.get(request.type)  # type: ignore[call-overload]
+        self._request_version = request.version
         try:
             if handler is None:
                 raise Refusal(ErrorCode.UNKNOWN_COMMAND, f"unknown command {request.type:#04x}")
@@ -506,7 +508,8 @@ class Agent:
             "chain_sha256": self.session.chain_sha256,
             "hardware_id": self.config.hardware_id,
             "agent_version": AGENT_VERSION,
-            "protocol_version": str(PROTOCOL_VERSION),
+            # The version the session speaks: every request after HELLO comes in it.
+            "protocol_version": str(self._request_version),
         }
         if self.session.renewing:  # only then: every board's STATUS stays as short
             items["renewal_chain_sha256"] = self.session.renewal_chain_sha256

@@ -220,7 +220,8 @@ class BoardClient:
     def status(self) -> dict[str, str]:
         """The board's provisioning state: ``state`` (idle, key-ready, chain-stored,
         renewing), ``key_mode``, ``key_name``, ``chain_sha256`` (hex), ``renewal_chain_sha256``
-        (hex, a renewal's chain), ``hardware_id``, ``agent_version``."""
+        (hex, a renewal's chain), ``hardware_id``, ``agent_version``, ``protocol_version``
+        (the version this session speaks)."""
         fields = self._call(MsgType.STATUS, [])
         result: dict[str, str] = {}
         for item in fields.get_all_str(Tag.STATUS_ITEM):

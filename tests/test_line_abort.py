@@ -246,3 +246,13 @@ def test_the_abort_vector_is_served_by_its_board_and_refused_by_another(tmp_path
             assert board_error(reply.payload).error_code == ErrorCode.WRONG_BOARD
         else:
             assert reply.type == expected
+
+
+@pytest.mark.parametrize("offered", [(1,), (1, 2)])
+def test_status_reports_the_protocol_version_the_session_speaks(offered: tuple[int, ...]) -> None:
+    with (
+        SimulatedBoard(mode="thread", baudrate=None) as board,
+        BoardClient.open(board.port, protocol_versions=offered) as client,
+    ):
+        assert client.hello().protocol_version == max(offered)
+        assert client.status()["protocol_version"] == str(max(offered))
