@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import typer
@@ -108,3 +112,59 @@ def test_noise_on_a_port_is_counted_and_shown(station_settings: Settings, ca: ob
     out = io.StringIO()
     Console(file=out, width=200).print(render(status))
     assert "bad," in out.getvalue()
+
+
+STATION = [str(Path(sys.executable).parent / "station")]
+
+
+def _station(*args: str) -> subprocess.CompletedProcess[str]:
+    """The installed `station` command, in its own process (stdout a pipe, not a terminal)."""
+    return subprocess.run(
+        [*STATION, *args],
+        env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_no_live_prints_one_line_per_verdict_whatever_the_processes(
+    batch: str, station_env: Settings, processes: str
+) -> None:
+    done = _station(
+        "line", "run", "--batch", batch, "--simulate", "2", "--baud", "0", "--no-live",
+        "--processes", processes,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    verdicts = [line for line in done.stdout.splitlines() if " verified serial " in line]
+    assert len(verdicts) == 2, done.stdout
+    assert all(line.startswith("/dev/pts/") and " SIM-" in line for line in verdicts)
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_json_lines_emits_json_whatever_the_processes(
+    batch: str, station_env: Settings, processes: str
+) -> None:
+    done = _station(
+        "line", "run", "--batch", batch, "--simulate", "2", "--baud", "0", "--json-lines",
+        "--processes", processes,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    verdicts = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert sorted((v["event"], v["result"]) for v in verdicts) == [("verdict", "verified")] * 2
+    assert len({v["device_id"] for v in verdicts}) == 2 and all(v["serial"] for v in verdicts)
+
+
+def test_a_port_error_is_printed_with_several_processes(batch: str, station_env: Settings) -> None:
+    done = _station(
+        "line", "run", "--batch", batch, "--port", "/dev/ttyUSB-none", "--json-lines",
+        "--processes", "2", "--timeout", "3",
+    )  # fmt: skip
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [(e["event"], e["port"]) for e in events] == [("port-error", "/dev/ttyUSB-none")]
+    assert "cannot open the port" in events[0]["message"]
+    status = json.loads((station_env.data_dir / "line-status.json").read_text())
+    (port,) = [p for p in status["ports"] if p["port"] == "/dev/ttyUSB-none"]
+    assert port["step"] == PORT_ERROR

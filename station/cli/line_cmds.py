@@ -164,6 +164,8 @@ def run_cmd(
                 fixed = list(port or [])
                 ports = lambda: fixed  # noqa: E731
             driver: LineDriver | ProcessLine
+            printer = _VerdictPrinter(json_lines)
+            on_record = None if live and not json_lines else printer.record
             if processes > 1:
                 driver = ProcessLine(
                     s,
@@ -173,15 +175,16 @@ def run_cmd(
                     status=status,
                     client_factory=functools.partial(open_port_client, baudrate=baud),
                     renew=renew,
+                    on_record=on_record,
+                    on_port_error=printer.port_error,
                 )
             else:
-                printer = _VerdictPrinter(json_lines)
                 driver = LineDriver(
                     ctx,
                     ports,
                     status=status,
                     client_factory=lambda path: open_port_client(path, baudrate=baud),
-                    on_record=None if live and not json_lines else printer.record,
+                    on_record=on_record,
                     on_port_error=printer.port_error,
                 )
             live = live and not json_lines

@@ -187,6 +187,9 @@ class LineDriver:
         self.records: list[BoardRecord] = []
         self._records_lock = threading.Lock()
         self._workers: dict[str, _Worker] = {}
+        # Ports that could not be opened, with the error: retried at every rescan, and
+        # reported again only when the error changes (not once a rescan, as noise).
+        self._port_errors: dict[str, str] = {}
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ control
@@ -260,6 +263,7 @@ class LineDriver:
             if not worker.thread.is_alive():
                 del self._workers[path]
                 if path not in present:
+                    self._port_errors.pop(path, None)
                     self.status.port_gone(path)
             elif path not in present:
                 worker.stop.set()  # pulled out: its worker ends at its next read
@@ -269,7 +273,8 @@ class LineDriver:
                 target=self._serve_port, args=(worker,), name=f"line-{path}", daemon=True
             )
             self._workers[path] = worker
-            self.status.port_added(path)
+            if path not in self._port_errors:  # a retry of a port in error is not news
+                self.status.port_added(path)
             worker.thread.start()
 
     def _stopping(self, worker: _Worker) -> bool:
@@ -281,11 +286,14 @@ class LineDriver:
             client = self.client_factory(path)
         except (OSError, ValueError) as exc:  # SerialException is an OSError
             message = f"cannot open the port: {exc}"
-            log.error("%s: %s", path, message)
-            self.status.port_error(path, message)
-            if self.on_port_error is not None:
-                self.on_port_error(path, message)
+            if self._port_errors.get(path) != message:
+                self._port_errors[path] = message
+                log.error("%s: %s", path, message)
+                self.status.port_error(path, message)
+                if self.on_port_error is not None:
+                    self.on_port_error(path, message)
             return
+        self._port_errors.pop(path, None)
         try:
             self._port_loop(worker, client)
         except Exception:

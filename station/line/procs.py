@@ -89,6 +89,7 @@ class ForwardingStatus(LineStatus):
         # Held across take-and-send: batches reach the parent in the order queued.
         self._forward_lock = threading.Lock()
         self._forward_to = send
+        self._noise: dict[str, tuple[int, int]] = {}  # last forwarded, per port
 
     def _send(self, message: tuple[str, Any]) -> None:
         with self._queue_lock:
@@ -117,6 +118,18 @@ class ForwardingStatus(LineStatus):
 
     def step(self, port: str, step: str, device_id: str | None = None) -> None:
         self._send(("status", ("step", (port, step, device_id))))
+
+    def port_error(self, port: str, message: str) -> None:
+        self._send(("status", ("port_error", (port, message))))
+        self.forward()  # an operator waits for it: not left for the tick
+
+    def noise(self, port: str, bad_frames: int, resends: int) -> None:
+        # Reported after every poll of an idle port: forwarded only when it changed.
+        with self._queue_lock:
+            if self._noise.get(port) == (bad_frames, resends):
+                return
+            self._noise[port] = (bad_frames, resends)
+        self._send(("status", ("noise", (port, bad_frames, resends))))
 
     def issued(self) -> None:
         self._send(("status", ("issued", ())))
@@ -264,6 +277,9 @@ class ProcessLine:
     and batch from; ``ports`` is rescanned like the driver's. ``client_factory``
     must be picklable (``open_port_client`` or a ``functools.partial`` of it).
     ``measure_ledger`` has workers time their ledger calls (``worker_stats``).
+    ``on_record`` and ``on_port_error`` are the driver's: called (in the parent,
+    in the thread that runs ``run``) for each board a worker finished and each port
+    a worker could not open, as they arrive.
     """
 
     def __init__(
@@ -278,6 +294,8 @@ class ProcessLine:
         rescan_interval: float = RESCAN_INTERVAL,
         measure_ledger: bool = False,
         renew: bool = False,
+        on_record: Callable[[BoardRecord], None] | None = None,
+        on_port_error: Callable[[str, str], None] | None = None,
     ) -> None:
         if processes < 1:
             raise ValueError("processes must be >= 1")
@@ -290,6 +308,8 @@ class ProcessLine:
         self.rescan_interval = rescan_interval
         self.measure_ledger = measure_ledger
         self.renew = renew
+        self.on_record = on_record
+        self.on_port_error = on_port_error
         self.records: list[BoardRecord] = []
         self.worker_stats: list[WorkerStats] = []
         self._workers: list[_Worker] = []
@@ -444,8 +464,12 @@ class ProcessLine:
         elif kind == "status":
             method, args = value
             getattr(self.status, method)(*args)
+            if method == "port_error" and self.on_port_error is not None:
+                self.on_port_error(*args)
         elif kind == "record":
             self.records.append(value)
+            if self.on_record is not None:
+                self.on_record(value)
         elif kind == "ready":
             worker.ready = True
         elif kind == "done":
