@@ -25,8 +25,9 @@ from station.cli import line_cmds
 from station.ledger import Ledger
 from station.line import LineStatus
 from station.line.driver import open_port_client
-from station.line.procs import LineError, ProcessLine
+from station.line.procs import ForwardingStatus, LineError, ProcessLine
 from station.line.simkeys import CryptographyKeys
+from station.line.status import PORT_ERROR
 from station.settings import Settings
 
 TEMPLATE = "/O=company/OU=team/CN={device_id}/C=US"
@@ -166,3 +167,20 @@ def test_cli_line_run_processes_provisions_simulated_boards(station_env: Setting
     assert "verified 3" in result.stdout
     status = json.loads((station_env.data_dir / "line-status.json").read_text())
     assert status["counts"]["verified"] == 3
+
+
+def test_a_worker_forwards_port_errors_and_noise_changes_to_the_status_board() -> None:
+    sent: list[tuple[str, object]] = []
+    worker = ForwardingStatus("b", sent.append)
+    worker.noise("/dev/ttyUSB0", 0, 0)
+    worker.noise("/dev/ttyUSB0", 0, 0)  # every idle poll reports it: sent once
+    worker.noise("/dev/ttyUSB0", 3, 2)
+    worker.port_error("/dev/ttyUSB9", "cannot open the port: no such device")  # sent at once
+    parent = LineStatus("b")
+    reports = [value for kind, batch in sent if kind == "batch" for _, value in batch]  # type: ignore[attr-defined]
+    for method, args in reports:
+        getattr(parent, method)(*args)
+    assert [method for method, _ in reports] == ["noise", "noise", "port_error"]
+    ports = {p["port"]: p for p in parent.snapshot()["ports"]}
+    assert (ports["/dev/ttyUSB0"]["bad_frames"], ports["/dev/ttyUSB0"]["resends"]) == (3, 2)
+    assert ports["/dev/ttyUSB9"]["step"] == PORT_ERROR
