@@ -11,13 +11,14 @@ In one run:
       overhead       = the rest: the station (ledger, HSM, policy) and the protocol;
     and the ledger's share of the overhead (time inside Ledger calls on the line's path);
   * throughput: P ports at once, P in 1, 8, 32, 64, each port provisioning --per-port
-    boards in turn, on SimulatedLine (one thread serving every pty with the real
-    Agent.handle, boards keyed in-process with station.line.simkeys), so that the
-    rig costs little next to the station; boards per minute from the first hello to
-    the last verdict, against P x the one-port rate, with the CPU seconds of the
-    station and of the rig per board. The station's ports are shared out among
-    --processes worker processes (``station line run --processes``; 1: one process,
-    the CLI's default).
+    boards in turn, on SimulatedLine (one thread playing every cable and pty, behind
+    each the real agent's own loop, Agent.serve and its Link, in a thread, boards keyed
+    in-process with station.line.simkeys), so that the rig costs little next to the
+    station; boards per minute from the first hello to the last verdict, against P x
+    the one-port rate, with the CPU seconds of the station and of the rig per board.
+    The boards speak up to --max-protocol, like the per-board rig's. The station's
+    ports are shared out among --processes worker processes (``station line run
+    --processes``; 1: one process, the CLI's default).
 
     python bench/line.py [--mode board-ecc] [--baud 115200] [--boards 5]
                          [--ports 1,8,32,64] [--per-port 4] [--corrupt 0.0]
@@ -26,7 +27,7 @@ In one run:
 --corrupt P flips each byte on the line with probability P (both directions, both rigs);
 --corrupt 0,0.001,0.01 times the per-board rig at each level, boards interleaved, and
 prints boards/min per port at each level against the first (--ports '' skips the
-throughput rig, which speaks protocol version 1 only).
+throughput rig, which then runs at the first level).
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ def throughput(
     rig_process: bool = True,
     processes: int = 1,
     settings: Settings | None = None,
+    max_protocol: int = 3,
 ) -> dict[str, Any]:
     """P ports at once on SimulatedLine, ``per_port`` boards each; the rig in a child
     process unless ``rig_process`` is false (then it shares the station's GIL).
@@ -191,6 +193,7 @@ def throughput(
         corrupt=corrupt,
         seed=1,
         base_dir=shm if shm.is_dir() else None,  # the boards' fsyncs are not the station's
+        max_protocol=max_protocol,
     ) as line:
         workers: list[Any] = []
         cpu0, rig0 = time.process_time(), line.cpu_seconds
@@ -287,8 +290,8 @@ def main() -> None:
         type=int,
         default=3,
         choices=[1, 2, 3],
-        help="the simulated agents' highest protocol version (1: version 1 boards; "
-        "2: acknowledged frames; 3: and Reed-Solomon parity)",
+        help="the simulated agents' highest protocol version, both rigs (1: version 1 "
+        "boards; 2: acknowledged frames; 3: and Reed-Solomon parity)",
     )
     parser.add_argument(
         "--processes",
@@ -342,7 +345,7 @@ def main() -> None:
             s = throughput(
                 ledger, ca, args.mode, args.baud, p, args.per_port, args.corrupt,
                 f"T{stamp}P{p}", rig_process=not args.rig_in_process,
-                processes=args.processes, settings=settings,
+                processes=args.processes, settings=settings, max_protocol=args.max_protocol,
             )  # fmt: skip
             if base_rate is None:
                 base_rate = s["boards_per_min"] / p

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import os
 import random
 import select
@@ -37,7 +38,6 @@ import threading
 import time
 import tty
 import uuid
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +45,10 @@ from typing import Any, Literal
 
 from firmware_hooks.protocol import (
     CONTROL_TYPES,
+    MAX_ENCODED_FRAME,
     PROTOCOL_VERSION,
+    REQUEST_TYPES,
+    SUPPORTED_VERSIONS,
     Message,
     MessageDecoder,
     MsgType,
@@ -488,7 +491,103 @@ def simulate_boards(
             board.close()
 
 
-# --------------------------------------------------------------------------- many ports, one thread
+# ---------------------------------------------------------------- many ports, one cable thread
+
+
+class _BoardEnd:
+    """The board's end of one simulated cable, as a pyserial-like port for the agent's
+    own ``Agent.serve`` loop and its ``Link`` (so the rig speaks the protocol exactly
+    as the agent does, version 2 included, and follows every change to it).
+
+    The line's thread ``feed``s it the bytes that crossed the cable; what the agent
+    writes goes to the line's thread, which throttles it to the station. ``close``
+    pulls the plug: the agent's next read or write fails and its loop ends."""
+
+    def __init__(self, line: SimulatedLine, port: _HubPort) -> None:
+        self._line = line
+        self._port = port
+        self.timeout: float | None = 0.05  # the Link sets its poll interval here
+        self.baudrate = line.baudrate  # the Link times its ACK waits by it
+        self._cond = threading.Condition()
+        self._buffer = bytearray()
+        self._closed = False
+        self.cpu_seconds = 0.0  # of the agent's thread so far
+        self._cpu0: float | None = None
+
+    # -- the agent's side (its own thread)
+
+    @property
+    def in_waiting(self) -> int:
+        with self._cond:
+            return len(self._buffer)
+
+    def _take(self, size: int | None) -> bytes:
+        with self._cond:
+            if not self._buffer and not self._closed:
+                self._cond.wait(self.timeout)
+            if self._closed:
+                raise OSError(errno.EIO, "the board was unplugged")
+            size = len(self._buffer) if size is None else min(size, len(self._buffer))
+            data = bytes(self._buffer[:size])
+            del self._buffer[:size]
+        now = time.thread_time()
+        if self._cpu0 is None:
+            self._cpu0 = now
+        self.cpu_seconds = now - self._cpu0
+        return data
+
+    def read_available(self) -> bytes:
+        return self._take(None)
+
+    def read(self, size: int = 1) -> bytes:
+        return self._take(size)
+
+    def write(self, data: bytes, /) -> int:
+        if self._closed:
+            raise OSError(errno.EIO, "the board was unplugged")
+        self._line.from_board(self._port, self, bytes(data), time.monotonic())
+        return len(data)
+
+    def flush(self) -> None:
+        if self._closed:
+            raise OSError(errno.EIO, "the board was unplugged")
+
+    # -- the line's side
+
+    def feed(self, data: bytes) -> None:
+        with self._cond:
+            self._buffer += data
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+@functools.cache
+def _timed_agent_class() -> Any:
+    """The real Agent with ``handle`` timed into ``compute_seconds`` (the board's own time)."""
+    from firmware_hooks.agent import Agent
+
+    class TimedAgent(Agent):
+        compute_seconds: dict[str, float] = {}  # replaced per instance
+
+        def handle(self, request: Message) -> Message:
+            started = time.perf_counter()
+            try:
+                return super().handle(request)
+            finally:
+                hardware_id = self.config.hardware_id
+                self.compute_seconds[hardware_id] = self.compute_seconds.get(hardware_id, 0.0) + (
+                    time.perf_counter() - started
+                )
+
+    return TimedAgent
 
 
 class _HubPort:
@@ -502,44 +601,47 @@ class _HubPort:
         self.path = os.ttyname(self.slave)
         self.waiting = collections.deque(hardware_ids)  # boards not plugged in yet
         self.plugged: list[str] = []  # every board that has been on this port, in order
-        self.agent: Any = None
+        self.board: _BoardEnd | None = None
+        self.hardware_id: str | None = None
+        self.thread: threading.Thread | None = None
         self.worked = False  # the board on the port got a command beyond HELLO / STATUS
-        self.decoder = MessageDecoder()
-        self.replay_key: tuple[int, int, int] | None = None
-        self.replay_wire = b""
+        self.pending = bytearray()  # bytes that crossed the line, short of a delimiter
         self.to_board_free = 0.0
         self.to_host_free = 0.0
         self.inbound: collections.deque[tuple[float, bytes]] = collections.deque()
         self.outbound: collections.deque[tuple[float, bytes]] = collections.deque()
         self.next_board()
 
-    @property
-    def hardware_id(self) -> str | None:
-        return self.agent.config.hardware_id if self.agent is not None else None
-
     def next_board(self) -> None:
         """Unplug the board on the port and plug in the next one (if any is left)."""
-        from firmware_hooks.agent import Agent, AgentConfig
+        from firmware_hooks.agent import AgentConfig
 
-        self.agent, self.worked = None, False
-        self.replay_key, self.replay_wire = None, b""
+        if self.board is not None:
+            self.board.close()  # its agent's loop ends at its next read or write
+        self.board, self.hardware_id, self.worked = None, None, False
         if not self.waiting:
             return
         hardware_id = self.waiting.popleft()
         home = self.line.base_dir / hardware_id
-        self.agent = Agent(
-            AgentConfig(
-                key_dir=home / "keys",
-                hardware_id=hardware_id,
-                see_test=tuple(shlex.split(see_test_command())),
-                se_sign=tuple(shlex.split(se_sign_template())),
-                env={**os.environ, "SEE_TEST_STORE": str(home / "see-store")},
-                keys=self.line.keys,
-                protocol_versions=(PROTOCOL_VERSION,),  # this hub's port loop is version 1
-            )
+        config = AgentConfig(
+            key_dir=home / "keys",
+            hardware_id=hardware_id,
+            see_test=tuple(shlex.split(see_test_command())),
+            se_sign=tuple(shlex.split(se_sign_template())),
+            env={**os.environ, "SEE_TEST_STORE": str(home / "see-store")},
+            keys=self.line.keys,
+            protocol_versions=self.line.protocol_versions,
         )
+        board = _BoardEnd(self.line, self)
+        self.board, self.hardware_id = board, hardware_id
         self.plugged.append(hardware_id)
         self.line.compute_seconds[hardware_id] = 0.0
+        self.line.boards.append(board)
+        self.thread = threading.Thread(
+            target=self.line.run_agent, args=(config, board), name=f"agent-{hardware_id}",
+            daemon=True,
+        )  # fmt: skip
+        self.thread.start()
 
     def _schedule(self, data: bytes, now: float, free: float) -> tuple[float, float]:
         """(start, end) on a line last free at ``free``, as the relay of SimulatedBoard."""
@@ -559,41 +661,49 @@ class _HubPort:
     def run_due(self, now: float) -> None:
         while self.inbound and self.inbound[0][0] <= now:
             _, data = self.inbound.popleft()
-            self.decoder.feed(data)
-            while True:
-                try:
-                    request = self.decoder.next_message()
-                except ProtocolError:
-                    continue  # a damaged frame: the board never saw a request
-                if request is None:
-                    break
-                self.answer(request)
+            self.deliver(data)
         self.flush(now)
 
-    def answer(self, request: Message) -> None:
-        if request.type == MsgType.HELLO and self.worked:
+    def deliver(self, data: bytes) -> None:
+        """Hand the board what crossed the line, one delimited chunk at a time: a HELLO
+        after the station worked with the board means the operator swapped it, and
+        that HELLO goes to the next board."""
+        self.pending += data
+        while (end := self.pending.find(0)) >= 0:
+            chunk = bytes(self.pending[: end + 1])
+            del self.pending[: end + 1]
+            if end:
+                self._watch(chunk[:-1])
+            if self.board is not None:
+                self.board.feed(chunk)
+        if len(self.pending) > 2 * MAX_ENCODED_FRAME:
+            # No delimiter for that long: the board's own resynchronisation deals with it.
+            if self.board is not None:
+                self.board.feed(bytes(self.pending))
+            self.pending.clear()
+
+    def _watch(self, chunk: bytes) -> None:
+        try:
+            frame = decode_frame(chunk)
+        except ProtocolError:
+            return  # damaged: the board will not take it for anything either
+        if frame.type == MsgType.HELLO and self.worked:
             self.next_board()  # the station is done with this board: the operator swaps it
-        if self.agent is None:
-            return  # an empty port: nothing answers
-        key = (request.seq, request.type, zlib.crc32(request.payload))
-        if key != self.replay_key:
-            started = time.perf_counter()
-            reply = self.agent.handle(request)
-            self.line.compute_seconds[self.agent.config.hardware_id] += (
-                time.perf_counter() - started
-            )
-            self.replay_key, self.replay_wire = key, encode_message(reply)
-        if request.type not in (MsgType.HELLO, MsgType.STATUS):
+        elif frame.type in REQUEST_TYPES and frame.type not in (MsgType.HELLO, MsgType.STATUS):
             self.worked = True
-        wire = self.line.damage(self.replay_wire)
-        start, end = self._schedule(wire, time.monotonic(), self.to_host_free)
-        self.to_host_free = end
-        if not self.line.baudrate:
+
+    def from_board(self, data: bytes, written: float) -> None:
+        """Bytes the board wrote (at ``written``), on their way to the station."""
+        wire = self.line.damage(data)
+        start, _ = self._schedule(wire, written, self.to_host_free)
+        baud = self.line.baudrate
+        if not baud:
             self.outbound.append((start, wire))
             return
+        self.to_host_free = start + len(wire) * 10 / baud
         for i in range(0, len(wire), _PIECE):
             piece = wire[i : i + _PIECE]
-            self.outbound.append((start + (i + len(piece)) * 10 / self.line.baudrate, piece))
+            self.outbound.append((start + (i + len(piece)) * 10 / baud, piece))
 
     def flush(self, now: float) -> None:
         while self.outbound and self.outbound[0][0] <= now:
@@ -617,13 +727,15 @@ class _HubPort:
         return min(dues) if dues else float("inf")
 
     def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
         for fd in (self.master, self.slave):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
 
 class SimulatedLine:
-    """Many simulated ports served by one thread, boards swapped in as the station finishes them.
+    """Many simulated ports on one cable thread, boards swapped in as the station finishes them.
 
     ::
 
@@ -631,9 +743,12 @@ class SimulatedLine:
             driver = LineDriver(ctx, lambda: line.ports, ...)
 
     Each port is a pty the station opens by path, throttled to ``baudrate`` like
-    SimulatedBoard's relay. Behind it is the real ``Agent`` (its ``handle``, the
-    same replay cache), called in this one thread instead of an agent process
-    and a relay thread per board, so that the rig costs little next to the
+    SimulatedBoard's relay. Behind it is the real agent: ``Agent.serve``, its
+    own port loop (its ``Link``, replay cache and replies), on an in-memory
+    board end in a thread of its own, so the rig speaks every protocol version
+    the agent speaks and follows every change to the link. One thread plays
+    every cable (the ptys, the baud rate, the noise) instead of a relay thread
+    and an agent process per board, so that the rig costs little next to the
     station: the measure of the station at 32 or 64 ports. When the station
     says HELLO after it has worked with a board, that board is unplugged and the
     next one of the port's queue plugged in; a port whose queue is empty goes
@@ -641,9 +756,11 @@ class SimulatedLine:
     Boards keep their files under ``base_dir`` (default: the temporary
     directory; /dev/shm keeps their fsyncs off the disk). ``keys`` is the
     agent's key backend (``station.line.simkeys``; None: the OpenSSL CLI).
-    ``corrupt`` flips bytes with that probability, both directions.
+    ``max_protocol`` is the highest version the boards agree to in HELLO (1:
+    version 1 boards; default: every version the agent speaks). ``corrupt``
+    flips bytes with that probability, both directions.
     ``compute_seconds[hardware_id]`` is the board's own time in
-    ``Agent.handle``; ``cpu_seconds`` the thread's CPU time so far.
+    ``Agent.handle``; ``cpu_seconds`` the CPU time of the rig's threads so far.
     """
 
     def __init__(
@@ -657,18 +774,32 @@ class SimulatedLine:
         corrupt: float = 0.0,
         seed: int | None = None,
         base_dir: Path | None = None,
+        max_protocol: int = max(SUPPORTED_VERSIONS),
     ) -> None:
+        if max_protocol not in SUPPORTED_VERSIONS:
+            raise ValueError(
+                f"max_protocol must be one of {sorted(SUPPORTED_VERSIONS)}, not {max_protocol}"
+            )
         self.baudrate = baudrate
         self.keys = keys
         self.corrupt = corrupt
+        self.protocol_versions = tuple(range(PROTOCOL_VERSION, max_protocol + 1))
         self._rng = random.Random(seed)  # noqa: S311 - simulated line noise
         self._work = Path(tempfile.mkdtemp(prefix="simline-", dir=base_dir))
         self.base_dir = self._work
         self.compute_seconds: dict[str, float] = {}
-        self.cpu_seconds = 0.0
+        self.boards: list[_BoardEnd] = []  # every board plugged so far (their CPU time)
+        self._cable_cpu = 0.0
         self._stop = threading.Event()
         self._closed = False
         self._ports: list[_HubPort] = []
+        # Boards' writes, handed to the cable thread, which a byte on the pipe wakes.
+        self._written: collections.deque[tuple[_HubPort, _BoardEnd, bytes, float]] = (
+            collections.deque()
+        )
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
         try:
             counts = (
                 [boards_per_port] * ports
@@ -691,6 +822,10 @@ class SimulatedLine:
         """The device paths, one per port, for the station to open."""
         return [p.path for p in self._ports]
 
+    @property
+    def cpu_seconds(self) -> float:
+        return self._cable_cpu + sum(b.cpu_seconds for b in list(self.boards))
+
     def plugged(self) -> dict[str, list[str]]:
         """Port path -> hardware ids that have been plugged into it so far."""
         return {p.path: list(p.plugged) for p in self._ports}
@@ -705,9 +840,24 @@ class SimulatedLine:
         rng = self._rng
         return bytes(b ^ rng.randrange(1, 256) if rng.random() < self.corrupt else b for b in data)
 
+    def run_agent(self, config: Any, board: _BoardEnd) -> None:
+        """A board's agent, in its own thread, until it is unplugged or the line closes."""
+        try:
+            agent = _timed_agent_class()(config)
+            agent.compute_seconds = self.compute_seconds
+            agent.serve(board, self._stop)
+        except (ProtocolError, OSError, ValueError):
+            return  # unplugged (Disconnected), or the line closed under it
+
+    def from_board(self, port: _HubPort, board: _BoardEnd, data: bytes, written: float) -> None:
+        """A board's write (its agent's thread): queued for the cable thread."""
+        self._written.append((port, board, data, written))
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\x00")
+
     def _serve(self) -> None:
         by_fd = {p.master: p for p in self._ports}
-        fds = list(by_fd)
+        fds = [*by_fd, self._wake_r]
         cpu0 = time.thread_time()
         try:
             while not self._stop.is_set():
@@ -718,6 +868,10 @@ class SimulatedLine:
                     return
                 now = time.monotonic()
                 for fd in readable:
+                    if fd == self._wake_r:
+                        with contextlib.suppress(BlockingIOError, OSError):
+                            os.read(fd, 4096)
+                        continue
                     try:
                         data = os.read(fd, 4096)
                     except (BlockingIOError, InterruptedError):
@@ -726,14 +880,18 @@ class SimulatedLine:
                         continue
                     if data:
                         by_fd[fd].arrive(data, now)
+                while self._written:
+                    port, board, data, written = self._written.popleft()
+                    if not board.closed:  # an unplugged board's last words are lost
+                        port.from_board(data, written)
                 for port in self._ports:
                     port.run_due(time.monotonic())
-                self.cpu_seconds = time.thread_time() - cpu0
+                self._cable_cpu = time.thread_time() - cpu0
         finally:
-            self.cpu_seconds = time.thread_time() - cpu0
+            self._cable_cpu = time.thread_time() - cpu0
 
     def close(self) -> None:
-        """Stop the thread, close the ptys, remove the boards' directories. Idempotent."""
+        """Stop the threads, close the ptys, remove the boards' directories. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -743,6 +901,12 @@ class SimulatedLine:
             thread.join(timeout=5.0)
         for port in self._ports:
             port.close()
+        for port in self._ports:
+            if port.thread is not None:
+                port.thread.join(timeout=5.0)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         shutil.rmtree(self._work, ignore_errors=True)
 
     def __enter__(self) -> SimulatedLine:
