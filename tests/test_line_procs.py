@@ -174,7 +174,7 @@ def test_a_worker_forwards_port_errors_and_noise_changes_to_the_status_board() -
     worker = ForwardingStatus("b", sent.append)
     worker.noise("/dev/ttyUSB0", 0, 0)
     worker.noise("/dev/ttyUSB0", 0, 0)  # every idle poll reports it: sent once
-    worker.noise("/dev/ttyUSB0", 3, 2)
+    worker.noise("/dev/ttyUSB0", 3, 2, 5)
     worker.port_error("/dev/ttyUSB9", "cannot open the port: no such device")  # sent at once
     parent = LineStatus("b")
     reports = [value for kind, batch in sent if kind == "batch" for _, value in batch]  # type: ignore[attr-defined]
@@ -182,5 +182,6 @@ def test_a_worker_forwards_port_errors_and_noise_changes_to_the_status_board() -
         getattr(parent, method)(*args)
     assert [method for method, _ in reports] == ["noise", "noise", "port_error"]
     ports = {p["port"]: p for p in parent.snapshot()["ports"]}
-    assert (ports["/dev/ttyUSB0"]["bad_frames"], ports["/dev/ttyUSB0"]["resends"]) == (3, 2)
+    noise = ports["/dev/ttyUSB0"]
+    assert (noise["bad_frames"], noise["resends"], noise["corrected"]) == (3, 2, 5)
     assert ports["/dev/ttyUSB9"]["step"] == PORT_ERROR

@@ -89,7 +89,7 @@ class ForwardingStatus(LineStatus):
         # Held across take-and-send: batches reach the parent in the order queued.
         self._forward_lock = threading.Lock()
         self._forward_to = send
-        self._noise: dict[str, tuple[int, int]] = {}  # last forwarded, per port
+        self._noise: dict[str, tuple[int, int, int]] = {}  # last forwarded, per port
 
     def _send(self, message: tuple[str, Any]) -> None:
         with self._queue_lock:
@@ -123,13 +123,14 @@ class ForwardingStatus(LineStatus):
         self._send(("status", ("port_error", (port, message))))
         self.forward()  # an operator waits for it: not left for the tick
 
-    def noise(self, port: str, bad_frames: int, resends: int) -> None:
+    def noise(self, port: str, bad_frames: int, resends: int, corrected: int = 0) -> None:
         # Reported after every poll of an idle port: forwarded only when it changed.
+        now = (bad_frames, resends, corrected)
         with self._queue_lock:
-            if self._noise.get(port) == (bad_frames, resends):
+            if self._noise.get(port) == now:
                 return
-            self._noise[port] = (bad_frames, resends)
-        self._send(("status", ("noise", (port, bad_frames, resends))))
+            self._noise[port] = now
+        self._send(("status", ("noise", (port, *now))))
 
     def issued(self) -> None:
         self._send(("status", ("issued", ())))
