@@ -160,7 +160,7 @@ def test_json_lines_emits_json_whatever_the_processes(
 def test_a_port_error_is_printed_with_several_processes(batch: str, station_env: Settings) -> None:
     done = _station(
         "line", "run", "--batch", batch, "--port", "/dev/ttyUSB-none", "--json-lines",
-        "--processes", "2", "--timeout", "3",
+        "--processes", "2", "--timeout", "10",  # the workers' start-up counts (a loaded machine)
     )  # fmt: skip
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [(e["event"], e["port"]) for e in events] == [("port-error", "/dev/ttyUSB-none")]
