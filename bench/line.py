@@ -26,8 +26,8 @@ In one run:
 
 --corrupt P flips each byte on the line with probability P (both directions, both rigs);
 --corrupt 0,0.001,0.01 times the per-board rig at each level, boards interleaved, and
-prints boards/min per port at each level against the first (--ports '' skips the
-throughput rig, which then runs at the first level).
+prints boards/min per port at each level against the first (the throughput rig runs
+at the first level only; --ports '' skips it).
 """
 
 from __future__ import annotations
