@@ -3,6 +3,7 @@ board it is meant for; a version 1 board and a version 2 board both provision.""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -256,3 +257,35 @@ def test_status_reports_the_protocol_version_the_session_speaks(offered: tuple[i
     ):
         assert client.hello().protocol_version == max(offered)
         assert client.status()["protocol_version"] == str(max(offered))
+
+
+def test_a_renewal_of_an_earlier_session_survives_an_abort_after_a_new_hello(
+    tmp_path: Path,
+) -> None:
+    """A renewal the station confirmed but whose RENEW_COMMIT never arrived is finished
+    by the next run (RENEW_COMMIT alone): an ABORT after that run's HELLO must not
+    drop it, or the board would keep only its superseded chain. A renewal started
+    since the last HELLO is still dropped by ABORT."""
+    keys = tmp_path / "keys"
+    agent = Agent(AgentConfig(key_dir=keys, hardware_id="BOARD-B", keys=CryptographyKeys()))
+    subject = [(Tag.SUBJECT, "/O=company/CN=BOARD-B")]
+    chain = b"-----BEGIN CERTIFICATE-----\nlive\n-----END CERTIFICATE-----\n"
+    renewed = b"-----BEGIN CERTIFICATE-----\nrenewed\n-----END CERTIFICATE-----\n"
+    _request(agent, MsgType.GEN_KEY_CSR, subject)
+    _request(agent, MsgType.PUT_CHAIN, [(Tag.CHAIN, chain)])
+    _request(agent, MsgType.HELLO, [])
+    assert _request(agent, MsgType.RENEW_KEY_CSR, subject).type == MsgType.RENEW_KEY_CSR_OK
+    _request(agent, MsgType.PUT_CHAIN, [(Tag.CHAIN, renewed)])
+    _request(agent, MsgType.HELLO, [])  # the next run
+    assert _request(agent, MsgType.ABORT, []).type == MsgType.ABORT_OK
+    assert agent.session.state == "renewing"
+    assert (keys / "deviceCert.key.renew").exists()
+    commit = _request(agent, MsgType.RENEW_COMMIT, [])
+    assert Fields.decode(commit.payload).get_bytes(Tag.DIGEST) == hashlib.sha256(renewed).digest()
+    assert (keys / CHAIN_FILE).read_bytes() == renewed
+    # Started since the last HELLO: dropped, the live key and chain stay.
+    _request(agent, MsgType.RENEW_KEY_CSR, subject)
+    assert _request(agent, MsgType.ABORT, []).type == MsgType.ABORT_OK
+    assert agent.session.state == "chain-stored"
+    assert not (keys / "deviceCert.key.renew").exists()
+    assert (keys / CHAIN_FILE).read_bytes() == renewed
