@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from firmware_hooks.agent import CHAIN_FILE, Agent, AgentConfig
 from firmware_hooks.host import BoardClient
 from firmware_hooks.protocol import (
+    BoardError,
     ErrorCode,
     Fields,
     Message,
@@ -289,3 +290,22 @@ def test_a_renewal_of_an_earlier_session_survives_an_abort_after_a_new_hello(
     assert agent.session.state == "chain-stored"
     assert not (keys / "deviceCert.key.renew").exists()
     assert (keys / CHAIN_FILE).read_bytes() == renewed
+
+
+def test_the_hosts_abort_names_the_board_of_its_hello() -> None:
+    """BoardClient.abort carries EXPECTED_ID (the HELLO's hardware id): a board that is
+    not that one refuses it and keeps what it holds."""
+    with (
+        SimulatedBoard(mode="thread", baudrate=None, keys=CryptographyKeys()) as board,
+        BoardClient.open(board.port) as client,
+    ):
+        client.hello()
+        client.generate_key_csr("/O=company/CN=swapped")
+        client.expected_id = "ANOTHER-BOARD"  # what a board swapped in after HELLO sees
+        with pytest.raises(BoardError) as refused:
+            client.abort()
+        assert refused.value.error_code == ErrorCode.WRONG_BOARD
+        assert (board.key_dir / "deviceCert.key").exists()
+        client.expected_id = board.hardware_id
+        client.abort()
+        assert not (board.key_dir / "deviceCert.key").exists()
