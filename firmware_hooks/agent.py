@@ -473,7 +473,11 @@ class Agent:
             )
         session = self.session
         if session.key_mode == "board-ecc":
-            key_file = str(self._key_path(renewal=session.renewing))
+            # The renewal's key only within the session that started the renewal (a
+            # RENEW_KEY_CSR since the last HELLO); otherwise the live key, which the
+            # station asks for before it renews (section 6d).
+            renewal = session.renewing and session.renewal_new
+            key_file = str(self._key_path(renewal=renewal))
             if self.config.keys is not None:
                 signature = self._with_backend(
                     ErrorCode.SIGN_FAILED, self.config.keys.sign, Path(key_file), nonce

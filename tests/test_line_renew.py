@@ -120,12 +120,13 @@ def test_a_verified_board_renews_over_the_line(
 
 
 class TurnsBad(CryptographyKeys):
-    """Signs with its key until ``bad`` is set, then with a stranger's."""
+    """Signs with its key until ``bad`` is set, then signs with a stranger's key
+    whatever it is asked to sign with the renewal's key (the live key still signs)."""
 
     bad = False
 
     def sign(self, key_path: Path, data: bytes) -> bytes:
-        if self.bad:
+        if self.bad and key_path.name.endswith(RENEW_SUFFIX):
             return ec.generate_private_key(ec.SECP256R1()).sign(data, ec.ECDSA(hashes.SHA256()))
         return super().sign(key_path, data)
 

@@ -9,7 +9,12 @@ certificate while its old ones stay live until the new ones are proven:
    board (``renewal-unsupported``: its key lives in the Secure Element under one
    name, which a renewal beside it would need a second of), a board whose stored
    chain is not the live certificate's (``renewal-chain-unknown``: the ledger
-   cannot tell this board holds the identity it would renew);
+   cannot tell this board holds the identity it would renew), a board of another
+   batch than the line's (``renewal-other-batch``, as EST and CMP refuse it);
+   then PROVE with the live key: the chain is public data (the certificate and the
+   CA chain), so a board that names another's hardware id and reports that chain's
+   digest must still sign a fresh nonce with the live certificate's key
+   (``renewal-not-holder`` otherwise);
 2. RENEW_KEY_CSR: the board makes a new key beside its live one;
 3. the one issuance path with ``renews=<old serial>``, confirmation deferred:
    the new certificate is issued, not whitelisted; the old one stays
@@ -20,12 +25,15 @@ certificate while its old ones stay live until the new ones are proven:
    the old certificate is superseded, the whitelist moves to the new serial;
 6. RENEW_COMMIT: the board puts the new key and chain in place of the old.
 
-A failure in 2-5 abandons the renewal: the new certificate is revoked (it left the
-station; CRL and OCSP say so), the old is live again, the device stays verified
-(it is a working field device: never marked failed), and ABORT makes the board
-wipe only what the renewal made. A commit the board did not answer after step 5
-(``renewal-not-committed``) is finished the next time the board is plugged into a
-``--renew`` run: its STATUS shows the renewal's chain, the one the ledger confirmed.
+A failure in 2-5 abandons the renewal (but a confirmation the ledger wrote and then
+reported as failed, a disk sync or a connection lost at COMMIT, is read back and
+committed: the ledger whitelists only the new certificate by then): the new
+certificate is revoked (it left the station; CRL and OCSP say so), the old is live
+again, the device stays verified (it is a working field device: never marked
+failed), and ABORT makes the board wipe only what the renewal made. A commit the
+board did not answer after step 5 (``renewal-not-committed``) is finished the next
+time the board is plugged into a ``--renew`` run: its STATUS shows the renewal's
+chain, the one the ledger confirmed.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from firmware_hooks.protocol import ProtocolError
 from station import policy
 from station.errors import StationError
 from station.ledger import Device, KeyMode
+from station.ledger.proof import new_nonce, signature_ok, signed_message
 from station.line.provision import (
     STEP_CHAIN,
     STEP_ISSUE,
@@ -74,6 +83,12 @@ def renew_board(
             f"capability); certificate {device.serial} stays live"
         )
         return Outcome(device_id, "skipped", "renewal-unsupported", message, device.serial)
+    if device.batch != ctx.batch.name:
+        message = (
+            f"the board belongs to batch {device.batch}, this line runs {ctx.batch.name}: "
+            f"not renewed here; certificate {device.serial} stays live"
+        )
+        return Outcome(device_id, "skipped", "renewal-other-batch", message, device.serial)
     batch = ctx.ledger.get_batch(device.batch)
     if batch.key_mode != KeyMode.BOARD_ECC.value:
         message = (
@@ -87,7 +102,7 @@ def renew_board(
         code = failure_code(exc)
         if code == "internal":
             log.exception("%s: unexpected error", device_id)
-        return Outcome(device_id, "failed", code, operator_message(exc)[:2000])
+        return Outcome(device_id, "failed", code, operator_message(exc)[:2000], device.serial)
 
 
 def _renew(
@@ -123,11 +138,22 @@ def _renew(
             "not renewed (re-provision it if it lost its identity)"
         )
         return Outcome(device_id, "failed", "renewal-chain-unknown", message, live_serial)
+    # The chain is public: the board proves it holds the live certificate's key.
+    assert live_cert.pem is not None
+    nonce = new_nonce()
+    signature = client.prove(device_id, nonce)
+    if not signature_ok(live_cert.pem, signed_message(device_id, nonce), signature):
+        message = (
+            f"the board does not hold the key of its live certificate {live_serial}: "
+            "not renewed (a board claiming another's identity, or one that lost its key)"
+        )
+        return Outcome(device_id, "failed", "renewal-not-holder", message, live_serial)
 
     # 2. a new key beside the live one. From here a failure aborts the board's renewal.
     report(STEP_KEY)
     subject = policy.subject_from_template(template, device_id)
     new_serial: str | None = None
+    proved: str | None = None  # the renewal chain, once the ledger was asked to confirm
     try:
         csr_der = client.renew_key_csr(policy.format_subject(subject))
         # 3. issued, not whitelisted: the old certificate stays live until the proof.
@@ -151,11 +177,35 @@ def _renew(
         signature = client.prove(device_id, nonce)
         check_same_board(client, device_id, digest.hex(), chain_item="renewal_chain_sha256")
         # 5. the proof: old superseded, whitelist on the new serial.
-        ledger.renewals.prove(device_id, nonce, signature, chain_sha256=digest.hex())
+        proved = digest.hex()
+        ledger.renewals.prove(device_id, nonce, signature, chain_sha256=proved)
     except Exception as exc:
+        if proved is not None and new_serial is not None:
+            settled = _confirmed_anyway(ctx, device_id, new_serial)
+            if settled is None:  # the ledger cannot say: leave the board as it is
+                message = (
+                    f"the ledger could not say whether renewal {new_serial} was confirmed "
+                    f"({operator_message(exc)[:500]}): plug the board into a --renew run "
+                    "again once the ledger is back"
+                )
+                return Outcome(device_id, "failed", failure_code(exc), message, live_serial)
+            if settled:
+                log.warning("%s: renewal confirmed despite %s: committing it", device_id, exc)
+                return _commit(client, device_id, new_serial, live_serial, proved)
         return _abandon(client, ctx, device_id, new_serial, live_serial, exc)
     # 6. the board puts the new key and chain in place.
     return _commit(client, device_id, new_serial, live_serial, digest.hex())
+
+
+def _confirmed_anyway(ctx: ProvisionContext, device_id: str, new_serial: str) -> bool | None:
+    """After the confirmation raised: did it commit? (None: the ledger cannot say.)"""
+    try:
+        device = ctx.ledger.get_device(device_id)
+        waiting = ctx.ledger.renewals.pending(device_id)
+    except Exception:
+        log.exception("%s: cannot read back renewal %s", device_id, new_serial)
+        return None
+    return waiting is None and device.serial == new_serial and device.state == "verified"
 
 
 def _abandon(
