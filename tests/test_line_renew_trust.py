@@ -123,3 +123,33 @@ def test_a_line_renews_only_the_boards_of_its_own_batch(
     assert (out.result, out.code) == ("skipped", "renewal-other-batch")
     assert _states(ledger, board_id) == {first.serial: "issued"}
     assert ledger.get_device(board_id).batch == home.batch.name
+
+
+def test_a_commit_whose_answer_was_lost_is_read_back_not_reported_unfinished(
+    station_settings: object, ca: CertificateAuthority
+) -> None:
+    """The board committed the renewal, its answer was lost: STATUS shows the new
+    chain live, so the renewal is done (plugging it in again would renew it again)."""
+    from firmware_hooks.protocol import Timeout
+    from station.line.driver import open_port_client
+    from station.line.provision import provision_board
+
+    ledger = Ledger.from_settings(station_settings)  # type: ignore[arg-type]
+    ctx = _ctx(ledger, ca, "lost-answer")
+    with SimulatedBoard(baudrate=None) as board:
+        first = _run(board, ctx)
+        client = open_port_client(board.port)
+        real = client.renew_commit
+
+        def renew_commit() -> bytes:
+            real()
+            raise Timeout("no valid reply to RENEW_COMMIT")
+
+        client.renew_commit = renew_commit  # type: ignore[method-assign]
+        try:
+            out = provision_board(client, client.hello(), _renewing(ctx))
+        finally:
+            client.close()
+        chain = _files(board.key_dir)[CHAIN_FILE]
+    assert (out.result, out.renews) == ("verified", first.serial), out
+    assert hashlib.sha256(chain).hexdigest() == ledger.get_device(board.hardware_id).chain_sha256

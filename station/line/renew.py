@@ -234,14 +234,25 @@ def _abandon(
     return Outcome(device_id, "failed", code, message[:2000], live_serial)
 
 
+def _committed_anyway(client: BoardClient, chain: str) -> bytes:
+    """After an unanswered (or refused, BAD_STATE) RENEW_COMMIT: a board whose live
+    chain is now the renewal's committed it, and only its answer was lost."""
+    try:
+        status = client.status()
+    except ProtocolError:
+        return b""
+    committed = not status.get("renewal_chain_sha256") and status.get("chain_sha256") == chain
+    return bytes.fromhex(chain) if committed else b""
+
+
 def _commit(
     client: BoardClient, device_id: str, serial: str | None, old: str | None, chain: str
 ) -> Outcome:
     try:
         live = client.renew_commit()
     except ProtocolError as exc:
-        live = b""
         log.warning("%s: renewal commit: %s", device_id, exc)
+        live = _committed_anyway(client, chain)
     if live.hex() != chain:
         message = (
             f"the station confirmed the renewal (serial {serial}) but the board did not "
