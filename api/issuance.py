@@ -21,6 +21,7 @@ def issue(
     reason: str | None = None,
     renews: str | None = None,
     confirm_later: bool = False,
+    station_made_key: bool = False,
 ) -> IssueResult:
     m = station.metrics
     start = time.perf_counter()
@@ -35,6 +36,7 @@ def issue(
             reason=reason,
             renews=renews,
             confirm_later=confirm_later,
+            station_made_key=station_made_key,
         )
     except (StationError, HsmError) as raised:
         # The ledger abandoned the intent as sign-failed; the token's own reason

@@ -249,3 +249,59 @@ def test_serverkeygen_needs_tls(station_settings: Settings) -> None:
         )
         assert r.status_code == 403 and r.text.startswith("est-serverkeygen-needs-tls: "), r.text
         assert client.app.state.station.ledger.certificates("skg-plain") == []  # type: ignore[attr-defined]
+
+
+class _PowerCut(Exception):
+    """The station dies between the token's signature and the ledger's commit."""
+
+
+def test_a_crash_after_the_signature_lets_the_board_ask_again(
+    ca_home: Path, tmp_path: Path, ledger_url: str
+) -> None:
+    """The key lived only in the dead process's memory: recovery must not certify it
+    (nobody holds it) but abandon the intent, and the board's retry gets a new key.
+    On a SQLite file and on PostgreSQL (HTTPS as the app sees it: TestClient's base URL)."""
+    from tests.csrs import csr_der, device_name, make_csr
+
+    settings = settings_for(ca_home, tmp_path / "data", database_url=ledger_url)
+    with Ledger.from_settings(settings) as ledger:
+        ledger.create_batch(
+            "S", product="p", planned_count=1, key_mode="see-rsa", subject_template=TEMPLATE
+        )
+        token = ledger.create_token("crash-board", "board")
+    device = "skg-crash"
+    csr, _ = make_csr(device_name(device))
+    request = {
+        "content": base64.b64encode(csr_der(csr)),
+        "headers": {"Content-Type": "application/pkcs10", "Authorization": f"Bearer {token}"},
+    }
+
+    def power_cut(_cert: x509.Certificate) -> None:
+        raise _PowerCut
+
+    app = create_app(settings)
+    with TestClient(app, base_url="https://testserver") as client:
+        ledger = app.state.station.ledger
+        ledger.after_sign = power_cut
+        with pytest.raises(_PowerCut):
+            client.post("/.well-known/est/S/serverkeygen", **request)
+        ledger.after_sign = None
+        (intent,) = ledger.certificates(device)
+        assert intent.state == "intent"
+
+        report = ledger.recover(app.state.station.issuing_ca())  # as at the next start
+
+        assert report.resigned == ()
+        assert report.failed == ((intent.serial, "serverkeygen-key-lost"),)
+        lost = ledger.certificate(intent.serial)
+        assert lost.state == "failed" and lost.pem is None
+        assert ledger.get_device(device).state == "failed"
+        # The board asks again (the batch plans one board: its retry takes no new place).
+        r = client.post("/.well-known/est/S/serverkeygen", **request)
+        assert r.status_code == 200, r.text
+        serial = r.headers["X-Certificate-Serial"]
+        assert serial != intent.serial
+        assert ledger.certificate(serial).state == "issued"
+        assert ledger.get_device(device).state == "issued"
+        assert [c.state for c in ledger.certificates(device)] == ["failed", "issued"]
+        assert ledger.audit_verify() is None

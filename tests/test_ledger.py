@@ -456,3 +456,37 @@ def test_migrations_create_exactly_the_declared_schema(ledger: Ledger) -> None:
     with ledger.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diff == []
+
+
+def test_migration_0006_leaves_the_boards_own_keys_to_recovery(
+    ledger_url: str, ca: CertificateAuthority
+) -> None:
+    """0006 adds certificates.station_made_key; rows from before it are the boards' own
+    keys (false): an intent a crash left under 0005 is still signed again after it."""
+    from alembic import command
+    from sqlalchemy import create_engine, inspect
+
+    from station.ledger.db import alembic_config, upgrade
+
+    with Ledger(ledger_url, "test-station") as led:
+        led.create_batch(
+            "B1", product="p", planned_count=2, key_mode="board-ecc", subject_template=TEMPLATE
+        )
+        led.after_sign = lambda cert: (_ for _ in ()).throw(SystemExit("crash"))
+        with pytest.raises(SystemExit):
+            led.issue("B1", "dev-1", make_csr("dev-1")[0], ca)
+    engine = create_engine(ledger_url)
+    try:
+        with engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "0005")
+        columns = {c["name"] for c in inspect(engine).get_columns("certificates")}
+        assert "station_made_key" not in columns
+        upgrade(engine)
+        with engine.connect() as conn:
+            assert conn.execute(select(certificates.c.station_made_key)).scalars().all() == [False]
+    finally:
+        engine.dispose()
+    with Ledger(ledger_url, "test-station") as led:
+        report = led.recover(ca)
+        assert len(report.resigned) == 1 and report.failed == ()
+        assert led.get_device("dev-1").state == "issued"

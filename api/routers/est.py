@@ -363,7 +363,9 @@ def _made_and_issued(
     made = serverkeygen.make_key(subject)
     body = bytearray()
     try:
-        result = issuance.issue(station, batch, device_id, made.csr)
+        # Marked in the intent: a crash before the answer loses the key, and recovery
+        # must then abandon the intent (serverkeygen-key-lost), not certify it.
+        result = issuance.issue(station, batch, device_id, made.csr, station_made_key=True)
         serial = serial_hex(result.serial)
         station.ledger.channel_audit.record(
             "est.serverkeygen",

@@ -36,9 +36,9 @@ KEY_HOLDER_COLUMNS = (
 )
 _SQL_INSERT_INTENT = (
     "INSERT INTO certificates (serial, device_pk, batch_id, station_id, state, csr_der, "  # noqa: S608 - fixed text
-    "public_key_sha256, subject, sign_time, days, backdate_seconds, created_at) "
+    "public_key_sha256, subject, sign_time, days, backdate_seconds, created_at, station_made_key) "
     f"VALUES (:serial, :device_pk, :batch_id, :station_id, '{CertState.INTENT.value}', "
-    ":csr_der, :pk, :subject, :now, :days, :backdate, :now) RETURNING id"
+    ":csr_der, :pk, :subject, :now, :days, :backdate, :now, :made) RETURNING id"
 )
 _SQL_MARK_ISSUED = (
     f"UPDATE certificates SET state = '{CertState.ISSUED.value}', pem = :pem, fingerprint = :fp, "  # noqa: S608 - fixed text
@@ -94,8 +94,12 @@ def insert_intent(
     now: datetime,
     days: int,
     backdate_seconds: int,
+    station_made_key: bool = False,
 ) -> int:
-    """Reserve ``serial`` for a board before the token signs; returns the row id."""
+    """Reserve ``serial`` for a board before the token signs; returns the row id.
+
+    ``station_made_key``: the key is the station's, held only in memory (EST
+    serverkeygen); recovery abandons such an intent rather than sign it again."""
     params = {
         "serial": serial,
         "device_pk": device_pk,
@@ -107,6 +111,7 @@ def insert_intent(
         "now": raw.ts(now),
         "days": days,
         "backdate": backdate_seconds,
+        "made": station_made_key,
     }
     return int(raw.value(_SQL_INSERT_INTENT, params))
 
@@ -163,6 +168,7 @@ class Intent:
     crl_url: str | None = None
     ocsp_url: str | None = None
     renews: str | None = None  # a field renewal's predecessor
+    station_made_key: bool = False  # the key died with the process: never signed again
 
 
 def open_intents(
@@ -179,6 +185,7 @@ def open_intents(
             certificates.c.days,
             certificates.c.backdate_seconds,
             certificates.c.renews,
+            certificates.c.station_made_key,
             devices.c.device_id,
             batches.c.subject_template,
             batches.c.crl_url,
@@ -215,6 +222,7 @@ def open_intents(
                 crl_url=m["crl_url"],
                 ocsp_url=m["ocsp_url"],
                 renews=m["renews"],
+                station_made_key=bool(m["station_made_key"]),
             )
         )
     return out

@@ -57,6 +57,14 @@ _SQL_INTENT_CHECKS = (
 )
 
 
+#: Recovery's code for an intent whose key the station made and lost in a crash.
+KEY_LOST = "serverkeygen-key-lost"
+_KEY_LOST_MESSAGE = (
+    "the station made this board's key (EST serverkeygen) and lost it in a crash before "
+    "answering; nothing was issued: the board should ask again (serverkeygen)"
+)
+
+
 class Signer(Protocol):
     """What the issuer needs of a CA: its chain and a signature in the token."""
 
@@ -145,6 +153,7 @@ class Issuer:
         reason: str | None = None,
         renews: str | None = None,
         confirm_later: bool = False,
+        station_made_key: bool = False,
     ) -> IssueResult:
         # Bytes are a PKCS#10 (serial line, JSON API, CLI); EST and CMP hand the request
         # they parsed for their own checks (PKCS#10 or CRMF), so it is parsed once.
@@ -162,8 +171,9 @@ class Issuer:
         for attempt in range(5):
             try:
                 planned = self._record_intent(
-                    batch, device_id, csr, csr_der, pk, reprovision, ca.chain_pem, comeback, renews
-                )
+                    batch, device_id, csr, csr_der, pk, reprovision, ca.chain_pem, comeback, renews,
+                    station_made_key,
+                )  # fmt: skip
                 break
             except IntegrityError as exc:
                 # A serial collision (new serial next time) or a concurrent writer
@@ -225,6 +235,7 @@ class Issuer:
         chain_pem: bytes,
         comeback: str | None = None,
         renews: str | None = None,
+        station_made_key: bool = False,
     ) -> IssueResult | _Planned:
         now = _now()
         # The subject (or why the CSR does not fit) worked out before the write
@@ -335,6 +346,7 @@ class Issuer:
                 now=now,
                 days=b.days,
                 backdate_seconds=self.backdate_seconds,
+                station_made_key=station_made_key,
             )
             detail = {"serial": serial_hex(serial), "batch": batch_name, "public_key_sha256": pk}
             if renews is not None:
@@ -446,7 +458,9 @@ class Issuer:
         """Resolve intents that have no certificate (this station's, or every station's).
 
         Each is signed again with its recorded serial, subject and signing
-        instant, then committed; one that cannot be signed is marked failed.
+        instant, then committed; one that cannot be signed is marked failed, and so
+        is one whose key the station made (``serverkeygen-key-lost``: the key died
+        with the process, the board asks again).
         ``older_than`` leaves alone intents young enough to belong to a run
         that is still signing them.
         """
@@ -460,6 +474,13 @@ class Issuer:
         failed: list[tuple[str, str]] = []
         for it in intents:
             serial = int(it.serial, 16)
+            if it.station_made_key:
+                # The key lived only in the crashed process (EST serverkeygen): signing
+                # again would certify a key nobody holds, and the board could never
+                # ask again (already-provisioned). Failed: its next request is a new key.
+                self.abandon(it.id, it.device_pk, it.device_id, serial, KEY_LOST, _KEY_LOST_MESSAGE)
+                failed.append((it.serial, KEY_LOST))
+                continue
             try:
                 csr = load_request(it.csr_der)
                 cert = ca.issue(

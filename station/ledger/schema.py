@@ -10,6 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from sqlalchemy import (
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
     text,
 )
 
@@ -150,6 +152,9 @@ certificates = Table(
     Column("failure_code", String(64), nullable=True),
     # The serial this certificate succeeded (field renewal), if any.
     Column("renews", String(40), nullable=True),
+    # The station made the key (EST serverkeygen) and kept it only in memory: an
+    # intent a crash left cannot be signed again for a key nobody holds any more.
+    Column("station_made_key", Boolean, nullable=False, server_default=false()),
     CheckConstraint(_in("state", CertState), name="state"),
     # One public key, one certificate, across the whole ledger (abandoned intents aside).
     Index(

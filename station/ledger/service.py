@@ -267,11 +267,14 @@ class Ledger(LedgerReads):
         reason: str | None = None,
         renews: str | None = None,
         confirm_later: bool = False,
+        station_made_key: bool = False,
     ) -> IssueResult:
         """Issue (or hand back) the certificate of ``device_id`` in ``batch``: a PKCS#10
         (bytes) or a request already parsed (EST, CMP; station/request.py). ``renews``: the serial
         this one succeeds (station/ledger/succession.py), confirmed at its commit or, with
         ``confirm_later``, by ``renewals`` (the serial line's proof, CMP's certConf).
+        ``station_made_key``: the station made the key and holds it only in memory
+        (EST serverkeygen): recovery abandons such an intent (serverkeygen-key-lost).
 
         The same device with the same public key gets its certificate back
         (``reused=True``). Codes: malformed-csr, bad-signature, weak-key,
@@ -284,7 +287,7 @@ class Ledger(LedgerReads):
         """
         return self._issuer.issue(
             batch, device_id, csr_der_or_pem, ca, reprovision=reprovision, reason=reason,
-            renews=renews, confirm_later=confirm_later,
+            renews=renews, confirm_later=confirm_later, station_made_key=station_made_key,
         )  # fmt: skip
 
     def recover(
