@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from station.errors import ConfigurationError
 from station.policy import BATCH_NAME_RE
@@ -105,6 +105,12 @@ class Settings(BaseSettings):
         default=None,
         description="Batch of EST requests without a label (/.well-known/est/simpleenroll).",
     )
+    # NoDecode: a comma-separated list in the environment, not JSON.
+    est_serverkeygen_batches: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(),
+        description="Comma-separated batches whose boards may get a station-made key over "
+        "EST serverkeygen (see-rsa batches; the key leaves the station). Empty: none.",
+    )
 
     @field_validator("data_dir")
     @classmethod
@@ -187,6 +193,19 @@ class Settings(BaseSettings):
     def _batch_name(cls, value: str | None) -> str | None:
         if value is not None and BATCH_NAME_RE.fullmatch(value) is None:
             raise ValueError("a batch name: ASCII letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("est_serverkeygen_batches", mode="before")
+    @classmethod
+    def _batch_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [name.strip() for name in value.split(",") if name.strip()]
+        if isinstance(value, list | tuple | set | frozenset):
+            for name in value:
+                if not isinstance(name, str) or BATCH_NAME_RE.fullmatch(name) is None:
+                    raise ValueError(
+                        "comma-separated batch names: ASCII letters, digits, '.', '_' or '-'"
+                    )
         return value
 
     @field_validator("whitelist_table")

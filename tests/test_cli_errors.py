@@ -38,6 +38,7 @@ BAD_VALUES: dict[str, str] = {
     "tls_client_certs": "sometimes",
     "cmp_secrets": "/nonexistent/cmp-secrets",
     "est_default_batch": "../etc",
+    "est_serverkeygen_batches": "S,../etc",
 }
 
 STATION = [str(Path(sys.executable).parent / "station")]

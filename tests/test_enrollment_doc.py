@@ -112,7 +112,7 @@ def test_serverkeygen_doc_commands_work(station_settings: Settings, tmp_path: Pa
         token = ledger.create_token("est-line-1", "board")
     work = tmp_path / "board"
     work.mkdir()
-    with serve(station_settings) as served:
+    with serve(station_settings, STATION_EST_SERVERKEYGEN_BATCHES="SEE-2026-12") as served:
         run_block(blocks_after("### serverkeygen"), served.url, station_settings, work, token)
     cert = x509.load_pem_x509_certificate((work / "board.pem").read_bytes())
     with Ledger.from_settings(station_settings) as ledger:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import email.parser
 import email.policy
+import json
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -73,11 +74,17 @@ def station(ca_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         ledger.create_batch(
             "E", product="p", planned_count=10, key_mode="board-ecc", subject_template=TEMPLATE
         )
+        # see-rsa too, but not opted in: serial line only.
+        ledger.create_batch(
+            "LINE", product="p", planned_count=10, key_mode="see-rsa", subject_template=TEMPLATE
+        )
         token = ledger.create_token("skg-board", "board")
     work = root / "work"
     work.mkdir()
     keys: list[bytes] = []
-    with serve(settings, STATION_EST_DEFAULT_BATCH="S") as served:
+    with serve(
+        settings, STATION_EST_DEFAULT_BATCH="S", STATION_EST_SERVERKEYGEN_BATCHES="E, S"
+    ) as served:
         yield Station(served, settings, token, work, keys)
     # The server's log (read once it stopped) holds nothing of any key it handed out.
     log = "".join(served.log)
@@ -194,6 +201,7 @@ def test_the_default_batch_and_a_second_request(station: Station) -> None:
     ("case", "status", "code"),
     [
         ("board-ecc-batch", 403, "est-key-mode"),
+        ("not-enabled", 403, "est-serverkeygen-not-enabled"),
         ("no-auth", 401, "unauthorized"),
         ("no-cn", 422, "est-no-device-id"),
         ("wrong-subject", 422, "subject-mismatch"),
@@ -216,7 +224,7 @@ def test_serverkeygen_refusals(station: Station, case: str, status: int, code: s
     openssl("base64", "-in", f"{name}.der", "-out", f"{name}.b64", cwd=s.work)
     if case == "not-base64":
         (s.work / f"{name}.b64").write_bytes(b"{not base64}")
-    path = "/E/serverkeygen" if case == "board-ecc-batch" else "/S/serverkeygen"
+    path = {"board-ecc-batch": "/E", "not-enabled": "/LINE"}.get(case, "/S") + "/serverkeygen"
     auth = [] if case == "no-auth" else ["-u", f"board:{s.token}"]
     certs_before = s.count(certificates)
     refused_before = s.count(audit_log, audit_log.c.action == "est.refused")
@@ -251,6 +259,51 @@ def test_serverkeygen_needs_tls(station_settings: Settings) -> None:
         assert client.app.state.station.ledger.certificates("skg-plain") == []  # type: ignore[attr-defined]
 
 
+def test_serverkeygen_is_off_unless_the_operator_names_the_batch(
+    ca_home: Path, tmp_path: Path
+) -> None:
+    """A see-rsa batch's keys went only into Secure Elements over the serial line:
+    handing one out over the network is the operator's choice per batch
+    (STATION_EST_SERVERKEYGEN_BATCHES, empty by default). Refused before any key is
+    made, audited, nothing issued; the same batch named in the setting issues."""
+    from tests.csrs import csr_der, device_name, make_csr
+
+    csr, _ = make_csr(device_name("skg-off"))
+    request = {
+        "content": base64.b64encode(csr_der(csr)),
+        "headers": {"Content-Type": "application/pkcs10"},
+    }
+    data = tmp_path / "data"
+    for enabled, status in ((None, 403), ("S", 200)):
+        overrides = {} if enabled is None else {"est_serverkeygen_batches": enabled}
+        settings = settings_for(ca_home, data, **overrides)
+        if enabled is None:
+            assert settings.est_serverkeygen_batches == frozenset()
+            with Ledger.from_settings(settings) as ledger:
+                ledger.create_batch(
+                    "S", product="p", planned_count=3, key_mode="see-rsa", subject_template=TEMPLATE
+                )
+                token = ledger.create_token("off-board", "board")
+        request["headers"]["Authorization"] = f"Bearer {token}"  # type: ignore[index]
+        app = create_app(settings)
+        with TestClient(app, base_url="https://testserver") as client:
+            r = client.post("/.well-known/est/S/serverkeygen", **request)  # type: ignore[arg-type]
+            ledger = app.state.station.ledger
+            if status == 403:
+                assert r.status_code == 403, r.text
+                assert r.text.startswith("est-serverkeygen-not-enabled: "), r.text
+                assert "STATION_EST_SERVERKEYGEN_BATCHES" in r.text
+                assert ledger.certificates("skg-off") == []
+                with ledger.engine.connect() as conn:
+                    (detail,) = conn.execute(
+                        select(audit_log.c.detail).where(audit_log.c.action == "est.refused")
+                    ).scalars()
+                assert json.loads(detail)["code"] == "est-serverkeygen-not-enabled"
+            else:
+                assert r.status_code == 200, r.text
+                assert [c.state for c in ledger.certificates("skg-off")] == ["issued"]
+
+
 class _PowerCut(Exception):
     """The station dies between the token's signature and the ledger's commit."""
 
@@ -263,7 +316,9 @@ def test_a_crash_after_the_signature_lets_the_board_ask_again(
     On a SQLite file and on PostgreSQL (HTTPS as the app sees it: TestClient's base URL)."""
     from tests.csrs import csr_der, device_name, make_csr
 
-    settings = settings_for(ca_home, tmp_path / "data", database_url=ledger_url)
+    settings = settings_for(
+        ca_home, tmp_path / "data", database_url=ledger_url, est_serverkeygen_batches="S"
+    )
     with Ledger.from_settings(settings) as ledger:
         ledger.create_batch(
             "S", product="p", planned_count=1, key_mode="see-rsa", subject_template=TEMPLATE

@@ -395,6 +395,7 @@ async def _serverkeygen(request: Request, label: str | None) -> Response:
         token = _basic_password(request.headers.get("authorization"))
         permit(await authenticate(station, token, client_address(request)), _BOARD_UP)
         batch = await run_in_threadpool(_batch_of, station, label, serverkeygen.STATION_MADE)
+        serverkeygen.check_enabled(batch, station.settings.est_serverkeygen_batches)
         body = await request.body()
         # RFC 7030 4.4.1: the CSR is a template; its key and signature are ignored
         # (parsed, never checked: a board that cannot make keys signs it with any).

@@ -2,8 +2,9 @@
 board that cannot make one.
 
 Only for batches whose keys the station makes (``see-rsa``: RSA-2048, the key the
-serial line pushes into an ARTIK Secure Element); a ``board-ecc`` board makes its
-own key and uses simpleenroll. The key is made in software, not in the token: the
+serial line pushes into an ARTIK Secure Element) that an operator opted in
+(``STATION_EST_SERVERKEYGEN_BATCHES``, none by default); a ``board-ecc`` board makes
+its own key and uses simpleenroll. The key is made in software, not in the token: the
 board needs the private key, and a token key is non-extractable by design. The
 station builds and signs a CSR with it for the board's subject, so the certificate
 comes out of the one issuance path like any other (policy, intent, HSM signature,
@@ -27,11 +28,28 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from station.errors import Kind, StationError
 from station.ledger.schema import KeyMode
 
 #: Key modes whose keys the station makes: serverkeygen serves these batches only.
 STATION_MADE = frozenset({KeyMode.SEE_RSA.value})
 RSA_BITS = 2048
+
+
+def check_enabled(batch: str, enabled: frozenset[str]) -> None:
+    """Refuse unless the operator opted ``batch`` in (``STATION_EST_SERVERKEYGEN_BATCHES``).
+
+    A ``see-rsa`` key otherwise only ever goes into a board's Secure Element over the
+    serial line; handing one out over the network, to any holder of a board token, is
+    a choice made per batch, off by default. Codes: est-serverkeygen-not-enabled.
+    """
+    if batch not in enabled:
+        raise StationError(
+            f"serverkeygen is not enabled for batch {batch!r}: an operator lists it in "
+            "STATION_EST_SERVERKEYGEN_BATCHES",
+            code="est-serverkeygen-not-enabled",
+            kind=Kind.FORBIDDEN,
+        )
 
 
 @dataclass
