@@ -304,6 +304,54 @@ def test_serverkeygen_is_off_unless_the_operator_names_the_batch(
                 assert [c.state for c in ledger.certificates("skg-off")] == ["issued"]
 
 
+def test_the_cheap_refusals_come_before_the_key_is_made(
+    ca_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A board that already has its certificate, a closed or full batch, a subject that
+    does not fit: refused with the issuer's codes without an RSA-2048 generation each
+    (make_key is counted, and still makes the real key, when it runs)."""
+    from station.enroll import serverkeygen as skg
+    from tests.csrs import csr_der, device_name, make_csr, name
+
+    made: list[x509.Name] = []
+    real_make_key = skg.make_key
+
+    def counted(subject: x509.Name) -> skg.MadeKey:
+        made.append(subject)
+        return real_make_key(subject)
+
+    monkeypatch.setattr(skg, "make_key", counted)
+    settings = settings_for(ca_home, tmp_path / "data", est_serverkeygen_batches="S,C,F")
+    with Ledger.from_settings(settings) as ledger:
+        for batch, planned in (("S", 5), ("C", 5), ("F", 1)):
+            ledger.create_batch(
+                batch, product="p", planned_count=planned, key_mode="see-rsa",
+                subject_template=TEMPLATE,
+            )  # fmt: skip
+        ledger.close_batch("C")
+        token = ledger.create_token("cheap-board", "board")
+
+    def ask(client: TestClient, batch: str, subject: x509.Name) -> tuple[int, str]:
+        csr, _ = make_csr(subject)
+        r = client.post(
+            f"/.well-known/est/{batch}/serverkeygen",
+            content=base64.b64encode(csr_der(csr)),
+            headers={"Content-Type": "application/pkcs10", "Authorization": f"Bearer {token}"},
+        )
+        return r.status_code, r.text.split(":")[0]
+
+    with TestClient(create_app(settings), base_url="https://testserver") as client:
+        assert ask(client, "S", device_name("cheap-1"))[0] == 200
+        assert ask(client, "F", device_name("cheap-f1"))[0] == 200
+        assert len(made) == 2
+        assert ask(client, "S", device_name("cheap-1")) == (409, "already-provisioned")
+        assert ask(client, "C", device_name("cheap-2")) == (409, "batch-closed")
+        assert ask(client, "F", device_name("cheap-f2")) == (409, "batch-full")
+        other = name(O="other", OU="team", CN="cheap-3", C="US")
+        assert ask(client, "S", other) == (422, "subject-mismatch")
+        assert len(made) == 2  # no key made for any refusal
+
+
 class _PowerCut(Exception):
     """The station dies between the token's signature and the ledger's commit."""
 

@@ -402,6 +402,9 @@ async def _serverkeygen(request: Request, label: str | None) -> Response:
         template = est.read_request(body, request.headers.get("content-type"))
         device_id = est.device_id_of(template)
         entity = device_id
+        # The issuer's cheap refusals before the key's tens of milliseconds in the
+        # issue executor; the issuer still judges in its transaction.
+        await run_in_threadpool(station.ledger.prechecks.new_key, batch, device_id, template)
         make = functools.partial(_made_and_issued, station, batch, device_id, template.subject)
         answer, content_type, serial = await asyncio.get_running_loop().run_in_executor(
             station.issue_executor, make

@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 
 from station import policy
 from station.ca import DeviceProfile, new_serial
-from station.errors import ConflictError, Kind, NotFoundError, PolicyError, StationError
+from station.errors import ConflictError, Kind, PolicyError, StationError
 from station.ledger import audit, batches, certificates, changes, devices, succession
 from station.ledger.batches import BatchHead
 from station.ledger.certificates import SignedCertificate
@@ -36,6 +36,7 @@ from station.ledger.devices import LiveDevice
 from station.ledger.groupcommit import GroupCommitter
 from station.ledger.lifecycle import Event
 from station.ledger.rawsql import Raw
+from station.ledger.reads import unknown_batch
 from station.ledger.records import IssueResult, RecoveryReport
 from station.ledger.revocation import device_revoked
 from station.ledger.schema import CertState, DeviceState
@@ -49,7 +50,7 @@ AS_PRESENTED = "*"
 
 # Everything the intent checks, in one statement: the batch, the board and its
 # live certificate if any, and which board (if any) already holds this key.
-_SQL_INTENT_CHECKS = (
+SQL_INTENT_CHECKS = (
     f"SELECT {batches.HEAD_COLUMNS}, {devices.LIVE_COLUMNS}, "  # noqa: S608 - fixed text
     f"{certificates.KEY_HOLDER_COLUMNS} "
     f"FROM batches b LEFT OUTER JOIN devices d ON d.device_id = :device_id "
@@ -103,6 +104,26 @@ def subject_for(template: str, device_id: str, csr: CertRequest) -> x509.Name:
         )
     policy.check_subject(presented, expected)
     return expected
+
+
+def batch_closed(batch: str) -> ConflictError:
+    return ConflictError(f"batch {batch!r} is closed", code="batch-closed")
+
+
+def issuance_in_progress(device_id: str, serial: str | None) -> ConflictError:
+    return ConflictError(
+        f"device {device_id!r} has an issuance in progress (serial {serial}); run "
+        "recovery if a station crashed",
+        code="issuance-in-progress",
+    )
+
+
+def already_provisioned(device_id: str, serial: str | None) -> ConflictError:
+    return ConflictError(
+        f"device {device_id!r} already has live certificate {serial} for another key; "
+        "re-provision to replace it",
+        code="already-provisioned",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,15 +274,15 @@ class Issuer:
         def write(conn: Connection) -> IssueResult | _Planned:
             raw = Raw(conn)
             row = raw.first(
-                _SQL_INTENT_CHECKS, {"name": batch_name, "device_id": device_id, "pk": pk}
+                SQL_INTENT_CHECKS, {"name": batch_name, "device_id": device_id, "pk": pk}
             )
             if row is None:
-                raise NotFoundError(f"no batch named {batch_name!r}", code="unknown-batch")
+                raise unknown_batch(batch_name)
             b = BatchHead.of(row)
             d = None if row["d_id"] is None else LiveDevice.of(row)
             # A closed batch stops new boards, not the field renewal of its own.
             if not b.is_open and renews is None:
-                raise ConflictError(f"batch {batch_name!r} is closed", code="batch-closed")
+                raise batch_closed(batch_name)
             if early is not None and b.subject_template == seen_template:
                 if isinstance(early, PolicyError):
                     raise early
@@ -288,19 +309,11 @@ class Issuer:
                 succession.begin(raw, d.cert_id)
             elif d is not None and d.cert_id is not None:
                 if d.cert_state is CertState.INTENT:
-                    raise ConflictError(
-                        f"device {device_id!r} has an issuance in progress (serial "
-                        f"{d.serial}); run recovery if a station crashed",
-                        code="issuance-in-progress",
-                    )
+                    raise issuance_in_progress(device_id, d.serial)
                 if d.public_key_sha256 == pk and d.batch_id == b.id:
                     return self._reuse(conn, d, device_id, batch_name, chain_pem, now)
                 if not reprovision:
-                    raise ConflictError(
-                        f"device {device_id!r} already has live certificate {d.serial} "
-                        "for another key; re-provision to replace it",
-                        code="already-provisioned",
-                    )
+                    raise already_provisioned(device_id, d.serial)
                 assert d.serial is not None
                 changes.revoke_certificate(
                     conn, d.cert_id, device_id, d.serial, "reprovisioned", now, self.station_id

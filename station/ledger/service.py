@@ -42,6 +42,7 @@ from station.ledger.devices import LiveDevice
 from station.ledger.groupcommit import GroupCommitter
 from station.ledger.issuer import AS_PRESENTED, Issuer, Signer
 from station.ledger.lifecycle import Event
+from station.ledger.prechecks import Prechecks
 from station.ledger.rawsql import Raw
 from station.ledger.reads import LedgerReads, unknown_batch, unknown_device
 from station.ledger.records import (
@@ -104,6 +105,7 @@ class Ledger(LedgerReads):
         # Verified on first authenticated contact (EST, CMP): station/ledger/contact.py.
         self.contact = Contact(self.engine, self._writes, station_id)
         self.renewals = Renewals(self.engine, self._writes, station_id)  # confirmed later
+        self.prechecks = Prechecks(self.engine)  # the issuer's refusals, early (serverkeygen)
         self._issuer.after_sign = self._after_sign
         self._templates = self._issuer.templates
         if migrate:
