@@ -17,6 +17,7 @@ import email.parser
 import email.policy
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.app import create_app
+from station.ca import CertificateAuthority, DeviceProfile
 from station.ledger import Ledger
 from station.ledger.schema import audit_log, certificates
 from station.settings import Settings
@@ -350,6 +352,58 @@ def test_the_cheap_refusals_come_before_the_key_is_made(
         other = name(O="other", OU="team", CN="cheap-3", C="US")
         assert ask(client, "S", other) == (422, "subject-mismatch")
         assert len(made) == 2  # no key made for any refusal
+
+
+def test_the_answer_is_built_in_one_buffer_from_views_of_the_key(
+    ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer is allocated once at its final size (growing it with += would leave
+    the superseded buffers, with the key's base64 in them, unwiped), and the key is
+    read through views, never sliced into copies; wiping it leaves no byte of it."""
+    from station.enroll import est
+    from station.enroll import serverkeygen as skg
+
+    made = skg.make_key(x509.Name.from_rfc4514_string("CN=skg-wipe,O=company"))
+    cert = ca.issue(
+        made.csr, subject=made.csr.subject, serial=x509.random_serial_number(),
+        profile=DeviceProfile(days=1),
+    )  # fmt: skip
+    key_der = bytes(made.pkcs8)
+    fed: list[type] = []
+    b64encode = base64.b64encode
+
+    def watched(data: bytes | bytearray | memoryview) -> bytes:
+        fed.append(type(data))
+        return b64encode(data)
+
+    monkeypatch.setattr(est.base64, "b64encode", watched)
+    body, ctype = est.serverkeygen_body(made.pkcs8, cert)
+    monkeypatch.undo()
+
+    assert sys.getsizeof(body) == sys.getsizeof(bytearray(len(body)))
+    assert fed and set(fed) == {memoryview}
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {ctype}\r\n\r\n".encode() + bytes(body)
+    )
+    key_part, cert_part = message.iter_parts()  # type: ignore[attr-defined]
+    assert base64.b64decode(str(key_part.get_payload())) == key_der
+    lines = str(key_part.get_payload()).rstrip("\r\n").split("\r\n")
+    assert all(len(line) == 64 for line in lines[:-1]) and 0 < len(lines[-1]) <= 64
+    assert cert_part.get_content_type() == "application/pkcs7-mime"
+    skg.wipe(made.pkcs8, body)
+    assert not any(made.pkcs8) and not any(body)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 47, 48, 49, 96, 1217, 1218, 1219])
+def test_the_key_lines_fill_their_buffer_exactly(n: int) -> None:
+    from station.enroll.est import _b64_into, _b64_size
+
+    data = bytes(range(256)) * 5
+    data = data[:n]
+    out = bytearray(_b64_size(n))
+    assert _b64_into(memoryview(out), 0, bytearray(data)) == len(out)
+    assert base64.b64decode(bytes(out)) == data
+    assert all(len(line) <= 64 for line in bytes(out).split(b"\r\n"))
 
 
 class _PowerCut(Exception):

@@ -17,7 +17,8 @@ then ``Ledger.issue``): CSR policy, intent, HSM signature, ledger, audit.
   whitelist follows the new serial (station/ledger/succession.py). Under the
   device's own batch's label or none (station/enroll/batch_label.py).
 * ``serverkeygen``: as simpleenroll, for boards that cannot make keys, in batches
-  whose keys the station makes (station/enroll/serverkeygen.py); HTTPS only.
+  whose keys the station makes (station/enroll/serverkeygen.py) and that the operator
+  named in ``STATION_EST_SERVERKEYGEN_BATCHES``; HTTPS only.
 
 Errors are RFC 7030's: a 4xx/5xx status and a one-line ``text/plain`` body
 ``code: message``; each refusal is audited (``est.refused``) and nothing is issued.

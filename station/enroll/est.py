@@ -156,13 +156,29 @@ def device_id_of(csr: CertRequest) -> str:
 PKCS8 = "application/pkcs8"
 
 
-def _b64_into(out: bytearray, der: bytes | bytearray) -> None:
-    """Base64 of ``der`` appended to ``out`` in 64-character lines, no immutable copy of
-    the whole (``base64.b64encode`` of a key would leave one the station cannot wipe)."""
-    for at in range(0, len(der), 48):
-        line = base64.b64encode(der[at : at + 48])
-        out += line
-        out += b"\r\n"
+_LINE = 48  # bytes per base64 line: 64 characters
+
+
+def _b64_size(n: int) -> int:
+    """Length of :func:`_b64_into`'s output for ``n`` bytes (64-character lines, CRLF)."""
+    full, rest = divmod(n, _LINE)
+    return full * (64 + 2) + (4 * -(-rest // 3) + 2 if rest else 0)
+
+
+def _b64_into(out: memoryview, at: int, der: bytes | bytearray) -> int:
+    """Base64 of ``der`` written into ``out`` from ``at`` in 64-character lines; returns
+    the position after it. ``der`` is read through a view (its slices are not copies)
+    and ``out`` is pre-sized, so no buffer holding the key's bytes is left behind,
+    except one Python cannot wipe: the immutable 64-character ``bytes`` of each line
+    that ``base64.b64encode`` returns, freed (not cleared) once copied into ``out``."""
+    with memoryview(der) as src:
+        for start in range(0, len(src), _LINE):
+            line = base64.b64encode(src[start : start + _LINE])
+            out[at : at + len(line)] = line
+            out[at + len(line) : at + len(line) + 2] = b"\r\n"
+            at += len(line) + 2
+            del line
+    return at
 
 
 def serverkeygen_body(key_pkcs8: bytearray, cert: x509.Certificate) -> tuple[bytearray, str]:
@@ -170,16 +186,28 @@ def serverkeygen_body(key_pkcs8: bytearray, cert: x509.Certificate) -> tuple[byt
     key first (``application/pkcs8``, base64 PrivateKeyInfo), then the certificate as
     simpleenroll answers it (``application/pkcs7-mime; smime-type=certs-only``, base64).
 
-    The body is a bytearray: the caller wipes it once it is handed to the server.
+    The body is one bytearray allocated at its final size (growing it would leave the
+    superseded buffers, the key's base64 in them, unwiped): the caller wipes it once it
+    is handed to the server.
     """
     boundary = "est-" + secrets.token_hex(16)
-    out = bytearray()
-    out += f"--{boundary}\r\nContent-Type: {PKCS8}\r\n".encode()
-    out += b"Content-Transfer-Encoding: base64\r\n\r\n"
-    _b64_into(out, key_pkcs8)
-    out += f"--{boundary}\r\nContent-Type: {CERTS_ONLY}\r\n".encode()
-    out += b"Content-Transfer-Encoding: base64\r\n\r\n"
+    key_head = (
+        f"--{boundary}\r\nContent-Type: {PKCS8}\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    ).encode()
+    cert_head = (
+        f"--{boundary}\r\nContent-Type: {CERTS_ONLY}\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    ).encode()
     # MIME lines here (unlike certs_only's one line for strongSwan's simpleenroll).
-    _b64_into(out, pkcs7.serialize_certificates([cert], serialization.Encoding.DER))
-    out += f"--{boundary}--\r\n".encode()
+    p7 = pkcs7.serialize_certificates([cert], serialization.Encoding.DER)
+    tail = f"--{boundary}--\r\n".encode()
+    size = len(key_head) + _b64_size(len(key_pkcs8)) + len(cert_head)
+    size += _b64_size(len(p7)) + len(tail)
+    out = bytearray(size)
+    with memoryview(out) as view:
+        view[: len(key_head)] = key_head
+        at = _b64_into(view, len(key_head), key_pkcs8)
+        view[at : at + len(cert_head)] = cert_head
+        at = _b64_into(view, at + len(cert_head), p7)
+        view[at:] = tail
+    assert at + len(tail) == size
     return out, f'multipart/mixed; boundary="{boundary}"'

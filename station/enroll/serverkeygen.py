@@ -11,13 +11,17 @@ comes out of the one issuance path like any other (policy, intent, HSM signature
 ledger, audit; a fresh key can never be a duplicate, and a board that already has
 a live certificate is refused ``already-provisioned``).
 
-Wiping, as the serial line does for ARTIK keys (station/line/provision.py): the
-PKCS#8 DER and the answer built from it are bytearrays, zeroed by :func:`wipe`
-whatever happens. What is not wiped (Python cannot overwrite immutable bytes,
-only drop them): the bytes ``private_bytes`` returns, the body bytes the HTTP
-server is handed and the copies TLS makes of them. They are freed, not cleared.
-The key object is dropped (OpenSSL clears its private numbers when it frees them).
-The key never touches the station's disk, the ledger or the logs.
+Wiping, as the serial line does for ARTIK keys (station/line/provision.py), as far
+as Python allows. Zeroed by :func:`wipe` whatever happens: the PKCS#8 DER and the
+answer built from it, both bytearrays (the answer allocated once at its final size
+and the key read through views, so no grown-and-abandoned buffer or slice copy of
+them is left: station/enroll/est.py). Not wiped, because Python cannot overwrite
+immutable ``bytes``, only drop them, and they are freed, not cleared: the bytes
+``private_bytes`` returns, the 64-character line ``base64.b64encode`` returns for
+each 48 bytes of the key, the body ``bytes`` the HTTP server is handed, and the
+copies the server and TLS make of it. The key object is dropped (OpenSSL clears
+its private numbers when it frees them). The key never touches the station's
+disk, the ledger or the logs.
 """
 
 from __future__ import annotations
