@@ -296,17 +296,29 @@ class Issuer:
             if revoked and not comeback:
                 raise device_revoked(device_id)
             if renews is not None:
+                # A renewal stays in the device's own batch, open or closed.
+                if d is not None and d.batch_id != b.id:
+                    raise succession.other_batch(device_id, batch_name)
                 if d is not None and d.cert_state is CertState.ISSUED:
-                    # An earlier renewal of this certificate that was never confirmed.
                     stale = succession.pending(raw, d.id)
-                    if stale is not None and stale.waiting and stale.old_serial == renews.lower():
-                        succession.abandon_pending(
-                            conn, self.station_id, d.id, device_id, "renewal-restarted", now
-                        )
+                    if stale is not None and stale.waiting:
+                        if stale.old_serial == renews.lower():
+                            # An earlier renewal of this certificate, never confirmed.
+                            succession.abandon_pending(
+                                conn, self.station_id, d.id, device_id, "renewal-restarted", now
+                            )
+                        elif stale.new_serial == renews.lower():
+                            # A renewal from the successor still waiting for its
+                            # confirmation: every caller authenticated the request with
+                            # it (CMP signature, TLS client certificate), so the board
+                            # holds it and uses it: confirmed here, then renewed from.
+                            succession.confirm_waiting(
+                                raw, self.station_id, d.id, device_id, stale, now
+                            )
                         d = devices.live(raw, device_id)
                 succession.check(d, device_id, renews, pk)
                 assert d is not None and d.cert_id is not None
-                succession.begin(raw, d.cert_id)
+                succession.begin(raw, d.cert_id, d.id)
             elif d is not None and d.cert_id is not None:
                 if d.cert_state is CertState.INTENT:
                     raise issuance_in_progress(device_id, d.serial)

@@ -285,7 +285,10 @@ class Ledger(LedgerReads):
         (a live certificate for another key; pass ``reprovision=True`` to revoke
         it), duplicate-key, issuance-in-progress, sign-failed, device-revoked (a
         revoked board comes back only re-provisioned with a ``reason``, audited:
-        station.ledger.revocation).
+        station.ledger.revocation); with ``renews``: renewal-not-current,
+        renewal-same-key, renewal-in-progress, renewal-other-batch (a renewal names
+        the device's own batch). ``renews`` naming the successor still waiting for its
+        confirmation confirms it first: the caller authenticated the request with it.
         """
         return self._issuer.issue(
             batch, device_id, csr_der_or_pem, ca, reprovision=reprovision, reason=reason,

@@ -32,8 +32,15 @@ certificate, so superseding the one it uses would take that off the whitelist).
 A renewal of the old certificate while an earlier one still waits for its
 confirmation abandons the earlier one first (a session a crash or a lost
 certConf left behind); one still being signed is ``issuance-in-progress``.
+A renewal *from* the successor that waits (CMP kur signed with it, EST
+simplereenroll or the JSON API authenticated by it: the board holds and uses
+it) confirms it first, in the same transaction, then renews from it. A device
+has at most one ``renewing`` certificate: :func:`begin` refuses a second
+(``renewal-in-progress``).
 
 A closed batch still renews its boards: closing stops new boards, not the field.
+A renewal names the device's own batch (``renewal-other-batch`` otherwise): it
+never moves a board into another batch.
 The new certificate row names its predecessor in ``renews``.
 """
 
@@ -45,14 +52,23 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from station.errors import ConflictError, NotFoundError
+from station.errors import ConflictError, Kind, NotFoundError, StationError
 from station.ledger import audit, certificates
 from station.ledger.rawsql import Raw
 from station.ledger.schema import CertState, DeviceState
 
-_SQL_BEGIN = "UPDATE certificates SET state = 'renewing' WHERE id = :cid AND state = 'issued'"
+# At most one renewing certificate per device: begin() refuses a second one (the
+# NOT EXISTS holds against a concurrent writer too); the reads still name an order.
+_SQL_BEGIN = (
+    "UPDATE certificates SET state = 'renewing' WHERE id = :cid AND state = 'issued' "
+    "AND NOT EXISTS (SELECT 1 FROM certificates r WHERE r.device_pk = :did "
+    "AND r.state = 'renewing')"
+)
 _SQL_LINK = "UPDATE certificates SET renews = :old WHERE id = :cid"
-_SQL_RENEWING = "SELECT id, serial FROM certificates WHERE device_pk = :did AND state = 'renewing'"
+_SQL_RENEWING = (
+    "SELECT id, serial FROM certificates WHERE device_pk = :did AND state = 'renewing' "
+    "ORDER BY id DESC"
+)
 _SQL_SUPERSEDE = "UPDATE certificates SET state = 'superseded' WHERE id = :cid"
 _SQL_RESTORE = "UPDATE certificates SET state = 'issued' WHERE id = :cid"
 _SQL_WHITELIST_DROP = "DELETE FROM whitelist WHERE device_pk = :did"
@@ -67,7 +83,7 @@ _SQL_PENDING = (
     "SELECT o.id AS old_id, o.serial AS old_serial, n.id AS new_id, n.serial AS new_serial, "
     "n.state AS new_state FROM certificates o LEFT OUTER JOIN certificates n "
     "ON n.device_pk = o.device_pk AND n.renews = o.serial AND n.state IN ('intent', 'issued') "
-    "WHERE o.device_pk = :did AND o.state = 'renewing'"
+    "WHERE o.device_pk = :did AND o.state = 'renewing' ORDER BY o.id DESC, n.id DESC"
 )
 _SQL_CHAIN = "UPDATE devices SET chain_sha256 = :chain WHERE id = :did"
 
@@ -130,11 +146,47 @@ def check(d: Any, device_id: str, renews: str, pk: str) -> None:
         )
 
 
-def begin(raw: Raw, cert_id: int) -> None:
-    """The old certificate steps aside for the new intent (still whitelisted)."""
-    done = raw.run(_SQL_BEGIN, {"cid": cert_id})
-    if done.rowcount != 1:
-        raise ConflictError("the certificate changed meanwhile", code="ledger-conflict")
+def begin(raw: Raw, cert_id: int, device_pk: int) -> None:
+    """The old certificate steps aside for the new intent (still whitelisted).
+
+    Codes: renewal-in-progress (the device already has a renewing certificate),
+    ledger-conflict (the certificate changed meanwhile).
+    """
+    done = raw.run(_SQL_BEGIN, {"cid": cert_id, "did": device_pk})
+    if done.rowcount == 1:
+        return
+    other = raw.first(_SQL_RENEWING, {"did": device_pk})
+    if other is not None:
+        raise ConflictError(
+            f"certificate {other['serial']} of this device is already being renewed",
+            code="renewal-in-progress",
+        )
+    raise ConflictError("the certificate changed meanwhile", code="ledger-conflict")
+
+
+def confirm_waiting(
+    raw: Raw, station_id: str, device_pk: int, device_id: str, p: Pending, now: datetime
+) -> None:
+    """Confirm the waiting successor ``p`` because a request proved possession of it
+    (a renewal from it: CMP kur signed with it, EST or the JSON API authenticated by
+    it as the TLS client certificate). The board holds and uses it, which is what a
+    certConf or the serial line's proof would have said."""
+    assert p.waiting and p.new_id is not None and p.new_serial is not None
+    complete(raw, station_id, device_pk, device_id, p.new_id, p.new_serial, now)
+    audit.append(
+        raw, station_id, "cert.renewal-confirmed", device_id,
+        {"serial": p.new_serial, "by": "renewal-from-it"}, now=now,
+    )  # fmt: skip
+
+
+def other_batch(device_id: str, named: str) -> StationError:
+    """A renewal stays in the device's own batch (station/enroll/batch_label.py's rule)."""
+    return StationError(
+        f"device {device_id!r} belongs to another batch than {named!r}; its certificate "
+        "is renewed in its own batch",
+        code="renewal-other-batch",
+        kind=Kind.FORBIDDEN,
+    )
 
 
 def link(raw: Raw, new_cert_id: int, old_serial: str) -> None:
