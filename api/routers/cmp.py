@@ -250,6 +250,29 @@ def _authenticate(station: AppContext, msg: Any, h: cmp.Header) -> tuple[str, An
     return f"serial:{record.serial}", record
 
 
+_LIVE = (CertState.ISSUED.value, CertState.RENEWING.value)
+
+
+def _signer_live(record: Any) -> None:
+    """A signed request needs a live signer: issued, or renewing (live and whitelisted
+    while its renewal waits). Superseded or revoked: certRevoked (docs/enrollment.md)."""
+    if record is not None and record.state not in _LIVE:
+        raise cmp.CmpError(
+            f"the signer certificate is {record.state}", failure="certRevoked",
+            code="cmp-certificate-not-live", kind=Kind.FORBIDDEN,
+        )  # fmt: skip
+
+
+def _not_waiting(record: Any) -> cmp.CmpError:
+    """A certConf for a certificate no longer waiting for it (its renewal abandoned or
+    restarted, or the certificate superseded or revoked meanwhile)."""
+    return cmp.CmpError(
+        f"certificate {record.serial} is {record.state}: it no longer waits for this "
+        "certConf", failure="certRevoked" if record.state == CertState.REVOKED.value
+        else "badRequest", code="cmp-cert-not-waiting", kind=Kind.CONFLICT,
+    )  # fmt: skip
+
+
 def _device_id(request: CertRequest) -> str:
     cn = common_name(request.subject)
     if cn is None:
@@ -283,12 +306,9 @@ def _enrol(station: AppContext, msg: Any, h: cmp.Header, label: str) -> tuple[by
         device_id = _device_id(request)
         result = issuance.issue(station, batch, device_id, request)
     else:
-        # Renewing: an earlier renewal it never confirmed (the ledger abandons that one).
-        if record.state not in (CertState.ISSUED.value, CertState.RENEWING.value):
-            raise cmp.CmpError(
-                f"the signer certificate is {record.state}", failure="certRevoked",
-                code="cmp-certificate-not-live", kind=Kind.FORBIDDEN,
-            )  # fmt: skip
+        # Renewing: an earlier renewal it never confirmed (the ledger abandons that one),
+        # or from the successor still waiting for its certConf (the ledger confirms it).
+        _signer_live(record)
         # A board renews in its own batch, which must take CMP (batch_label.py).
         _batch_of(station, renewal_batch(label, record.batch, record.device_id))
         current = x509.load_pem_x509_certificate((record.pem or "").encode())
@@ -321,7 +341,8 @@ def _enrol(station: AppContext, msg: Any, h: cmp.Header, label: str) -> tuple[by
 
 
 def _cert_conf(station: AppContext, msg: Any, h: cmp.Header) -> tuple[bytes, str]:
-    sender, _ = _authenticate(station, msg, h)
+    sender, signer = _authenticate(station, msg, h)
+    _signer_live(signer)  # a superseded certificate confirms nothing
     assert h.transaction_id is not None
     try:
         tx = station.ledger.cmp_transactions.get(h.transaction_id)
@@ -360,12 +381,35 @@ def _cert_conf(station: AppContext, msg: Any, h: cmp.Header) -> tuple[bytes, str
             "the transaction was confirmed meanwhile", failure="transactionIdInUse",
             code="cmp-transaction-in-use", kind=Kind.CONFLICT,
         )  # fmt: skip
-    renewals = station.ledger.renewals
-    if rejected:
-        if not renewals.abandon(tx.device_id, "cmp-cert-rejected", serial=tx.serial):
-            station.ledger.revoke(tx.device_id, "rejected by the device in CMP certConf")
-    elif not renewals.confirm(tx.device_id, tx.serial):
-        station.ledger.mark_verified(tx.device_id)
+    renewals, revoked = station.ledger.renewals, record.state == CertState.REVOKED.value
+    if record.renews is not None:
+        # A renewal: only the one waiting for this certificate's confirmation moves.
+        # Nothing waiting (abandoned, restarted, revoked): a rejection agrees with a
+        # revoked certificate; an accept is an error. Never the device's live one.
+        if rejected:
+            abandoned = renewals.abandon(tx.device_id, "cmp-cert-rejected", serial=tx.serial)
+            if not abandoned and not revoked:
+                raise _not_waiting(station.ledger.certificate(tx.serial))
+        elif not renewals.confirm(tx.device_id, tx.serial):
+            raise _not_waiting(station.ledger.certificate(tx.serial))
+    elif rejected:
+        # A first enrolment: revoked only while it is still the device's live certificate.
+        if not revoked:
+            try:
+                station.ledger.revoke(
+                    tx.device_id, "rejected by the device in CMP certConf", serial=tx.serial
+                )
+            except StationError as exc:
+                if exc.code not in ("certificate-not-live", "no-certificate"):
+                    raise
+                raise _not_waiting(station.ledger.certificate(tx.serial)) from None
+    else:
+        try:
+            station.ledger.mark_verified(tx.device_id, serial=tx.serial)
+        except StationError as exc:
+            if exc.code not in ("certificate-not-live", "bad-state"):
+                raise
+            raise _not_waiting(station.ledger.certificate(tx.serial)) from None
     return cmp.pki_conf(msg, _responder(station)), tx.device_id
 
 
@@ -386,13 +430,25 @@ def _revoke(station: AppContext, msg: Any, h: cmp.Header, label: str) -> tuple[b
             "a device revokes only the certificate it signs with", failure="notAuthorized",
             code="cmp-rr-other-certificate", kind=Kind.FORBIDDEN,
         )  # fmt: skip
-    device = station.ledger.get_device(record.device_id)
-    if record.state != CertState.ISSUED.value or device.serial != record.serial:
+    # Live: issued, or renewing (still whitelisted while its successor waits for its
+    # confirmation; the revocation takes the successor with it: ledger/revocation.py).
+    # The ledger checks again, in its transaction, that it is the device's live one.
+    try:
+        if record.state not in _LIVE:
+            raise StationError("not live", code="certificate-not-live", kind=Kind.CONFLICT)
+        station.ledger.revoke(
+            record.device_id, "revoked by the device over CMP (rr)", serial=record.serial
+        )
+    except StationError as exc:
+        if exc.code not in ("certificate-not-live", "no-certificate"):
+            raise
+        state = station.ledger.certificate(record.serial).state
+        revoked = state == CertState.REVOKED.value
         raise cmp.CmpError(
-            f"certificate {record.serial} is {record.state}, not live", failure="certRevoked",
+            f"certificate {record.serial} is {state}, not the device's live certificate",
+            failure="certRevoked" if revoked else "notAuthorized",
             code="cmp-certificate-not-live", kind=Kind.CONFLICT,
-        )  # fmt: skip
-    station.ledger.revoke(record.device_id, "revoked by the device over CMP (rr)")
+        ) from None  # fmt: skip
     return cmp.revocation_response(msg, _responder(station)), record.device_id
 
 

@@ -258,6 +258,7 @@ def _record(row: Any) -> CertificateRecord:
         revoked_at=utc(m["revoked_at"]),
         revoke_reason=m["revoke_reason"],
         failure_code=m["failure_code"],
+        renews=m["renews"],
     )
 
 

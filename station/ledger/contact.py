@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine
 
+from station.errors import ConflictError
 from station.ledger import certificates, changes, devices
 from station.ledger.devices import LiveDevice
 from station.ledger.groupcommit import GroupCommitter
@@ -40,6 +41,15 @@ def awaits_proof_by(d: LiveDevice | None, serial: str) -> bool:
         and d.cert_state is CertState.ISSUED
         and d.state in AWAITING_PROOF
     )
+
+
+def require_live(d: LiveDevice, device_id: str, serial: str) -> None:
+    """Certificate ``serial`` must be the board's live, issued one. Codes: certificate-not-live."""
+    if d.serial != serial.lower() or d.cert_state is not CertState.ISSUED:
+        raise ConflictError(
+            f"certificate {serial} is not the live certificate of device {device_id!r}",
+            code="certificate-not-live",
+        )
 
 
 def verify(

@@ -74,6 +74,7 @@ class CertificateRecord:
     revoked_at: datetime | None
     revoke_reason: str | None
     failure_code: str | None
+    renews: str | None = None  # the serial this certificate succeeds (a renewal)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,14 @@ def device_revoked(device_id: str) -> ConflictError:
 
 
 def revoke_device(
-    conn: Connection, d: LiveDevice, device_id: str, reason: str, now: datetime, station_id: str
+    conn: Connection,
+    d: LiveDevice,
+    device_id: str,
+    reason: str,
+    now: datetime,
+    station_id: str,
+    *,
+    serial: str | None = None,
 ) -> None:
     """Revoke the board's live certificate and make it ``revoked``.
 
@@ -39,9 +46,20 @@ def revoke_device(
     certificate ``renewing``, not ``issued``: that one is revoked, and the pending
     successor with it (an intent is never signed, a certificate waiting for its
     confirmation is revoked too), so nothing of the board stays whitelisted or
-    can be confirmed later. Codes: no-certificate.
+    can be confirmed later. ``serial``: only if that is the board's live certificate
+    (its renewing one, or the successor waiting for its confirmation), checked in
+    the same transaction. Codes: no-certificate, certificate-not-live.
     """
     p = succession.pending(Raw(conn), d.id)
+    if serial is not None:
+        live = {p.old_serial, p.new_serial} if p is not None else set()
+        if d.has_issued_certificate:
+            live.add(d.serial)
+        if serial.lower() not in live:
+            raise ConflictError(
+                f"certificate {serial} is not the live certificate of device {device_id!r}",
+                code="certificate-not-live",
+            )
     if p is not None:
         succession.abandon_pending(conn, station_id, d.id, device_id, "device-revoked", now,
                                    reason=reason)  # fmt: skip

@@ -406,16 +406,21 @@ class Ledger(LedgerReads):
 
         return self._step(write, device_id, durable=False)
 
-    def mark_verified(self, device_id: str) -> Device:
+    def mark_verified(self, device_id: str, *, serial: str | None = None) -> Device:
         """Proof of possession passed: the board is verified and its serial whitelisted.
 
         Only from ``issued`` or ``installed`` with a live certificate (idempotent
-        on an already verified board). Codes: unknown-device, bad-state.
+        on an already verified board). ``serial``: only while that certificate is the
+        board's live, issued one (a CMP certConf). Codes: unknown-device, bad-state,
+        certificate-not-live.
         """
         now = _now()
 
         def write(conn: Connection) -> None:
-            self._verify(conn, self._live(conn, device_id), device_id, now)
+            d = self._live(conn, device_id)
+            if serial is not None:
+                contact.require_live(d, device_id, serial)
+            self._verify(conn, d, device_id, now)
 
         return self._step(write, device_id, durable=True)
 
@@ -436,11 +441,12 @@ class Ledger(LedgerReads):
 
         return self._step(write, device_id, durable=False)
 
-    def revoke(self, device_id: str, reason: str) -> Device:
+    def revoke(self, device_id: str, reason: str, *, serial: str | None = None) -> Device:
         """Revoke the board's live certificate (ledger and whitelist); the board is ``revoked``.
 
-        A renewal under way is revoked with it (station.ledger.revocation).
-        Codes: unknown-device, no-certificate.
+        A renewal under way is revoked with it (station.ledger.revocation). ``serial``:
+        only while that certificate is the board's live one (CMP rr, a rejecting
+        certConf). Codes: unknown-device, no-certificate, certificate-not-live.
         """
         if not reason:
             raise PolicyError("a revocation needs a reason", code="bad-reason")
@@ -449,7 +455,7 @@ class Ledger(LedgerReads):
 
         def write(conn: Connection) -> None:
             d = self._live(conn, device_id)
-            revoke_device(conn, d, device_id, reason, now, self.station_id)
+            revoke_device(conn, d, device_id, reason, now, self.station_id, serial=serial)
 
         return self._step(write, device_id, durable=True)
 
