@@ -124,3 +124,26 @@ def test_renewal_needs_the_current_certificate_over_tls(api: Api) -> None:
         assert ledger.certificate(old).state == "issued"
         assert len(ledger.certificates("jr-2")) == 1
     assert isinstance(x509.load_pem_x509_certificate(tls[0].read_bytes()), x509.Certificate)
+
+
+def test_a_renewal_naming_another_batch_is_refused(api: Api) -> None:
+    """A board token with the board's own certificate names another (closed) batch in
+    its renewal: 403 renewal-other-batch, the board stays in its batch, nothing issued."""
+    tls, old = api.enrol("jr-4")
+    with Ledger.from_settings(api.settings) as ledger:
+        ledger.create_batch(
+            "B-closed", product="p", planned_count=1, key_mode="board-ecc",
+            subject_template=TEMPLATE,
+        )  # fmt: skip
+        ledger.close_batch("B-closed")
+    pem, _ = new_csr("jr-4")
+    with api.client(tls) as http:
+        r = http.post(
+            "/v1/certificates",
+            json={"batch": "B-closed", "device_id": "jr-4", "csr": pem, "renews": old},
+        )
+    assert r.status_code == 403 and r.json()["code"] == "renewal-other-batch", r.text
+    with Ledger.from_settings(api.settings) as ledger:
+        device = ledger.get_device("jr-4")
+        assert device.batch == "B" and device.state == "verified" and device.serial == old
+        assert [c.state for c in ledger.certificates("jr-4")] == ["issued"]
