@@ -153,14 +153,15 @@ def test_renewal_with_signature_protection(cmp_station: Cmp) -> None:
         assert [e.serial for e in ledger.whitelist() if e.device_id == "cmp-sig-1"] == [
             device.serial
         ]
-    # The superseded certificate protects nothing any more.
+    # The superseded certificate protects nothing any more (not revoked: notAuthorized).
     csr(c, "s3", "cmp-sig-1")
     done = c.client(
         "-cmd", "p10cr", "-csr", "s3.csr", "-cert", "s1.pem", "-key", "s1.key",
         "-certout", "s3.pem",
     )  # fmt: skip
     out = done.stdout + done.stderr
-    assert done.returncode != 0 and "PKIFailureInfo: certRevoked" in out, out
+    assert done.returncode != 0 and "PKIFailureInfo: notAuthorized" in out, out
+    assert "cmp-certificate-not-live" in out, out
 
 
 @pytest.mark.parametrize(

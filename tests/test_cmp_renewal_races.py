@@ -172,7 +172,8 @@ def test_a_late_certconf_signed_with_a_superseded_certificate_is_refused(
 ) -> None:
     """kur #1's certConf is held back; kur #2 from the same certificate is confirmed,
     superseding the certificate both were signed with. The late certConf (a reject)
-    is refused certRevoked (its signer is not live) and revokes nothing."""
+    is refused notAuthorized (its signer is superseded: not live, not revoked) and
+    revokes nothing."""
     c = cmp_station
     old = enrolled(c, "sp1", "cmp-late-super")
     genkey(c, "sp2")
@@ -188,7 +189,7 @@ def test_a_late_certconf_signed_with_a_superseded_certificate_is_refused(
     assert before[old] == "superseded" and before[new2] == "issued"
     kind, text = deliver(c, kept)
     assert kind == "error" and "cmp-certificate-not-live" in text, text
-    assert "failInfo: certRevoked" in text, text
+    assert "failInfo: notAuthorized" in text, text  # superseded, not revoked
     assert states(c, "cmp-late-super") == before
     assert whitelisted(c, "cmp-late-super") == [new2]
     with c.ledger() as ledger:
@@ -250,3 +251,21 @@ def test_rr_revokes_the_live_certificate_while_a_renewal_waits(cmp_station: Cmp)
     )  # fmt: skip
     out = done.stdout + done.stderr
     assert done.returncode != 0 and "PKIFailureInfo: certRevoked" in out, out
+
+
+def test_rr_with_a_superseded_certificate_is_not_authorized(cmp_station: Cmp) -> None:
+    """A superseded certificate is not revoked (certRevoked would be false) and no
+    longer the board's: notAuthorized, nothing revoked."""
+    c = cmp_station
+    old = enrolled(c, "rs1", "cmp-rr-superseded")
+    assert kur(c, "rs1", "rs2").returncode == 0
+    new = serial_of(c, "rs2")
+    done = c.client(
+        "-cmd", "rr", "-cert", "rs1.pem", "-key", "rs1.key", "-oldcert", "rs1.pem",
+        op="revocation",
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "PKIFailureInfo: notAuthorized" in out, out
+    assert "cmp-certificate-not-live" in out, out
+    assert states(c, "cmp-rr-superseded") == {old: "superseded", new: "issued"}
+    assert whitelisted(c, "cmp-rr-superseded") == [new]

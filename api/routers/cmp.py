@@ -253,14 +253,22 @@ def _authenticate(station: AppContext, msg: Any, h: cmp.Header) -> tuple[str, An
 _LIVE = (CertState.ISSUED.value, CertState.RENEWING.value)
 
 
+def _not_live(record: Any, what: str) -> cmp.CmpError:
+    """certRevoked says the certificate is revoked, and only then; a superseded one
+    (or one that changed meanwhile) is no longer the sender's to use: notAuthorized."""
+    revoked = record.state == CertState.REVOKED.value
+    return cmp.CmpError(
+        f"{what} {record.serial} is {record.state}, not the device's live certificate",
+        failure="certRevoked" if revoked else "notAuthorized",
+        code="cmp-certificate-not-live", kind=Kind.FORBIDDEN,
+    )  # fmt: skip
+
+
 def _signer_live(record: Any) -> None:
     """A signed request needs a live signer: issued, or renewing (live and whitelisted
-    while its renewal waits). Superseded or revoked: certRevoked (docs/enrollment.md)."""
+    while its renewal waits)."""
     if record is not None and record.state not in _LIVE:
-        raise cmp.CmpError(
-            f"the signer certificate is {record.state}", failure="certRevoked",
-            code="cmp-certificate-not-live", kind=Kind.FORBIDDEN,
-        )  # fmt: skip
+        raise _not_live(record, "the signer certificate")
 
 
 def _not_waiting(record: Any) -> cmp.CmpError:
@@ -433,22 +441,15 @@ def _revoke(station: AppContext, msg: Any, h: cmp.Header, label: str) -> tuple[b
     # Live: issued, or renewing (still whitelisted while its successor waits for its
     # confirmation; the revocation takes the successor with it: ledger/revocation.py).
     # The ledger checks again, in its transaction, that it is the device's live one.
+    _signer_live(record)
     try:
-        if record.state not in _LIVE:
-            raise StationError("not live", code="certificate-not-live", kind=Kind.CONFLICT)
         station.ledger.revoke(
             record.device_id, "revoked by the device over CMP (rr)", serial=record.serial
         )
     except StationError as exc:
         if exc.code not in ("certificate-not-live", "no-certificate"):
             raise
-        state = station.ledger.certificate(record.serial).state
-        revoked = state == CertState.REVOKED.value
-        raise cmp.CmpError(
-            f"certificate {record.serial} is {state}, not the device's live certificate",
-            failure="certRevoked" if revoked else "notAuthorized",
-            code="cmp-certificate-not-live", kind=Kind.CONFLICT,
-        ) from None  # fmt: skip
+        raise _not_live(station.ledger.certificate(record.serial), "certificate") from None
     return cmp.revocation_response(msg, _responder(station)), record.device_id
 
 
