@@ -13,7 +13,12 @@
   supersedes the old certificate (a rejection revokes the new one and the old
   stays live: station.ledger.renewals). Asked for implicit confirmation, the
   station grants it and the device is verified (a renewal superseded) at once.
-* ``rr`` signed with the certificate it names: the device revokes its own.
+  Only the transaction's own certificate moves: a certConf for one no longer
+  waiting (its renewal restarted or abandoned, superseded or revoked meanwhile)
+  is ``cmp-cert-not-waiting`` and never touches the device's live certificate;
+  a superseded or revoked certificate signs no certConf.
+* ``rr`` signed with the certificate it names: the device revokes its own live
+  one (``renewing`` while a renewal waits: the successor is revoked with it).
 * Anything else (genm, ...) gets an error message, badRequest.
 
 Answers are protected by the station's CA key in the token (docs/enrollment.md
