@@ -43,13 +43,19 @@ def awaits_proof_by(d: LiveDevice | None, serial: str) -> bool:
     )
 
 
-def require_live(d: LiveDevice, device_id: str, serial: str) -> None:
-    """Certificate ``serial`` must be the board's live, issued one. Codes: certificate-not-live."""
+def require_live(d: LiveDevice, device_id: str, serial: str | None) -> LiveDevice:
+    """``d``, if certificate ``serial`` (None: any) is the board's live, issued one.
+
+    Codes: certificate-not-live.
+    """
+    if serial is None:
+        return d
     if d.serial != serial.lower() or d.cert_state is not CertState.ISSUED:
         raise ConflictError(
             f"certificate {serial} is not the live certificate of device {device_id!r}",
             code="certificate-not-live",
         )
+    return d
 
 
 def verify(

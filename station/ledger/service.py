@@ -285,10 +285,7 @@ class Ledger(LedgerReads):
         (a live certificate for another key; pass ``reprovision=True`` to revoke
         it), duplicate-key, issuance-in-progress, sign-failed, device-revoked (a
         revoked board comes back only re-provisioned with a ``reason``, audited:
-        station.ledger.revocation); with ``renews``: renewal-not-current,
-        renewal-same-key, renewal-in-progress, renewal-other-batch (a renewal names
-        the device's own batch). ``renews`` naming the successor still waiting for its
-        confirmation confirms it first: the caller authenticated the request with it.
+        station.ledger.revocation); renewal-* (station/ledger/succession.py).
         """
         return self._issuer.issue(
             batch, device_id, csr_der_or_pem, ca, reprovision=reprovision, reason=reason,
@@ -410,16 +407,12 @@ class Ledger(LedgerReads):
         """Proof of possession passed: the board is verified and its serial whitelisted.
 
         Only from ``issued`` or ``installed`` with a live certificate (idempotent
-        on an already verified board). ``serial``: only while that certificate is the
-        board's live, issued one (a CMP certConf). Codes: unknown-device, bad-state,
-        certificate-not-live.
-        """
+        on an already verified board; ``serial``: only that one). Codes: unknown-device,
+        bad-state, certificate-not-live."""
         now = _now()
 
         def write(conn: Connection) -> None:
-            d = self._live(conn, device_id)
-            if serial is not None:
-                contact.require_live(d, device_id, serial)
+            d = contact.require_live(self._live(conn, device_id), device_id, serial)
             self._verify(conn, d, device_id, now)
 
         return self._step(write, device_id, durable=True)
@@ -444,10 +437,8 @@ class Ledger(LedgerReads):
     def revoke(self, device_id: str, reason: str, *, serial: str | None = None) -> Device:
         """Revoke the board's live certificate (ledger and whitelist); the board is ``revoked``.
 
-        A renewal under way is revoked with it (station.ledger.revocation). ``serial``:
-        only while that certificate is the board's live one (CMP rr, a rejecting
-        certConf). Codes: unknown-device, no-certificate, certificate-not-live.
-        """
+        A renewal under way is revoked with it (station.ledger.revocation); ``serial``:
+        only that one. Codes: unknown-device, no-certificate, certificate-not-live."""
         if not reason:
             raise PolicyError("a revocation needs a reason", code="bad-reason")
         check_text(reason, "a revocation reason", max_chars=256)
