@@ -458,6 +458,42 @@ def test_migrations_create_exactly_the_declared_schema(ledger: Ledger) -> None:
     assert diff == []
 
 
+@pytest.mark.parametrize("before", ["0004", "0005"])
+def test_a_ledger_with_verified_boards_upgrades_to_head(
+    ledger_url: str, ca: CertificateAuthority, before: str
+) -> None:
+    """A station started on an older ledger that already whitelists boards: the
+    migrations that rebuild the certificates table (SQLite's batch mode: copy, DROP,
+    rename) must not trip over the whitelist's foreign key, and lose nothing (found
+    in review: 0005 and 0006 failed with FOREIGN KEY constraint failed at start)."""
+    from alembic import command
+    from sqlalchemy import create_engine, func
+
+    from station.ledger.db import alembic_config, current_revision, head_revision
+
+    with Ledger(ledger_url, "test-station") as led:
+        led.create_batch(
+            "B1", product="p", planned_count=2, key_mode="board-ecc", subject_template=TEMPLATE
+        )
+        serial = format(led.issue("B1", "dev-1", make_csr("dev-1")[0], ca).serial, "x")
+        led.mark_verified("dev-1")
+    engine = create_engine(ledger_url)  # foreign keys off: the downgrade is not under test
+    try:
+        with engine.begin() as conn:
+            command.downgrade(alembic_config(conn), before)
+        assert current_revision(engine) == before
+    finally:
+        engine.dispose()
+    with Ledger(ledger_url, "test-station") as led:  # the station's start migrates
+        assert current_revision(led.engine) == head_revision()
+        assert led.get_device("dev-1").state == "verified"
+        assert [e.serial for e in led.whitelist()] == [serial]
+        with led.engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(certificates)).scalar() == 1
+            if led.engine.dialect.name == "sqlite":
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
 def test_migration_0006_leaves_the_boards_own_keys_to_recovery(
     ledger_url: str, ca: CertificateAuthority
 ) -> None:

@@ -153,3 +153,28 @@ def test_a_commit_whose_answer_was_lost_is_read_back_not_reported_unfinished(
         chain = _files(board.key_dir)[CHAIN_FILE]
     assert (out.result, out.renews) == ("verified", first.serial), out
     assert hashlib.sha256(chain).hexdigest() == ledger.get_device(board.hardware_id).chain_sha256
+
+
+def test_a_renewal_whose_last_intent_a_crash_left_asks_for_recovery(
+    station_settings: object, ca: CertificateAuthority
+) -> None:
+    """The station died while signing a board's renewal: the next --renew run finds
+    an open intent and no live serial; it says to recover, not a traceback
+    (``internal``; found in review)."""
+    ledger = Ledger.from_settings(station_settings)  # type: ignore[arg-type]
+    ctx = _ctx(ledger, ca, "crashed")
+    with SimulatedBoard(baudrate=None) as board:
+        first = _run(board, ctx)
+        ledger.after_sign = lambda cert: (_ for _ in ()).throw(SystemExit("crash"))
+        try:
+            crashed = _run(board, _renewing(ctx))
+        except SystemExit:
+            crashed = None
+        ledger.after_sign = None
+        out = _run(board, _renewing(ctx))
+        files = _files(board.key_dir)
+    assert crashed is None or crashed.result == "failed"
+    assert (out.result, out.code) == ("failed", "issuance-in-progress"), out
+    assert "station recover" in out.message
+    assert _whitelisted(ledger, board.hardware_id) == [first.serial]
+    assert CHAIN_FILE in files

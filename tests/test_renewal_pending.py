@@ -163,3 +163,20 @@ def test_a_renewal_a_crash_left_is_recovered_unconfirmed(
     fresh, _ = renew_later(ledger, ca, old)
     assert states(ledger) == {old: "renewing", recovered: "revoked", fresh: "issued"}
     assert ledger.audit_verify() is None
+
+
+def test_a_renewal_while_another_is_being_signed_is_issuance_in_progress(
+    ledger: Ledger, ca: CertificateAuthority
+) -> None:
+    """A renewal intent is open (being signed, or a crash left it): a second renewal
+    of the same certificate is told to wait or recover, not that its certificate is
+    not current (which points the operator at re-provisioning; found in review)."""
+    old = verified(ledger, ca)
+    ledger.after_sign = lambda cert: (_ for _ in ()).throw(SystemExit("crash"))
+    with pytest.raises(SystemExit):
+        ledger.issue("B1", "d1", make_csr("d1")[0], ca, renews=old)
+    ledger.after_sign = None
+    with pytest.raises(StationError) as refused:
+        ledger.issue("B1", "d1", make_csr("d1")[0], ca, renews=old)
+    assert refused.value.code == "issuance-in-progress"
+    assert states(ledger)[old] == "renewing"

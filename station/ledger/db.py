@@ -350,10 +350,27 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     # after the other, the later ones finding the schema in place.
     with write_gate(engine), engine.connect() as conn:
         conn = conn.execution_options(ledger_write=True)
-        with conn.begin():
-            if engine.dialect.name == "postgresql":
-                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
-            command.upgrade(alembic_config(conn), revision)
+        sqlite = engine.dialect.name == "sqlite"
+        # SQLite: a migration in batch mode rebuilds a table (copy, DROP, rename), and
+        # with foreign keys on, dropping certificates fails while the whitelist points
+        # at it. SQLite's own recipe for altering a table: foreign keys off outside the
+        # transaction (on the driver connection: SQLAlchemy would open one first),
+        # PRAGMA foreign_key_check before the commit, on again after.
+        raw = conn.connection.driver_connection if sqlite else None
+        if raw is not None:
+            raw.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with conn.begin():
+                if engine.dialect.name == "postgresql":
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+                command.upgrade(alembic_config(conn), revision)
+                if raw is not None:
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise RuntimeError(f"the migration broke foreign keys: {broken[:5]}")
+        finally:
+            if raw is not None:
+                raw.execute("PRAGMA foreign_keys=ON")
 
 
 def ping(engine: Engine) -> None:

@@ -299,6 +299,10 @@ class Issuer:
                 # A renewal stays in the device's own batch, open or closed.
                 if d is not None and d.batch_id != b.id:
                     raise succession.other_batch(device_id, batch_name)
+                if d is not None and d.cert_state is CertState.INTENT:
+                    # Another renewal (or issuance) is being signed, or a crash left
+                    # its intent: not "not current", which points at re-provisioning.
+                    raise issuance_in_progress(device_id, d.serial)
                 if d is not None and d.cert_state is CertState.ISSUED:
                     stale = succession.pending(raw, d.id)
                     if stale is not None and stale.waiting:

@@ -122,7 +122,13 @@ def _renew(
         )
     pending = ledger.renewals.pending(device_id)
     live_serial = pending.old_serial if pending is not None else device.serial
-    assert live_serial is not None  # a verified board has a live certificate
+    if live_serial is None:
+        # An intent is open: another run is signing for this board, or a crash left it.
+        message = (
+            f"a certificate for {device_id} is being signed or a crash left its intent: "
+            "run `station recover`, then plug the board into a --renew run again"
+        )
+        return Outcome(device_id, "failed", "issuance-in-progress", message)
     renewal_chain = status.get("renewal_chain_sha256", "").lower()
     if pending is None and renewal_chain and renewal_chain == (device.chain_sha256 or ""):
         # The ledger confirmed this renewal in an earlier run; its commit never reached
