@@ -389,12 +389,12 @@ def check_same_board(
     chain_sha256: str | None = None,
     *,
     chain_item: str = "chain_sha256",
-) -> None:
+) -> dict[str, str]:
     """The board on the port is still ``device_id`` (STATUS; never HELLO, which a
     simulated line takes as "next board"), and holds the chain of hex SHA-256
     ``chain_sha256`` when given (STATUS item ``chain_item``: ``renewal_chain_sha256``
     during a renewal). Raises ``board-changed`` otherwise: the board was swapped on
-    the port since its HELLO."""
+    the port since its HELLO. Returns the STATUS items."""
     status = client.status()
     reported = status.get("hardware_id", "")
     if reported != device_id:
@@ -408,6 +408,7 @@ def check_same_board(
             f"the board {device_id} no longer holds the chain it stored: boards swapped mid-flow",
             code="board-changed",
         )
+    return status
 
 
 def _steps(

@@ -46,7 +46,7 @@ from firmware_hooks.host import BoardClient, BoardHello
 from firmware_hooks.protocol import ProtocolError
 from station import policy
 from station.errors import StationError
-from station.ledger import Device, KeyMode
+from station.ledger import Device, DeviceState, KeyMode
 from station.ledger.proof import new_nonce, signature_ok, signed_message
 from station.line.provision import (
     STEP_CHAIN,
@@ -57,7 +57,6 @@ from station.line.provision import (
     Outcome,
     ProvisionContext,
     abort_session,
-    board_label,
     check_same_board,
     failure_code,
     operator_message,
@@ -113,13 +112,7 @@ def _renew(
     report: Callable[[str], None],
 ) -> Outcome:
     ledger, device_id = ctx.ledger, device.device_id
-    status = client.status()
-    if status.get("hardware_id", "") != device_id:
-        raise StationError(
-            f"the board on the port now reports hardware id "
-            f"{board_label(status.get('hardware_id', ''))}, not {device_id}",
-            code="board-changed",
-        )
+    status = check_same_board(client, device_id)
     pending = ledger.renewals.pending(device_id)
     live_serial = pending.old_serial if pending is not None else device.serial
     if live_serial is None:
@@ -211,7 +204,8 @@ def _confirmed_anyway(ctx: ProvisionContext, device_id: str, new_serial: str) ->
     except Exception:
         log.exception("%s: cannot read back renewal %s", device_id, new_serial)
         return None
-    return waiting is None and device.serial == new_serial and device.state == "verified"
+    verified = device.state == DeviceState.VERIFIED.value
+    return waiting is None and device.serial == new_serial and verified
 
 
 def _abandon(
