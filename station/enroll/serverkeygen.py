@@ -34,10 +34,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from station.errors import Kind, StationError
 from station.ledger.schema import KeyMode
+from station.madekeys import RSA_BITS, new_rsa_key, wipe
+
+__all__ = ["RSA_BITS", "STATION_MADE", "MadeKey", "check_enabled", "make_key", "wipe"]
 
 #: Key modes whose keys the station makes: serverkeygen serves these batches only.
 STATION_MADE = frozenset({KeyMode.SEE_RSA.value})
-RSA_BITS = 2048
 
 
 def check_enabled(batch: str, enabled: frozenset[str]) -> None:
@@ -64,17 +66,8 @@ class MadeKey:
 
 def make_key(subject: x509.Name) -> MadeKey:
     """A fresh RSA-2048 key and a CSR for ``subject`` signed with it."""
-    key: rsa.RSAPrivateKey | None = rsa.generate_private_key(
-        public_exponent=65537, key_size=RSA_BITS
-    )
-    assert key is not None
-    der = bytearray(
-        key.private_bytes(
-            serialization.Encoding.DER,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    key: rsa.RSAPrivateKey | None
+    key, der = new_rsa_key(serialization.PrivateFormat.PKCS8)
     try:
         builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
         csr = builder.sign(key, hashes.SHA256())
@@ -84,8 +77,3 @@ def make_key(subject: x509.Name) -> MadeKey:
     finally:
         key = None
     return MadeKey(der, csr)
-
-
-def wipe(*buffers: bytearray) -> None:
-    for buffer in buffers:
-        buffer[:] = bytes(len(buffer))

@@ -49,6 +49,7 @@ from station import policy
 from station.ca import CertificateAuthority
 from station.errors import NotFoundError, StationError
 from station.ledger import Batch, DeviceState, KeyMode, Ledger
+from station.madekeys import new_rsa_key, wipe
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +205,6 @@ def _overlap(call: Callable[..., _T], *args: Any) -> Future[_T]:
     return _overlap_pool.submit(call, *args)
 
 
-def _wipe(buffer: bytearray) -> None:
-    buffer[:] = bytes(len(buffer))
-
-
 def see_rsa_csr(client: BoardClient, device_id: str, subject: x509.Name) -> bytes:
     """see-rsa: make RSA-2048 here, load it into the board's Secure Element, build the
     CSR with it, then wipe the station's copy.
@@ -221,15 +218,8 @@ def see_rsa_csr(client: BoardClient, device_id: str, subject: x509.Name) -> byte
     the process's memory until reused. The key object is dropped (OpenSSL clears
     its private numbers when it frees them).
     """
-    key: rsa.RSAPrivateKey | None = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    assert key is not None
-    der = bytearray(
-        key.private_bytes(
-            serialization.Encoding.DER,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
+    key: rsa.RSAPrivateKey | None
+    key, der = new_rsa_key(serialization.PrivateFormat.TraditionalOpenSSL)
     try:
         client.put_secure_key(se_key_name(device_id), bytes(der))
         csr = (
@@ -237,7 +227,7 @@ def see_rsa_csr(client: BoardClient, device_id: str, subject: x509.Name) -> byte
         )
         return csr.public_bytes(serialization.Encoding.DER)
     finally:
-        _wipe(der)
+        wipe(der)
         del der
         key = None
 
