@@ -112,9 +112,10 @@ def run_cmd(
         bool,
         typer.Option(
             "--renew",
-            help="Field renewal: give every verified board plugged in a new key and "
-            "certificate (its own batch's profile); the old stay live until the board "
-            "proves the new ones. Without it verified boards are skipped.",
+            help="Field renewal: give every verified board of this batch plugged in a new "
+            "key and certificate; the old stay live until the board proves the new ones "
+            "(boards of other batches are skipped, renewal-other-batch). Without it "
+            "verified boards are skipped.",
         ),
     ] = False,
     labels: Annotated[
